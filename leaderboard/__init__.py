@@ -1,0 +1,1 @@
+"""Static leaderboard site built from the results store (rendered with Jinja2)."""

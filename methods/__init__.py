@@ -1,0 +1,1 @@
+"""Adversarial-pruning method adapters and the training pieces they share."""
