@@ -1,0 +1,359 @@
+"""Loading checkpoints safely, and the efficiency figures measured on the loaded model.
+
+Checkpoints are untrusted files from the internet, so they are only ever loaded weights-only
+(``torch.load(..., weights_only=True)`` or safetensors): a file that needs arbitrary unpickling is refused
+with :class:`UnsafeCheckpointError`, never executed.
+
+Sparsity means one thing everywhere in the project: the fraction of exactly-zero entries over all
+Conv2d/Linear weights, biases and BatchNorm excluded (:func:`measure_sparsity`). Compute is counted in
+multiply-accumulates (:func:`count_flops`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from bench.models import NormalizedModel
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "CheckpointMismatchError",
+    "SparsityReport",
+    "UnsafeCheckpointError",
+    "count_flops",
+    "load_state_dict",
+    "load_weights",
+    "measure_sparsity",
+    "sha256_file",
+]
+
+_TORCH_EXTENSIONS = (".pth.tar", ".pt", ".pth", ".tar", ".t7", ".bin")
+SUPPORTED_EXTENSIONS = (*_TORCH_EXTENSIONS, ".safetensors")
+
+# Keys under which training scripts commonly nest the model's weights, in order of preference.
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "net", "model")
+_DATA_PARALLEL_PREFIX = "module."
+_NET_PREFIX = "net."
+_SHOWN_KEYS = 10
+
+
+class UnsafeCheckpointError(ValueError):
+    """The checkpoint holds pickled Python objects that a weights-only load refuses."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not fit the model.
+
+    Attributes:
+        missing: keys the model expects that the checkpoint lacks.
+        unexpected: keys in the checkpoint the model does not have.
+        mismatched: ``(key, checkpoint_shape, model_shape)`` for keys present in both with different shapes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+
+
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so multi-gigabyte checkpoints need no memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _extension(path: Path) -> str | None:
+    name = path.name.lower()
+    # Longest first, so "x.pth.tar" is ".pth.tar" rather than ".tar".
+    for ext in sorted(SUPPORTED_EXTENSIONS, key=len, reverse=True):
+        if name.endswith(ext):
+            return ext
+    return None
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a checkpoint weights-only and return a flat ``name -> tensor`` state dict.
+
+    Containers written by training scripts are unwrapped: the weights are taken from the first of
+    ``state_dict``, ``model_state_dict``, ``net``, ``model`` that holds tensors (repeatedly, for nested
+    containers), non-tensor entries (epoch, accuracy, ...) are dropped, and a ``module.`` prefix left by
+    ``DataParallel`` is stripped.
+
+    Args:
+        path: a ``.pt``, ``.pth``, ``.pth.tar``, ``.tar``, ``.t7``, ``.bin`` (``torch.save``) or
+            ``.safetensors`` file.
+
+    Returns:
+        The state dict, tensors on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unsupported extension, an unreadable (corrupt) file, or no tensors in the file.
+        UnsafeCheckpointError: the file needs arbitrary unpickling (it is not executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ext = _extension(path)
+    if ext is None:
+        raise ValueError(
+            f"unsupported checkpoint file {path.name!r}; "
+            f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: object = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
+            raise ValueError(f"could not read {path} as a safetensors file: {e}") from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            refused = re.search(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", str(e), flags=re.IGNORECASE)
+            if refused:
+                raise UnsafeCheckpointError(_unsafe_message(path, refused.group(1))) from None
+            raise ValueError(f"could not read {path} as a checkpoint: {_unpickler_detail(e)}") from None
+        except (RuntimeError, KeyError, EOFError) as e:
+            raise ValueError(
+                f"could not read {path} as a checkpoint "
+                f"(corrupt, truncated, or not written by torch.save): {e!r}"
+            ) from None
+    return _extract_state_dict(obj, path)
+
+
+def _unpickler_detail(error: Exception) -> str:
+    # torch wraps the one informative line in paragraphs of advice that do not apply to untrusted files.
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(error), flags=re.DOTALL)
+    return found.group(1) if found else str(error).splitlines()[0]
+
+
+def _unsafe_message(path: Path, refused: str) -> str:
+    what = f" (first refused: {refused})"
+    return (
+        f"checkpoint {path} contains pickled Python objects beyond tensors{what}. Checkpoints are untrusted "
+        "and are loaded weights-only, so it was not unpickled. Fix: re-save just the weights, "
+        "torch.save(model.state_dict(), path), or save them as safetensors "
+        "(safetensors.torch.save_file(model.state_dict(), path))."
+    )
+
+
+def _tensor_items(obj: Mapping) -> dict[str, Tensor]:
+    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _extract_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    for _ in range(4):  # a bound on nesting, e.g. {"model": {"state_dict": ...}}
+        inner = next(
+            (obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping) and _has_tensors(obj[k])),
+            None,
+        )
+        if inner is None:
+            break
+        obj = inner
+    tensors = _tensor_items(obj)
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:_SHOWN_KEYS]))
+        raise ValueError(f"checkpoint {path} holds no tensors (top-level keys: {keys or 'none'})")
+    return {k.removeprefix(_DATA_PARALLEL_PREFIX): v for k, v in tensors.items()}
+
+
+def _has_tensors(obj: Mapping) -> bool:
+    return any(isinstance(v, Tensor) for v in obj.values()) or any(
+        isinstance(v, Mapping) and _has_tensors(v) for v in obj.values()
+    )
+
+
+def _preview(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    more = f", ... ({len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else ""
+    return shown + more
+
+
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True
+) -> torch.nn.modules.module._IncompatibleKeys:
+    """Load ``state_dict`` into ``model``, explaining any mismatch.
+
+    An architecture's own keys (``conv1.weight``) are accepted for a :class:`NormalizedModel`, whose keys
+    are ``net.conv1.weight``. A missing BatchNorm ``num_batches_tracked`` counter is not an error
+    (checkpoints from before PyTorch 0.4 lack it; PyTorch fills it in).
+
+    Args:
+        model: the model to load into.
+        state_dict: the weights, e.g. from :func:`load_state_dict`.
+        strict: whether missing or unexpected keys are an error. Shape mismatches always are.
+
+    Returns:
+        The missing and unexpected keys, as ``nn.Module.load_state_dict`` returns them.
+
+    Raises:
+        CheckpointMismatchError: keys or shapes do not match, naming them.
+    """
+    sd = dict(state_dict)
+    if isinstance(model, NormalizedModel) and not any(k.startswith(_NET_PREFIX) for k in sd):
+        sd = {_NET_PREFIX + k: v for k, v in sd.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    mismatched = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in sd.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointMismatchError(
+            _mismatch_message(missing, unexpected, mismatched), missing, unexpected, mismatched
+        )
+    return model.load_state_dict(sd, strict=strict)
+
+
+def _mismatch_message(
+    missing: list[str], unexpected: list[str], mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]
+) -> str:
+    lines = [
+        f"checkpoint does not match the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+        f"{len(mismatched)} shape-mismatched keys"
+    ]
+    if missing:
+        lines.append(f"  missing ({len(missing)}): {_preview(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}): {_preview(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} checkpoint {list(c)} vs model {list(m)}" for k, c, m in mismatched]
+        lines.append(f"  shape mismatch ({len(mismatched)}): {_preview(shapes)}")
+    lines.append(
+        "hint: is --arch (or the number of classes) right? (bench models lists architectures) "
+        "A checkpoint in a method's native format (extra keys such as popup_scores or masks, "
+        "or other names) needs --format."
+    )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    """Sparsity as defined project-wide, plus parameter counts.
+
+    Attributes:
+        sparsity: exactly-zero entries over all Conv2d/Linear weights (biases and BatchNorm excluded).
+        weight_params: number of Conv2d/Linear weight entries.
+        zero_weights: how many of those are exactly zero.
+        total_params: all parameters of the model.
+        nonzero_params: parameters (of any kind) that are not exactly zero.
+        per_layer: layer name (as in the bare architecture, e.g. ``layer1.0.conv1``) ->
+            ``(numel, zeros, sparsity)`` of its weight.
+    """
+
+    sparsity: float
+    weight_params: int
+    zero_weights: int
+    total_params: int
+    nonzero_params: int
+    per_layer: dict[str, tuple[int, int, float]] = field(default_factory=dict)
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def measure_sparsity(model: nn.Module) -> SparsityReport:
+    """Measure the fraction of exactly-zero Conv2d/Linear weights, overall and per layer.
+
+    Args:
+        model: a model (a :class:`NormalizedModel` is measured through its bare architecture, so layer
+            names match the architecture's and the author's keys).
+
+    Returns:
+        A :class:`SparsityReport`; ``sparsity`` is 0.0 for a model without Conv2d/Linear layers.
+    """
+    net = model.net if isinstance(model, NormalizedModel) else model
+    per_layer: dict[str, tuple[int, int, float]] = {}
+    numel_total = zeros_total = 0
+    for name, module in _weight_layers(net):
+        weight = module.weight
+        numel = weight.numel()
+        zeros = numel - int(torch.count_nonzero(weight))
+        per_layer[name] = (numel, zeros, zeros / numel if numel else 0.0)
+        numel_total += numel
+        zeros_total += zeros
+    params = list(model.parameters())
+    return SparsityReport(
+        sparsity=zeros_total / numel_total if numel_total else 0.0,
+        weight_params=numel_total,
+        zero_weights=zeros_total,
+        total_params=sum(p.numel() for p in params),
+        nonzero_params=sum(int(torch.count_nonzero(p)) for p in params),
+        per_layer=per_layer,
+    )
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Count the multiply-accumulates (MACs) of one forward pass, dense and over non-zero weights only.
+
+    Only Conv2d and Linear layers are counted (they dominate; biases, BatchNorm, activations and pooling
+    are not). A convolution costs ``weight.numel() * H_out * W_out`` MACs, of which
+    ``nonzero(weight) * H_out * W_out`` survive pruning; the weight's shape already reflects groups. A
+    Linear layer costs ``weight.numel()`` per input row. Figures are per sample: a zero batch of one is run
+    through the model in eval mode (its training flag is restored afterwards).
+
+    Args:
+        model: the model.
+        input_shape: one sample's shape, ``(C, H, W)`` (a leading batch dimension is also accepted).
+
+    Returns:
+        ``{"dense_flops": ..., "nonzero_flops": ...}``, both in MACs.
+    """
+    totals = {"dense_flops": 0, "nonzero_flops": 0}
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        weight = module.weight
+        if isinstance(module, nn.Conv2d):
+            positions = output.shape[-2] * output.shape[-1]
+        else:
+            # Every input row (all dimensions but batch and features) is one matrix-vector product.
+            positions = inputs[0][0].numel() // module.in_features
+        totals["dense_flops"] += weight.numel() * positions
+        totals["nonzero_flops"] += int(torch.count_nonzero(weight)) * positions
+
+    shape = tuple(input_shape)
+    if len(shape) == 3:
+        shape = (1, *shape)
+    param = next(model.parameters(), None)
+    if param is None or not param.is_floating_point():
+        x = torch.zeros(shape)
+    else:
+        x = torch.zeros(shape, device=param.device, dtype=param.dtype)
+    handles = [m.register_forward_hook(hook) for _, m in _weight_layers(model)]
+    was_training = model.training
+    try:
+        model.eval()
+        model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return totals

@@ -1,0 +1,606 @@
+"""Architectures: a registry of CIFAR-style networks and the normalising wrapper every model wears.
+
+A model in this project takes inputs in [0, 1] and returns logits. Normalisation is a fixed first layer
+(:class:`Normalize`) whose mean and std are *non-persistent* buffers, so a state dict holds only the
+network's own weights: ``create_model`` returns a :class:`NormalizedModel` whose keys are ``net.<...>``, and
+an author's checkpoint maps onto ``net.`` without any normalisation keys.
+
+Each architecture keeps the attribute names of the reference implementation that published checkpoints
+were trained with (kuangliu/pytorch-cifar, akamaster/pytorch_resnet_cifar10, TRADES/RobustBench), so their
+state dicts load unchanged. Adding an architecture is one decorated builder here::
+
+    @register_arch("resnet18", description="...", paper_url="...")
+    def resnet18(num_classes: int) -> nn.Module: ...
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bench.registry import Registry
+
+__all__ = [
+    "ARCHS",
+    "ArchInfo",
+    "Normalize",
+    "NormalizedModel",
+    "create_model",
+    "register_arch",
+    "unwrap",
+]
+
+Builder = Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """A registered architecture.
+
+    Attributes:
+        name: registry name (``resnet18``).
+        builder: ``builder(num_classes) -> nn.Module``, the bare network without normalisation.
+        description: one line shown by ``bench models``.
+        paper_url: the paper that introduced the architecture.
+        input_shape: the (C, H, W) input the architecture is built for.
+    """
+
+    name: str
+    builder: Builder
+    description: str
+    paper_url: str = ""
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+
+
+ARCHS: Registry[ArchInfo] = Registry("architecture", "bench models")
+
+
+def register_arch(
+    name: str,
+    *,
+    description: str,
+    paper_url: str = "",
+    input_shape: tuple[int, int, int] = (3, 32, 32),
+) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(num_classes) -> nn.Module`` as architecture ``name``.
+
+    Args:
+        name: registry name; registering it twice raises ``ValueError``.
+        description: one line for ``bench models``.
+        paper_url: the paper that introduced the architecture.
+        input_shape: the (C, H, W) input the architecture is built for.
+
+    Returns:
+        The decorator, which returns the builder unchanged.
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        ARCHS.register(name)(ArchInfo(name, builder, description, paper_url, tuple(input_shape)))
+        return builder
+
+    return decorator
+
+
+class Normalize(nn.Module):
+    """Fixed per-channel standardisation ``(x - mean) / std``, the first layer of every model.
+
+    The buffers are non-persistent: they are part of the benchmark's input convention, not of the
+    network's weights, so they never appear in (or are expected from) a checkpoint.
+
+    Args:
+        mean: per-channel mean (one entry per input channel, or one for all).
+        std: per-channel standard deviation, same length as ``mean``.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(list(mean), dtype=torch.float32)
+        std_t = torch.as_tensor(list(std), dtype=torch.float32)
+        if mean_t.ndim != 1 or mean_t.shape != std_t.shape or mean_t.numel() == 0:
+            raise ValueError(
+                f"mean and std must be non-empty sequences of equal length, got {mean} and {std}"
+            )
+        if (std_t <= 0).any():
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std_t.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels = self.mean.shape[1]
+        # Broadcasting would silently turn a 1-channel input into 3 channels and fail later, deep inside.
+        if channels != 1 and x.shape[1] != channels:
+            raise ValueError(f"input has {x.shape[1]} channels but normalisation has {channels}")
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class NormalizedModel(nn.Module):
+    """``net(normalize(x))``: takes inputs in [0, 1], returns logits; state-dict keys are ``net.<...>``."""
+
+    def __init__(self, normalize: Normalize, net: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+def create_model(
+    arch: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float]
+) -> NormalizedModel:
+    """Build registered architecture ``arch`` behind a fixed normalisation layer.
+
+    Args:
+        arch: registry name (``bench models`` lists them); unknown names raise ``UnknownNameError``.
+        num_classes: number of output logits.
+        mean: per-channel mean of the dataset the network was trained on.
+        std: per-channel standard deviation of that dataset.
+
+    Returns:
+        A :class:`NormalizedModel` in training mode with freshly initialised weights.
+    """
+    info = ARCHS.get(arch)
+    return NormalizedModel(Normalize(mean, std), info.builder(num_classes))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare architecture inside a :class:`NormalizedModel` (``model`` itself otherwise)."""
+    return model.net if isinstance(model, NormalizedModel) else model
+
+
+# --------------------------------------------------------------------------------------------------------
+# small_cnn: the built-in digits dataset's network
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 convolutions and two linear layers for 8x8 inputs (188,234 parameters for 10 classes)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 128),
+            nn.ReLU(inplace=True),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_arch(
+    "small_cnn",
+    description="3-conv, 2-linear CNN for 1x8x8 digits (scikit-learn load_digits); trains in seconds on CPU",
+    input_shape=(1, 8, 8),
+)
+def small_cnn(num_classes: int) -> nn.Module:
+    return SmallCNN(num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ResNet-18/34, kuangliu/pytorch-cifar (the variant HYDRA, MAD and APB train): 3x3 stem, no max-pool.
+
+
+class BasicBlock(nn.Module):
+    """kuangliu's BasicBlock: two 3x3 convolutions, 1x1 conv + BN projection when the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != self.expansion * planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, self.expansion * planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(self.expansion * planes),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """kuangliu's CIFAR ResNet: 64-channel 3x3 stem, four stages, global average pool, ``linear``."""
+
+    def __init__(self, num_blocks: Sequence[int], num_classes: int = 10) -> None:
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], stride=1)
+        self.layer2 = self._make_layer(128, num_blocks[1], stride=2)
+        self.layer3 = self._make_layer(256, num_blocks[2], stride=2)
+        self.layer4 = self._make_layer(512, num_blocks[3], stride=2)
+        self.linear = nn.Linear(512 * BasicBlock.expansion, num_classes)
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(BasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes * BasicBlock.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        # kuangliu uses avg_pool2d(out, 4); identical on 32x32 inputs, and other sizes still work.
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+_HE2016 = "https://arxiv.org/abs/1512.03385"
+
+
+@register_arch(
+    "resnet18",
+    description="ResNet-18, CIFAR variant (kuangliu/pytorch-cifar; HYDRA, MAD, APB), 11.2M params",
+    paper_url=_HE2016,
+)
+def resnet18(num_classes: int) -> nn.Module:
+    return ResNet([2, 2, 2, 2], num_classes)
+
+
+@register_arch(
+    "resnet34",
+    description="ResNet-34, CIFAR variant (kuangliu/pytorch-cifar), 21.3M params",
+    paper_url=_HE2016,
+)
+def resnet34(num_classes: int) -> nn.Module:
+    return ResNet([3, 4, 6, 3], num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# ResNet-56, He et al. 2016 Sec. 4.2 as implemented by akamaster/pytorch_resnet_cifar10.
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut (He et al. 2016, Sec. 4.2): subsample by 2 and zero-pad the new channels.
+
+    A module rather than akamaster's lambda so the model can be pickled and deep-copied; it has no
+    parameters, so state dicts are unchanged.
+    """
+
+    def __init__(self, planes: int) -> None:
+        super().__init__()
+        self.pad = planes // 4
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+
+
+class CifarBasicBlock(nn.Module):
+    """akamaster's BasicBlock with the parameter-free option-A shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = PadShortcut(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The 6n+2-layer CIFAR ResNet: 16/32/64 channels, ``n`` blocks per stage, ``linear`` head."""
+
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, blocks_per_stage, stride=1)
+        self.layer2 = self._make_layer(32, blocks_per_stage, stride=2)
+        self.layer3 = self._make_layer(64, blocks_per_stage, stride=2)
+        self.linear = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)  # akamaster's _weights_init
+
+    def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(CifarBasicBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@register_arch(
+    "resnet56",
+    description="ResNet-56 for CIFAR (He et al. 2016; akamaster), option-A shortcuts, 0.85M params",
+    paper_url=_HE2016,
+)
+def resnet56(num_classes: int) -> nn.Module:
+    return CifarResNet(9, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VGG-16 with batch norm, kuangliu/pytorch-cifar: conv-BN-ReLU stacks and a single linear classifier.
+
+_VGG16_CFG: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
+
+
+class VGG(nn.Module):
+    """kuangliu's CIFAR VGG: ``features`` (indexed as in the original) and ``classifier = Linear(512, k)``."""
+
+    def __init__(self, cfg: Sequence[int | str], num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_channels = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [
+                    nn.Conv2d(in_channels, int(v), 3, padding=1),
+                    nn.BatchNorm2d(int(v)),
+                    nn.ReLU(inplace=True),
+                ]
+                in_channels = int(v)
+        # A no-op kept so the Sequential has the same length and repr as kuangliu's.
+        layers.append(nn.AvgPool2d(kernel_size=1, stride=1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+@register_arch(
+    "vgg16_bn",
+    description="VGG-16 with batch norm, CIFAR variant (kuangliu/pytorch-cifar), 14.7M params",
+    paper_url="https://arxiv.org/abs/1409.1556",
+)
+def vgg16_bn(num_classes: int) -> nn.Module:
+    return VGG(_VGG16_CFG, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Wide ResNets, Zagoruyko & Komodakis 2016, as in the TRADES / RobustBench code (pre-activation blocks).
+
+
+class WideBasicBlock(nn.Module):
+    """TRADES's pre-activation block; ``convShortcut`` (1x1) only when the channel count changes."""
+
+    def __init__(self, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = (
+            None
+            if self.equalInOut
+            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # When channels change the shortcut also sees the pre-activated input, exactly as in TRADES.
+        if self.equalInOut:
+            out = self.relu1(self.bn1(x))
+        else:
+            x = self.relu1(self.bn1(x))
+            out = x
+        out = self.relu2(self.bn2(self.conv1(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        out = self.conv2(out)
+        return (x if self.convShortcut is None else self.convShortcut(x)) + out
+
+
+class NetworkBlock(nn.Module):
+    """One WRN stage; the ``layer`` attribute name is kept for checkpoint compatibility."""
+
+    def __init__(
+        self, nb_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float
+    ) -> None:
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[
+                WideBasicBlock(
+                    in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate
+                )
+                for i in range(nb_layers)
+            ]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k: ``conv1``, ``block1..3``, ``bn1``, ``fc``.
+
+    TRADES's class also defines an unused ``sub_block1`` (never called in ``forward``); it is left out
+    here, so its keys must be dropped when converting such checkpoints.
+    """
+
+    def __init__(self, depth: int, widen_factor: int, num_classes: int = 10, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n = (depth - 4) // 6
+        channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.conv1 = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
+        self.block1 = NetworkBlock(n, channels[0], channels[1], 1, drop_rate)
+        self.block2 = NetworkBlock(n, channels[1], channels[2], 2, drop_rate)
+        self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate)
+        self.bn1 = nn.BatchNorm2d(channels[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(channels[3], num_classes)
+        self.nChannels = channels[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                # He init with fan_out, as in the TRADES code.
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.relu(self.bn1(out))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.fc(out)
+
+
+_WRN = "https://arxiv.org/abs/1605.07146"
+
+
+@register_arch(
+    "wrn28_4",
+    description="WideResNet-28-4 (Zagoruyko & Komodakis; TRADES/RobustBench code), 5.8M params",
+    paper_url=_WRN,
+)
+def wrn28_4(num_classes: int) -> nn.Module:
+    return WideResNet(28, 4, num_classes)
+
+
+@register_arch(
+    "wrn34_10",
+    description="WideResNet-34-10 (Zagoruyko & Komodakis; TRADES/RobustBench code), 46.2M params",
+    paper_url=_WRN,
+)
+def wrn34_10(num_classes: int) -> nn.Module:
+    return WideResNet(34, 10, num_classes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# MobileNetV2, kuangliu/pytorch-cifar: stride-1 stem and second stage for 32x32 inputs.
+
+
+class InvertedResidual(nn.Module):
+    """kuangliu's ``Block``: 1x1 expand, 3x3 depthwise, 1x1 linear projection.
+
+    Unlike the paper, every stride-1 block has a residual: a 1x1 conv + BN projection when the
+    channel count changes (this is what kuangliu's checkpoints contain).
+    """
+
+    def __init__(self, in_planes: int, out_planes: int, expansion: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        planes = expansion * in_planes
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, groups=planes, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut = nn.Sequential()
+        if stride == 1 and in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return out + self.shortcut(x) if self.stride == 1 else out
+
+
+class MobileNetV2(nn.Module):
+    """kuangliu's CIFAR MobileNetV2: ``conv1``, ``bn1``, ``layers``, ``conv2``, ``bn2``, ``linear``."""
+
+    # (expansion, out_planes, num_blocks, stride); the second stage's stride is 1 (paper: 2) for CIFAR.
+    cfg = [
+        (1, 16, 1, 1),
+        (6, 24, 2, 1),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        blocks = []
+        in_planes = 32
+        for expansion, out_planes, num_blocks, stride in self.cfg:
+            for s in [stride] + [1] * (num_blocks - 1):
+                blocks.append(InvertedResidual(in_planes, out_planes, expansion, s))
+                in_planes = out_planes
+        self.layers = nn.Sequential(*blocks)
+        self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(1280)
+        self.linear = nn.Linear(1280, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layers(out)
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+@register_arch(
+    "mobilenetv2",
+    description="MobileNetV2, CIFAR variant (kuangliu/pytorch-cifar; stride-1 stem), 2.3M params",
+    paper_url="https://arxiv.org/abs/1801.04381",
+)
+def mobilenetv2(num_classes: int) -> nn.Module:
+    return MobileNetV2(num_classes)

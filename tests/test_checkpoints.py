@@ -1,0 +1,285 @@
+"""Checkpoint loading (weights-only, containers, prefixes, formats) and the efficiency figures."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bench.checkpoints import (
+    SUPPORTED_EXTENSIONS,
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    count_flops,
+    load_state_dict,
+    load_weights,
+    measure_sparsity,
+    sha256_file,
+)
+from bench.models import Normalize, NormalizedModel, create_model, unwrap
+
+torch.set_num_threads(1)
+
+
+def _small(num_classes: int = 10, seed: int = 0) -> NormalizedModel:
+    torch.manual_seed(seed)
+    return create_model("small_cnn", num_classes=num_classes, mean=[0.3], std=[0.2]).eval()
+
+
+@pytest.fixture
+def trained() -> NormalizedModel:
+    return _small(seed=1)
+
+
+@pytest.fixture
+def inputs() -> torch.Tensor:
+    return torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def _author_keys(model: NormalizedModel) -> dict[str, torch.Tensor]:
+    """The bare network's state dict, as an author's training script would save it."""
+    return {k: v.clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def _save_plain(model: NormalizedModel, path: Path) -> None:
+    torch.save(model.state_dict(), path)
+
+
+def _save_container(model: NormalizedModel, path: Path) -> None:
+    torch.save({"epoch": 7, "arch": "small_cnn", "best_prec1": 91.5, "state_dict": _author_keys(model)}, path)
+
+
+def _save_data_parallel(model: NormalizedModel, path: Path) -> None:
+    # kuangliu's ckpt.t7: {'net': DataParallel state dict, 'acc': ..., 'epoch': ...}
+    state = {"module." + k: v for k, v in _author_keys(model).items()}
+    torch.save({"net": state, "acc": 93.0, "epoch": 199}, path)
+
+
+def _save_optimizer_container(model: NormalizedModel, path: Path) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model_state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+
+
+def _save_safetensors(model: NormalizedModel, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in _author_keys(model).items()}, str(path))
+
+
+@pytest.mark.parametrize(
+    ("filename", "save"),
+    [
+        ("plain.pt", _save_plain),
+        ("container.pth.tar", _save_container),
+        ("ckpt.t7", _save_data_parallel),
+        ("opt.pth", _save_optimizer_container),
+        ("weights.safetensors", _save_safetensors),
+    ],
+)
+def test_round_trip_gives_identical_logits(tmp_path: Path, trained, inputs, filename: str, save) -> None:
+    path = tmp_path / filename
+    save(trained, path)
+    fresh = _small(seed=99)
+    with torch.no_grad():
+        assert not torch.equal(fresh(inputs), trained(inputs))
+        load_weights(fresh, load_state_dict(path))
+        assert torch.equal(fresh(inputs), trained(inputs))
+
+
+def test_container_drops_non_tensors_and_strips_module_prefix(tmp_path: Path, trained) -> None:
+    path = tmp_path / "ckpt.t7"
+    _save_data_parallel(trained, path)
+    state = load_state_dict(path)
+    assert set(state) == set(_author_keys(trained))
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_sha256_matches_hashlib(tmp_path: Path) -> None:
+    path = tmp_path / "blob.bin"
+    data = bytes(range(256)) * 5000  # spans several read chunks
+    path.write_bytes(data)
+    assert sha256_file(path, chunk_size=4096) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+
+
+class _Payload:
+    """Unpickling this creates ``path``: stands in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+class _Custom:
+    """A harmless but non-tensor class, like an ``argparse.Namespace`` saved next to the weights."""
+
+
+@pytest.mark.parametrize("kind", ["payload", "custom_in_ordered_dict"])
+def test_pickled_objects_are_refused_without_running_them(tmp_path: Path, kind: str) -> None:
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pth"
+    if kind == "payload":
+        torch.save({"state_dict": {"w": torch.ones(2)}, "extra": _Payload(marker)}, path)
+    else:
+        torch.save({"state_dict": collections.OrderedDict(w=torch.ones(2), args=_Custom())}, path)
+    with pytest.raises(UnsafeCheckpointError, match="weights-only") as info:
+        load_state_dict(path)
+    message = str(info.value)
+    assert "pickled Python objects beyond tensors" in message
+    assert "torch.save(model.state_dict(), path)" in message and "safetensors" in message
+    assert not marker.exists()
+    assert isinstance(info.value, ValueError)
+
+
+def test_payload_would_run_under_a_full_unpickle(tmp_path: Path) -> None:
+    # The check above means something only if the payload really executes when fully unpickled.
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "evil.pt"
+    torch.save({"extra": _Payload(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_state_dict(tmp_path / "nope.pt")
+    odd = tmp_path / "weights.ckpt"
+    odd.write_bytes(b"")
+    with pytest.raises(ValueError, match="supported extensions") as info:
+        load_state_dict(odd)
+    assert all(ext in str(info.value) for ext in SUPPORTED_EXTENSIONS)
+
+
+def test_corrupt_file_is_not_called_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "broken.pt"
+    path.write_bytes(bytes(range(100)))
+    with pytest.raises(ValueError, match="could not read") as info:
+        load_state_dict(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_checkpoint_without_tensors(tmp_path: Path) -> None:
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "acc": 0.5}, path)
+    with pytest.raises(ValueError, match="no tensors"):
+        load_state_dict(path)
+
+
+def test_missing_and_unexpected_keys_are_named(trained) -> None:
+    state = _author_keys(trained)
+    del state["classifier.3.bias"]
+    state["features.0.popup_scores"] = torch.zeros(32, 1, 3, 3)
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_weights(_small(), state)
+    message = str(info.value)
+    assert "net.classifier.3.bias" in message and "net.features.0.popup_scores" in message
+    assert "missing (1)" in message and "unexpected (1)" in message and "--format" in message
+    assert info.value.missing == ["net.classifier.3.bias"]
+    assert info.value.unexpected == ["net.features.0.popup_scores"]
+
+
+def test_non_strict_tolerates_keys_but_not_shapes(trained) -> None:
+    state = _author_keys(trained)
+    del state["classifier.3.bias"]
+    result = load_weights(_small(), state, strict=False)
+    assert result.missing_keys == ["net.classifier.3.bias"]
+    with pytest.raises(CheckpointMismatchError, match=r"net.classifier.3.weight checkpoint \[100, 128\]"):
+        load_weights(_small(), _author_keys(_small(num_classes=100)), strict=False)
+
+
+def test_many_missing_keys_are_summarised() -> None:
+    big = create_model("resnet56", num_classes=10, mean=[0.5] * 3, std=[0.2] * 3)
+    with pytest.raises(CheckpointMismatchError, match=r"missing \(\d+\): .*more\)"):
+        load_weights(big, {"conv1.weight": big.net.conv1.weight.detach().clone()})
+
+
+def test_old_checkpoint_without_num_batches_tracked_loads() -> None:
+    def make() -> NormalizedModel:
+        return NormalizedModel(Normalize([0.5], [0.2]), nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
+
+    source = make()
+    state = {k: v for k, v in unwrap(source).state_dict().items() if not k.endswith("num_batches_tracked")}
+    load_weights(make(), state)
+
+
+def _tiny() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),  # weight 2*1*3*3 = 18, bias 2
+        nn.BatchNorm2d(2),  # weight 2, bias 2 (excluded from sparsity)
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),  # weight 96, bias 3
+    )
+
+
+def test_measure_sparsity_exact() -> None:
+    model = _tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[0].weight[0].zero_()  # 9 of 18
+        model[4].weight[:, :8].zero_()  # 24 of 96
+        model[0].bias.zero_()  # biases never count towards sparsity, only towards non-zero parameters
+    report = measure_sparsity(model)
+    assert report.weight_params == 18 + 96
+    assert report.zero_weights == 9 + 24
+    assert report.sparsity == pytest.approx(33 / 114, abs=0)
+    assert report.per_layer == {"0": (18, 9, 0.5), "4": (96, 24, 0.25)}
+    assert report.total_params == 18 + 2 + 2 + 2 + 96 + 3
+    assert report.nonzero_params == report.total_params - 9 - 24 - 2
+
+
+def test_measure_sparsity_uses_architecture_names() -> None:
+    model = create_model("small_cnn", num_classes=10, mean=[0.5], std=[0.2])
+    report = measure_sparsity(model)
+    assert list(report.per_layer) == [
+        "features.0",
+        "features.2",
+        "features.5",
+        "classifier.1",
+        "classifier.3",
+    ]
+    assert report.total_params == 188_234
+
+
+def test_count_flops_by_hand() -> None:
+    model = _tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    conv, linear = 18 * 4 * 4, 96
+    assert count_flops(model, (1, 4, 4)) == {"dense_flops": conv + linear, "nonzero_flops": conv + linear}
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+    assert count_flops(model, (1, 4, 4)) == {
+        "dense_flops": conv + linear,
+        "nonzero_flops": conv // 2 + linear,
+    }
+    with torch.no_grad():
+        model[4].weight[:, 16:].zero_()
+    assert count_flops(model, (1, 1, 4, 4))["nonzero_flops"] == conv // 2 + linear // 2
+
+
+def test_count_flops_grouped_strided_and_wrapped() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4),  # depthwise: weight 4*1*3*3, output 4x4
+        nn.BatchNorm2d(4),
+        nn.Conv2d(4, 8, 1),  # pointwise: weight 32, output 4x4
+    )
+    model = NormalizedModel(Normalize([0.5] * 4, [0.2] * 4), net)
+    model.train()
+    running_mean = net[1].running_mean.clone()
+    flops = count_flops(model, (4, 8, 8))
+    assert flops["dense_flops"] == 36 * 16 + 32 * 16
+    assert model.training and torch.equal(net[1].running_mean, running_mean)
+
+
+def test_count_flops_resnet56_matches_literature() -> None:
+    # Pruning papers quote 125.49M FLOPs (multiply-accumulates) for CIFAR ResNet-56.
+    model = create_model("resnet56", num_classes=10, mean=[0.5] * 3, std=[0.2] * 3)
+    assert count_flops(model, (3, 32, 32))["dense_flops"] == 125_485_696
