@@ -1,0 +1,91 @@
+"""The run spec: a frozen description of one evaluation, whose stable hash keys the stored results.
+
+Following HELM's ``RunSpec`` and lm-evaluation-harness' ``hash_args``: two runs with the same spec on the
+same checkpoint are the same evaluation ("already done" = its stored per-sample rows are complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PROTOCOL_NAME = "apbench-1"
+NORMS = ("Linf", "L2")
+AA_VERSIONS = ("plus", "standard")
+
+# AutoAttack stages in the order pyautoattack runs them (protocol section 3).
+AA_ATTACKS = {
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that determines an evaluation's per-sample results.
+
+    Attributes:
+        dataset: registered dataset name.
+        n_samples: the first N samples of the canonical test split are evaluated.
+        norm: threat model, ``"Linf"`` or ``"L2"``.
+        eps: the perturbation budget as written (``"8/255"``); ``eps_value`` is its float.
+        version: AutoAttack version, ``"plus"`` (default) or ``"standard"``.
+        fmn_steps: FMN iterations.
+        batch_size: samples per chunk; chunks are the unit of attack batching and of resumption, so
+            results depend on it (AutoAttack is not bitwise batch-invariant).
+        seed: the seed given to every attack.
+        device: torch device string.
+    """
+
+    dataset: str
+    n_samples: int
+    norm: str
+    eps: str
+    eps_value: float
+    version: str = "plus"
+    fmn_steps: int = 100
+    batch_size: int = 250
+    seed: int = 0
+    device: str = "cpu"
+    protocol: str = field(default=PROTOCOL_NAME)
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
+        if self.version not in AA_VERSIONS:
+            raise ValueError(f"unknown AutoAttack version {self.version!r}; use one of {', '.join(AA_VERSIONS)}")
+        for name in ("n_samples", "fmn_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.eps_value > 0:
+            raise ValueError(f"eps must be positive, got {self.eps!r}")
+
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        return AA_ATTACKS[self.version]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of every field: the key of stored results."""
+        return _stable_hash(self.to_dict())
+
+    @property
+    def protocol_hash(self) -> str:
+        """Hash of the fields that make two evaluations comparable sample by sample (not device, batch)."""
+        d = self.to_dict()
+        for key in ("device", "batch_size"):
+            d.pop(key)
+        return _stable_hash(d)
+
+    def chunks(self) -> list[range]:
+        """Sample-id ranges attacked together and committed together."""
+        return [range(s, min(s + self.batch_size, self.n_samples)) for s in range(0, self.n_samples, self.batch_size)]
+
+
+def _stable_hash(d: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -1,0 +1,131 @@
+"""Tables of the results store.
+
+Numbers are stored as numbers (fractions in [0, 1], distances in input units); formatting belongs to the
+CLI and the site. Every evaluation row carries its run spec and provenance (protocol section 5), and every
+per-sample row is unique per (evaluation, sample_id) so a resumed run can never duplicate a sample.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Model(Base):
+    """A network the benchmark knows: a dense parent or a pruned child, identified by checkpoint content."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    checkpoint_path: Mapped[str | None] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(String(64), default="dense")
+    arch: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(64))
+    # "dense", "US" (unstructured) or "S" (structured), as in the APB's model ids.
+    structure: Mapped[str] = mapped_column(String(16), default="dense")
+    target_sparsity: Mapped[float | None] = mapped_column(Float)
+    measured_sparsity: Mapped[float] = mapped_column(Float, default=0.0)
+    layer_sparsity: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    params: Mapped[int] = mapped_column(BigInteger, default=0)
+    nonzero_params: Mapped[int] = mapped_column(BigInteger, default=0)
+    flops: Mapped[int] = mapped_column(BigInteger, default=0)
+    nonzero_flops: Mapped[int] = mapped_column(BigInteger, default=0)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    source: Mapped[str] = mapped_column(String(64), default="local")
+    # Reported numbers with their attack and source: {"clean": .., "robust": .., "attack": .., "source": ..}.
+    reported: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    taxonomy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # How the model was made (method config, seed, epochs, wall time, code version).
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+    parent: Mapped[Model | None] = relationship(remote_side=[id])
+    evaluations: Mapped[list[Evaluation]] = relationship(back_populates="model", cascade="all, delete-orphan")
+
+
+class Evaluation(Base):
+    """One run of the standardized protocol on one model, keyed by the hash of its run spec."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (UniqueConstraint("model_id", "spec_hash", name="uq_evaluation_model_spec"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    spec_hash: Mapped[str] = mapped_column(String(64), index=True)
+    # Hash of the fields that define the protocol (not device or batch size): evaluations with the same
+    # protocol hash attack the same samples under the same threat model and can be compared per sample.
+    protocol_hash: Mapped[str] = mapped_column(String(64), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="running")  # running | complete
+    n_samples: Mapped[int] = mapped_column(Integer)
+    clean_accuracy: Mapped[float | None] = mapped_column(Float)
+    aa_robust_accuracy: Mapped[float | None] = mapped_column(Float)
+    fmn_robust_accuracy: Mapped[float | None] = mapped_column(Float)
+    best_robust_accuracy: Mapped[float | None] = mapped_column(Float)
+    fmn_median_distance: Mapped[float | None] = mapped_column(Float)
+    n_fmn_beat_aa: Mapped[int | None] = mapped_column(Integer)
+    # AutoAttack sanity-check flags and our own ("fmn_beat_autoattack"); any AutoAttack flag marks the
+    # evaluation potentially unreliable (RobustBench's "unreliable").
+    flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    unreliable: Mapped[bool] = mapped_column(Boolean, default=False)
+    attack_seconds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    provenance: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    model: Mapped[Model] = relationship(back_populates="evaluations")
+    samples: Mapped[list[SampleResult]] = relationship(
+        back_populates="evaluation", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class SampleResult(Base):
+    """The protocol's outcome for one test sample (sample_id = index in the canonical test split)."""
+
+    __tablename__ = "sample_results"
+    __table_args__ = (UniqueConstraint("evaluation_id", "sample_id", name="uq_sample_evaluation_sample"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    sample_id: Mapped[int] = mapped_column(Integer)
+    label: Mapped[int] = mapped_column(Integer)
+    clean_pred: Mapped[int] = mapped_column(Integer)
+    clean_correct: Mapped[bool] = mapped_column(Boolean)
+    # z_y - max_{j != y} z_j on the clean input: positive when correct (thin-ice scatter, y-axis).
+    logit_margin: Mapped[float] = mapped_column(Float)
+    aa_robust: Mapped[bool] = mapped_column(Boolean)
+    # First AutoAttack stage that broke the sample; None when robust or misclassified clean.
+    aa_broken_by: Mapped[str | None] = mapped_column(String(16))
+    adv_pred: Mapped[int] = mapped_column(Integer)
+    # FMN: label attacked (true label, or the predicted class for misclassified samples), success, the
+    # distance of the best adversarial (None when FMN failed: a failure is never distance 0) and the signed
+    # epsilon of the thin-ice paper (+distance when correct, -distance when misclassified).
+    fmn_label: Mapped[int] = mapped_column(Integer)
+    fmn_success: Mapped[bool] = mapped_column(Boolean)
+    fmn_distance: Mapped[float | None] = mapped_column(Float)
+    signed_eps: Mapped[float | None] = mapped_column(Float)
+    fmn_adv_pred: Mapped[int] = mapped_column(Integer)
+    # Correct and broken neither by AutoAttack nor by FMN within eps (best-known robustness).
+    best_robust: Mapped[bool] = mapped_column(Boolean)
+
+    evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
