@@ -1,0 +1,1 @@
+"""Pure functions over stored per-sample records: accuracies, intervals, statistics."""

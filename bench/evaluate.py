@@ -1,0 +1,354 @@
+"""The standardized evaluator: AutoAttack + FMN per sample, committed chunk by chunk, resumable.
+
+Flow (STYLE.md): dataset + checkpoint → model → attacks → store. One evaluation = one model × one
+:class:`~bench.spec.RunSpec`. Samples are processed in fixed chunks of ``spec.batch_size``; each chunk's
+per-sample rows and its attack timings are committed in one transaction, so a run killed at any point
+restarts at the first chunk without rows, and no sample is ever stored twice (a unique constraint on
+(evaluation, sample_id) guards it too). An evaluation whose rows are complete is reused unless
+``overwrite`` is given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sqlalchemy import delete, select
+from tqdm.auto import tqdm
+
+from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
+from bench.attacks.autoattack import AA_FLAGS, run_autoattack, square_check_flags
+from bench.attacks.fmn import minimum_norm
+from bench.provenance import environment, utcnow
+from bench.spec import RunSpec
+from bench.store import Evaluation, Model, SampleResult, Store
+
+FMN_BEAT_AA_FLAG = "fmn_beat_autoattack"
+
+
+@dataclass
+class EvaluationSummary:
+    """What ``bench evaluate`` prints at the end; every figure is derived from the stored rows."""
+
+    evaluation_id: int
+    model_name: str
+    spec: dict[str, Any]
+    n: int
+    clean_accuracy: float
+    aa_robust_accuracy: float
+    fmn_robust_accuracy: float
+    best_robust_accuracy: float
+    fmn_median_distance: float | None
+    n_fmn_beat_aa: int
+    flags: list[str]
+    unreliable: bool
+    attack_seconds: dict[str, float]
+    reused: bool = False
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, ev: Evaluation, reused: bool = False) -> EvaluationSummary:
+        n = ev.n_samples
+        accs = {
+            "clean": ev.clean_accuracy,
+            "autoattack": ev.aa_robust_accuracy,
+            "fmn": ev.fmn_robust_accuracy,
+            "best_known": ev.best_robust_accuracy,
+        }
+        return cls(
+            evaluation_id=ev.id,
+            model_name=ev.model.name,
+            spec=ev.spec,
+            n=n,
+            clean_accuracy=ev.clean_accuracy,
+            aa_robust_accuracy=ev.aa_robust_accuracy,
+            fmn_robust_accuracy=ev.fmn_robust_accuracy,
+            best_robust_accuracy=ev.best_robust_accuracy,
+            fmn_median_distance=ev.fmn_median_distance,
+            n_fmn_beat_aa=ev.n_fmn_beat_aa,
+            flags=list(ev.flags),
+            unreliable=ev.unreliable,
+            attack_seconds=dict(ev.attack_seconds),
+            reused=reused,
+            intervals={k: wilson_interval(round(v * n), n) for k, v in accs.items()},
+        )
+
+
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y − max_{j≠y} z_j: positive when the sample is classified correctly."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    other = logits.scatter(1, labels[:, None], -math.inf).amax(1)
+    return true - other
+
+
+def attack_chunk(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    sample_ids: list[int],
+    spec: RunSpec,
+    *,
+    run_checks: bool,
+    on_stage_done: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, float], set[str], list[str]]:
+    """Clean pass, AutoAttack and FMN on one chunk; returns (rows, seconds per stage, flags, warnings)."""
+    device = spec.device
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(x.to(device)).cpu()
+    pred = logits.argmax(1)
+    margin = logit_margin(logits, y)
+    seconds["clean"] = time.perf_counter() - start
+    if on_stage_done is not None:
+        on_stage_done("clean", len(y), int((pred != y).sum()))
+
+    aa = run_autoattack(
+        model,
+        x,
+        y,
+        norm=spec.norm,
+        eps=spec.eps_value,
+        version=spec.version,
+        seed=spec.seed,
+        device=device,
+        run_checks=run_checks,
+        on_stage_done=on_stage_done,
+    )
+    seconds.update(aa.seconds)
+
+    # Protocol section 4: misclassified samples are attacked with their *predicted* class as the label,
+    # giving the distance needed to leave it; stored as a negative epsilon.
+    correct = pred == y
+    fmn_labels = torch.where(correct, y, pred)
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        fmn = minimum_norm(
+            model, x.to(device), fmn_labels.to(device), norm=_norm_p(spec.norm), steps=spec.fmn_steps
+        )
+    seconds["fmn"] = time.perf_counter() - start
+    if on_stage_done is not None:
+        on_stage_done("fmn", len(y), int(fmn.success.sum()))
+
+    rows = []
+    for i, sid in enumerate(sample_ids):
+        success = bool(fmn.success[i])
+        distance = float(fmn.distance[i]) if success else None
+        signed = None if distance is None else (distance if correct[i] else -distance)
+        fmn_broke = bool(correct[i]) and distance is not None and distance <= spec.eps_value
+        rows.append(
+            dict(
+                sample_id=sid,
+                label=int(y[i]),
+                clean_pred=int(pred[i]),
+                clean_correct=bool(correct[i]),
+                logit_margin=float(margin[i]),
+                aa_robust=bool(aa.robust[i]),
+                aa_broken_by=aa.broken_by[i],
+                adv_pred=int(aa.adv_pred[i]),
+                fmn_label=int(fmn_labels[i]),
+                fmn_success=success,
+                fmn_distance=distance,
+                signed_eps=signed,
+                fmn_adv_pred=int(fmn.adv_pred[i]),
+                best_robust=bool(aa.robust[i]) and not fmn_broke,
+            )
+        )
+    return rows, seconds, aa.flags, aa.warnings
+
+
+def _norm_p(norm: str) -> float:
+    return math.inf if norm == "Linf" else 2.0
+
+
+def evaluate(
+    store: Store,
+    model_id: int,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: RunSpec,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> EvaluationSummary:
+    """Evaluate ``model`` (stored as ``model_id``) on the first ``spec.n_samples`` of ``x, y``.
+
+    Args:
+        store: the results store.
+        model_id: primary key of the model's row.
+        model: the network (inputs in [0, 1], logits out); put in eval mode here.
+        x, y: the dataset's test split in canonical order (only the first N are used).
+        spec: the run spec.
+        overwrite: discard stored results for this (model, spec) and recompute.
+        progress: show progress bars (tqdm; silent anyway when not a terminal).
+        log: receives one-line status messages (resuming, reusing).
+
+    Returns:
+        The summary, recomputed from the stored per-sample rows.
+    """
+    if spec.n_samples > len(y):
+        raise ValueError(
+            f"--n-samples {spec.n_samples} exceeds the {len(y)} samples of the {spec.dataset} test split; "
+            f"use at most {len(y)}"
+        )
+    model.eval()
+    evaluation_id, done = _open_evaluation(store, model_id, spec, overwrite=overwrite)
+    if evaluation_id is None:
+        with store.session() as s:
+            ev = s.scalars(
+                select(Evaluation).where(Evaluation.model_id == model_id, Evaluation.spec_hash == spec.hash)
+            ).one()
+            log(
+                f"reusing the finished evaluation #{ev.id} (same checkpoint and run spec); --overwrite recomputes"
+            )
+            return EvaluationSummary.from_row(ev, reused=True)
+    if done:
+        log(f"resuming evaluation #{evaluation_id}: {len(done)}/{spec.n_samples} samples already stored")
+
+    stages = ("clean", *spec.attacks, "fmn")
+    bars = {
+        stage: tqdm(
+            total=spec.n_samples,
+            desc=f"{stage:>8}",
+            unit="sample",
+            position=i,
+            leave=True,
+            disable=None if progress else True,
+            initial=len(done),
+        )
+        for i, stage in enumerate(stages)
+    }
+
+    def stage_done(stage: str, n_attacked: int, n_broken: int) -> None:
+        bars[stage].update(len(ids))
+
+    first_chunk = True
+    try:
+        for chunk in spec.chunks():
+            ids = list(chunk)
+            if set(ids) <= done:
+                continue
+            rows, seconds, flags, warnings = attack_chunk(
+                model,
+                x[chunk.start : chunk.stop],
+                y[chunk.start : chunk.stop],
+                ids,
+                spec,
+                run_checks=first_chunk,
+                on_stage_done=stage_done,
+            )
+            first_chunk = False
+            _commit_chunk(store, evaluation_id, rows, seconds, flags, warnings)
+    finally:
+        for bar in bars.values():
+            bar.close()
+    return _finalize(store, evaluation_id, spec)
+
+
+def _open_evaluation(
+    store: Store, model_id: int, spec: RunSpec, *, overwrite: bool
+) -> tuple[int | None, set[int]]:
+    """Find or create the evaluation row; returns (id or None when complete and reusable, stored sample ids)."""
+    with store.session() as s:
+        ev = s.scalars(
+            select(Evaluation).where(Evaluation.model_id == model_id, Evaluation.spec_hash == spec.hash)
+        ).one_or_none()
+        if ev is not None and overwrite:
+            s.execute(delete(SampleResult).where(SampleResult.evaluation_id == ev.id))
+            s.delete(ev)
+            s.flush()
+            ev = None
+        if ev is not None and ev.status == "complete":
+            return None, set()
+        if ev is None:
+            ev = Evaluation(
+                model_id=model_id,
+                spec_hash=spec.hash,
+                protocol_hash=spec.protocol_hash,
+                spec=spec.to_dict(),
+                status="running",
+                n_samples=spec.n_samples,
+                flags=[],
+                attack_seconds={},
+                provenance={},
+                started_at=utcnow(),
+            )
+            s.add(ev)
+            s.flush()
+        done = set(s.scalars(select(SampleResult.sample_id).where(SampleResult.evaluation_id == ev.id)))
+        return ev.id, done
+
+
+def _commit_chunk(store: Store, evaluation_id: int, rows, seconds, flags, warnings) -> None:
+    with store.session() as s:
+        ev = s.get(Evaluation, evaluation_id)
+        s.add_all(SampleResult(evaluation_id=evaluation_id, **row) for row in rows)
+        ev.attack_seconds = {
+            k: ev.attack_seconds.get(k, 0.0) + seconds.get(k, 0.0) for k in {*ev.attack_seconds, *seconds}
+        }
+        ev.flags = sorted({*ev.flags, *flags})
+        if warnings:
+            ev.provenance = {
+                **ev.provenance,
+                "autoattack_warnings": [*ev.provenance.get("autoattack_warnings", []), *warnings],
+            }
+
+
+def _finalize(store: Store, evaluation_id: int, spec: RunSpec) -> EvaluationSummary:
+    with store.session() as s:
+        ev = s.get(Evaluation, evaluation_id)
+        records = s.scalars(select(SampleResult).where(SampleResult.evaluation_id == evaluation_id)).all()
+        if len(records) != spec.n_samples:
+            raise RuntimeError(
+                f"evaluation #{evaluation_id} has {len(records)} per-sample rows, expected {spec.n_samples}"
+            )
+        agg = aggregate(
+            [
+                SampleOutcome(
+                    r.clean_correct, r.aa_robust, r.aa_broken_by, r.fmn_success, r.fmn_distance, r.best_robust
+                )
+                for r in records
+            ],
+            spec.eps_value,
+            spec.attacks,
+        )
+        flags = {*ev.flags, *square_check_flags(agg.stage_robust_accuracy)}
+        if agg.n_fmn_beat_aa:
+            flags.add(FMN_BEAT_AA_FLAG)
+        model = s.get(Model, ev.model_id)
+        ev.flags = sorted(flags)
+        ev.unreliable = bool(flags & AA_FLAGS)
+        ev.clean_accuracy = agg.clean_accuracy
+        ev.aa_robust_accuracy = agg.aa_robust_accuracy
+        ev.fmn_robust_accuracy = agg.fmn_robust_accuracy
+        ev.best_robust_accuracy = agg.best_robust_accuracy
+        ev.fmn_median_distance = agg.fmn_median_distance
+        ev.n_fmn_beat_aa = agg.n_fmn_beat_aa
+        ev.finished_at = utcnow()
+        ev.provenance = {
+            **ev.provenance,
+            **environment(spec.device),
+            "protocol": spec.protocol,
+            "protocol_hash": spec.protocol_hash,
+            "spec_hash": spec.hash,
+            "n_samples": spec.n_samples,
+            "seed": spec.seed,
+            "threat_model": {"norm": spec.norm, "eps": spec.eps, "eps_value": spec.eps_value},
+            "autoattack_version": spec.version,
+            "checkpoint_sha256": model.checkpoint_sha256,
+            "started_at": ev.started_at.isoformat(),
+            "finished_at": ev.finished_at.isoformat(),
+            "attack_seconds": dict(ev.attack_seconds),
+            "broken_by": agg.broken_by,
+            "stage_robust_accuracy": agg.stage_robust_accuracy,
+        }
+        ev.status = "complete"
+        s.flush()
+        return EvaluationSummary.from_row(ev)

@@ -1,0 +1,229 @@
+"""The evaluator end to end: per-sample rows, the protocol's conventions, reuse, overwrite and resumption."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from pyautoattack import AutoAttack
+from sqlalchemy import func, select
+
+import bench.evaluate as evaluate_module
+from bench.analysis.stats import wilson_interval
+from bench.evaluate import evaluate, logit_margin
+from bench.spec import RunSpec
+from bench.store import Evaluation, Model, SampleResult
+from bench.provenance import utcnow
+
+SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not in ("id", "evaluation_id")]
+
+
+def _model_row(store, name="mlp"):
+    with store.session() as s:
+        row = Model(name=name, checkpoint_sha256=name.ljust(64, "0"), arch="mlp", dataset="digits",
+                    created_at=utcnow())
+        s.add(row)
+        s.flush()
+        return row.id
+
+
+def _spec(**kw):
+    base = dict(dataset="digits", n_samples=30, norm="Linf", eps="0.1", eps_value=0.1, version="standard",
+                fmn_steps=30, batch_size=10, seed=0)
+    return RunSpec(**{**base, **kw})
+
+
+def _rows(store, evaluation_id):
+    with store.session() as s:
+        rows = s.scalars(select(SampleResult).where(SampleResult.evaluation_id == evaluation_id)
+                         .order_by(SampleResult.sample_id)).all()
+        return [{c: getattr(r, c) for c in SAMPLE_COLUMNS} for r in rows]
+
+
+def test_logit_margin_sign():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
+    assert logit_margin(logits, torch.tensor([0, 1])).tolist() == [2.0, -3.0]
+
+
+def test_per_sample_rows_follow_the_protocol(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    # Include misclassified samples: the first 30 test samples plus the model's errors further on.
+    spec = _spec()
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    assert [r["sample_id"] for r in rows] == list(range(30))
+    for r in rows:
+        assert r["clean_correct"] == (r["clean_pred"] == r["label"])
+        assert (r["logit_margin"] > 0) == r["clean_correct"]
+        if r["clean_correct"]:
+            assert r["fmn_label"] == r["label"]
+            assert r["signed_eps"] is None or r["signed_eps"] == pytest.approx(r["fmn_distance"])
+        else:
+            # Misclassified: FMN leaves the *predicted* class; the thin-ice epsilon is negative.
+            assert r["fmn_label"] == r["clean_pred"]
+            assert not r["aa_robust"] and r["aa_broken_by"] is None
+            assert r["signed_eps"] is None or r["signed_eps"] == pytest.approx(-r["fmn_distance"])
+        if r["fmn_success"]:
+            assert r["fmn_distance"] > 0 and r["fmn_adv_pred"] != r["fmn_label"]
+        else:
+            assert r["fmn_distance"] is None and r["signed_eps"] is None
+        fmn_broke = r["clean_correct"] and r["fmn_success"] and r["fmn_distance"] <= spec.eps_value
+        assert r["best_robust"] == (r["aa_robust"] and not fmn_broke)
+    n = len(rows)
+    assert summary.clean_accuracy == sum(r["clean_correct"] for r in rows) / n
+    assert summary.aa_robust_accuracy == sum(r["aa_robust"] for r in rows) / n
+    assert summary.best_robust_accuracy == sum(r["best_robust"] for r in rows) / n
+    assert summary.best_robust_accuracy <= summary.aa_robust_accuracy
+    k = sum(r["aa_robust"] for r in rows)
+    assert summary.intervals["autoattack"] == pytest.approx(wilson_interval(k, n))
+    distances = sorted(r["fmn_distance"] for r in rows if r["clean_correct"] and r["fmn_success"])
+    assert summary.fmn_median_distance == pytest.approx(float(torch.tensor(distances).median())
+                                                       if len(distances) % 2 else
+                                                       (distances[len(distances) // 2 - 1]
+                                                        + distances[len(distances) // 2]) / 2)
+    with store.session() as s:
+        ev = s.get(Evaluation, summary.evaluation_id)
+        assert ev.status == "complete"
+        prov = ev.provenance
+        for key in ("protocol", "protocol_hash", "n_samples", "seed", "threat_model", "autoattack_version",
+                    "torch", "pyautoattack", "apbench", "device", "dtype", "git_commit", "started_at",
+                    "finished_at", "attack_seconds", "checkpoint_sha256"):
+            assert key in prov, key
+        assert set(ev.attack_seconds) == {"clean", "fmn", *spec.attacks}
+
+
+def test_aa_flags_match_bare_run_through_the_store(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    spec = _spec(n_samples=20, batch_size=20, version="standard")
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
+    _, y_adv = AutoAttack(digits_mlp, norm="Linf", eps=0.1, version="standard", seed=0).run_standard_evaluation(
+        xte[:20], yte[:20], batch_size=20)
+    assert [r["aa_robust"] for r in _rows(store, summary.evaluation_id)] == (y_adv == yte[:20]).tolist()
+
+
+def test_finished_run_is_reused_and_overwrite_recomputes(store, digits, digits_mlp, monkeypatch):
+    _, _, xte, yte = digits
+    model_id = _model_row(store)
+    spec = _spec(n_samples=10)
+    first = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
+    calls = []
+    original = evaluate_module.attack_chunk
+    monkeypatch.setattr(evaluate_module, "attack_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    again = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
+    assert again.reused and not calls and again.evaluation_id == first.evaluation_id
+    redone = evaluate(store, model_id, digits_mlp, xte, yte, spec, overwrite=True, progress=False)
+    assert calls and not redone.reused
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Evaluation)) == 1
+        assert s.scalar(select(func.count()).select_from(SampleResult)) == 10
+
+
+def test_a_different_spec_is_a_different_evaluation(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    model_id = _model_row(store)
+    a = evaluate(store, model_id, digits_mlp, xte, yte, _spec(n_samples=10), progress=False)
+    b = evaluate(store, model_id, digits_mlp, xte, yte, _spec(n_samples=10, eps="0.05", eps_value=0.05),
+                 progress=False)
+    assert a.evaluation_id != b.evaluation_id
+    assert b.aa_robust_accuracy >= a.aa_robust_accuracy
+
+
+def test_crash_mid_run_resumes_without_loss_or_duplicates(store, digits, digits_mlp, monkeypatch):
+    _, _, xte, yte = digits
+    spec = _spec()
+    model_id = _model_row(store, "resumed")
+    original = evaluate_module.attack_chunk
+    seen = []
+
+    def crash_on_third_chunk(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "attack_chunk", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
+    with store.session() as s:
+        ev = s.scalars(select(Evaluation)).one()
+        assert ev.status == "running"
+        assert s.scalar(select(func.count()).select_from(SampleResult)) == 20  # two chunks of 10 committed
+    monkeypatch.setattr(evaluate_module, "attack_chunk", original)
+    resumed = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
+    reference = evaluate(store, _model_row(store, "uninterrupted"), digits_mlp, xte, yte, spec, progress=False)
+    reference_store_rows = _rows(store, reference.evaluation_id)
+    assert _rows(store, resumed.evaluation_id) == reference_store_rows
+    assert resumed.aa_robust_accuracy == reference.aa_robust_accuracy
+    assert resumed.best_robust_accuracy == reference.best_robust_accuracy
+
+
+def test_n_samples_beyond_the_split_is_refused(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    with pytest.raises(ValueError, match="exceeds the 360 samples"):
+        evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(n_samples=361), progress=False)
+
+
+def _count_rows(db_path):
+    if not db_path.exists():
+        return 0
+    con = sqlite3.connect(db_path, timeout=30)
+    try:
+        return con.execute("SELECT count(*) FROM sample_results").fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    finally:
+        con.close()
+
+
+def _cli(checkpoint, db_path):
+    return [sys.executable, "-m", "bench.cli", "evaluate", "--checkpoint", str(checkpoint), "--arch", "small_cnn",
+            "--dataset", "digits", "--n-samples", "120", "--batch-size", "4", "--version", "standard",
+            "--fmn-steps", "20", "--eps", "0.3", "--db", f"sqlite:///{db_path}", "--no-progress"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_restart_equals_uninterrupted(tmp_path, digits_cnn_checkpoint):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed_db = tmp_path / "killed.db"
+    proc = subprocess.Popen(_cli(digits_cnn_checkpoint, killed_db), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while _count_rows(killed_db) < 12 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _count_rows(killed_db)
+    assert 12 <= partial < 120 and partial % 4 == 0  # whole chunks only
+
+    restarted = subprocess.run(_cli(digits_cnn_checkpoint, killed_db), env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert restarted.returncode == 0, restarted.stderr
+    assert f"resuming evaluation #1: {partial}/120 samples already stored" in restarted.stdout
+    clean_db = tmp_path / "clean.db"
+    uninterrupted = subprocess.run(_cli(digits_cnn_checkpoint, clean_db), env=env, capture_output=True, text=True,
+                                   timeout=600)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+
+    def dump(db):
+        con = sqlite3.connect(db)
+        rows = con.execute(f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM sample_results ORDER BY sample_id").fetchall()
+        agg = con.execute("SELECT status, clean_accuracy, aa_robust_accuracy, fmn_robust_accuracy, "
+                          "best_robust_accuracy, n_fmn_beat_aa FROM evaluations").fetchall()
+        con.close()
+        return rows, agg
+
+    rows_killed, agg_killed = dump(killed_db)
+    rows_clean, agg_clean = dump(clean_db)
+    assert len(rows_killed) == 120
+    assert len({r[0] for r in rows_killed}) == 120
+    assert rows_killed == rows_clean
+    assert agg_killed == agg_clean and agg_killed[0][0] == "complete"
+    assert not math.isnan(agg_killed[0][2])
