@@ -1,0 +1,101 @@
+"""Registering checkpoints as models in the store, with their measured efficiency figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy import select
+
+from bench.checkpoints import count_flops, load_state_dict, load_weights, measure_sparsity, sha256_file
+from bench.data import get_dataset_info
+from bench.models import create_model
+from bench.provenance import utcnow
+from bench.store import Model, Store
+
+
+def build_model(arch: str, dataset: str) -> torch.nn.Module:
+    """The registered architecture with the dataset's class count and normalisation layer."""
+    info = get_dataset_info(dataset)
+    return create_model(arch, num_classes=info.num_classes, mean=info.mean, std=info.std)
+
+
+def load_checkpoint_model(path: str | Path, arch: str, dataset: str) -> torch.nn.Module:
+    """Build ``arch`` for ``dataset`` and load the checkpoint's weights (weights-only, strict), in eval mode."""
+    model = build_model(arch, dataset)
+    load_weights(model, load_state_dict(path))
+    return model.eval()
+
+
+def register_model(
+    store: Store,
+    path: str | Path,
+    model: torch.nn.Module,
+    *,
+    arch: str,
+    dataset: str,
+    method: str = "dense",
+    structure: str = "dense",
+    name: str | None = None,
+    source: str = "local",
+    parent_id: int | None = None,
+    target_sparsity: float | None = None,
+    taxonomy: dict[str, Any] | None = None,
+    reported: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Model:
+    """Find the model row for this checkpoint's content (sha256) or create it with measured figures.
+
+    The same checkpoint bytes are one model whatever their file name, so evaluations are shared.
+    """
+    path = Path(path)
+    sha = sha256_file(path)
+    with store.session() as s:
+        row = s.scalars(select(Model).where(Model.checkpoint_sha256 == sha)).one_or_none()
+        if row is not None:
+            if row.arch != arch or row.dataset != dataset:
+                raise ValueError(
+                    f"checkpoint {path} (sha256 {sha[:12]}…) is already stored as model {row.name!r} with "
+                    f"--arch {row.arch} --dataset {row.dataset}; the same weights cannot be another architecture"
+                )
+            return row
+        report = measure_sparsity(model)
+        info = get_dataset_info(dataset)
+        flops = count_flops(model, (1, *info.input_shape))
+        row = Model(
+            name=name or _unique_name(s, f"{path.stem}-{sha[:8]}"),
+            checkpoint_sha256=sha,
+            checkpoint_path=str(path.resolve()),
+            method=method,
+            arch=arch,
+            dataset=dataset,
+            structure=structure,
+            target_sparsity=target_sparsity,
+            measured_sparsity=report.sparsity,
+            layer_sparsity={
+                layer: {"numel": numel, "zeros": zeros, "sparsity": sp}
+                for layer, (numel, zeros, sp) in report.per_layer.items()
+            },
+            params=report.total_params,
+            nonzero_params=report.nonzero_params,
+            flops=flops["dense_flops"],
+            nonzero_flops=flops["nonzero_flops"],
+            parent_id=parent_id,
+            source=source,
+            reported=reported or {},
+            taxonomy=taxonomy or {},
+            provenance=provenance or {},
+            created_at=utcnow(),
+        )
+        s.add(row)
+        s.flush()
+        return row
+
+
+def _unique_name(session, base: str) -> str:
+    name, k = base, 1
+    while session.scalars(select(Model.id).where(Model.name == name)).first() is not None:
+        k += 1
+        name = f"{base}-{k}"
+    return name
