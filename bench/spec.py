@@ -55,7 +55,9 @@ class RunSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
         if self.version not in AA_VERSIONS:
-            raise ValueError(f"unknown AutoAttack version {self.version!r}; use one of {', '.join(AA_VERSIONS)}")
+            raise ValueError(
+                f"unknown AutoAttack version {self.version!r}; use one of {', '.join(AA_VERSIONS)}"
+            )
         for name in ("n_samples", "fmn_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -84,7 +86,10 @@ class RunSpec:
 
     def chunks(self) -> list[range]:
         """Sample-id ranges attacked together and committed together."""
-        return [range(s, min(s + self.batch_size, self.n_samples)) for s in range(0, self.n_samples, self.batch_size)]
+        return [
+            range(s, min(s + self.batch_size, self.n_samples))
+            for s in range(0, self.n_samples, self.batch_size)
+        ]
 
 
 def _stable_hash(d: dict[str, Any]) -> str:
