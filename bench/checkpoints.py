@@ -116,8 +116,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     ext = _extension(path)
     if ext is None:
         raise ValueError(
-            f"unsupported checkpoint file {path.name!r}; "
-            f"supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"unsupported checkpoint file {path.name!r}; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     if ext == ".safetensors":
         from safetensors.torch import load_file
@@ -136,8 +135,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             raise ValueError(f"could not read {path} as a checkpoint: {_unpickler_detail(e)}") from None
         except (RuntimeError, KeyError, EOFError) as e:
             raise ValueError(
-                f"could not read {path} as a checkpoint "
-                f"(corrupt, truncated, or not written by torch.save): {e!r}"
+                f"could not read {path} as a checkpoint (corrupt, truncated, or not written by torch.save): {e!r}"
             ) from None
     return _extract_state_dict(obj, path)
 

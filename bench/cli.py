@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -53,8 +54,7 @@ def _db_option(fn: Callable) -> Callable:
         "db",
         default=None,
         metavar="URL",
-        help="SQLAlchemy URL or SQLite path of the results store [default: $BENCH_DB or "
-        "sqlite:///results.db].",
+        help="SQLAlchemy URL or SQLite path of the results store [default: $BENCH_DB or sqlite:///results.db].",
     )(fn)
 
 
@@ -82,9 +82,7 @@ def _resolve_device(device: str) -> str:
 )
 @click.option("--arch", default=None, help="Architecture (bench models). Required with --checkpoint.")
 @click.option("--dataset", default=None, help="Dataset (bench datasets). Required with --checkpoint.")
-@click.option(
-    "--track", default="digits", show_default=True, help="Built-in track used when no --checkpoint is given."
-)
+@click.option("--track", default="digits", show_default=True, help="Built-in track used when no --checkpoint is given.")
 @click.option("--name", default=None, help="Name to store the model under [default: file stem + hash].")
 @click.option(
     "--n-samples",
@@ -92,9 +90,7 @@ def _resolve_device(device: str) -> str:
     default=None,
     help="Evaluate the first N test samples [default: the dataset's protocol N].",
 )
-@click.option(
-    "--eps", default=None, help='Perturbation budget, e.g. "8/255" or 0.5 [default: the dataset\'s].'
-)
+@click.option("--eps", default=None, help='Perturbation budget, e.g. "8/255" or 0.5 [default: the dataset\'s].')
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
 @click.option(
     "--version",
@@ -108,9 +104,8 @@ def _resolve_device(device: str) -> str:
 @click.option(
     "--batch-size",
     type=int,
-    default=250,
-    show_default=True,
-    help="Samples per chunk (attack batch and unit of resumption).",
+    default=None,
+    help="Samples per chunk (attack batch and unit of resumption) [default: the dataset's; 250 for CIFAR].",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -119,7 +114,14 @@ def _resolve_device(device: str) -> str:
     type=int,
     default=1,
     show_default=True,
-    help="torch CPU threads (one per process is fastest on small models).",
+    help="torch CPU threads per process (one per process is fastest on small models).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="CPU processes attacking chunks in parallel [default: the CPU count on cpu, 1 on cuda]; "
+    "results do not depend on it.",
 )
 @_db_option
 @click.option(
@@ -146,6 +148,7 @@ def evaluate(
     seed,
     device,
     threads,
+    workers,
     db,
     data_dir,
     overwrite,
@@ -161,7 +164,8 @@ def evaluate(
 
     torch.set_num_threads(threads)
     device = _resolve_device(device)
-    store = Store(db)
+    # Everything the user typed is checked before the store is opened, so a typo leaves no results.db behind.
+    register_kw: dict = {"name": name}
     if checkpoint is None:
         from bench.track import TRACKS, dense_checkpoint
 
@@ -174,40 +178,31 @@ def evaluate(
                 f"{tr.name} track ({tr.arch} on {tr.dataset}) is evaluated"
             )
         arch, dataset = tr.arch, tr.dataset
-        checkpoint, record = dense_checkpoint(tr, log=click.echo)
-        model = load_checkpoint_model(checkpoint, arch, dataset)
-        row = register_model(
-            store,
-            checkpoint,
-            model,
-            arch=arch,
-            dataset=dataset,
-            name=name or f"{tr.name}-dense",
-            source=f"track:{tr.name}",
-            provenance=record,
-        )
-    else:
-        if arch is None or dataset is None:
-            raise ValueError("--checkpoint needs --arch and --dataset (bench models, bench datasets)")
-        ARCHS.get(arch)
-        get_dataset_info(dataset)
-        model = load_checkpoint_model(checkpoint, arch, dataset)
-        row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, name=name)
+    elif arch is None or dataset is None:
+        raise ValueError("--checkpoint needs --arch and --dataset (bench models, bench datasets)")
+    ARCHS.get(arch)
     info = get_dataset_info(dataset)
-    x, y = load_split(dataset, "test", data_dir=data_dir)
     eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
+    eps_value = parse_eps(eps_text)
+    x, y = load_split(dataset, "test", data_dir=data_dir)
     spec = RunSpec(
         dataset=dataset,
         n_samples=n_samples or info.default_n or len(y),
         norm=norm,
         eps=eps_text,
-        eps_value=parse_eps(eps_text),
+        eps_value=eps_value,
         version=aa_version,
         fmn_steps=fmn_steps,
-        batch_size=batch_size,
+        batch_size=batch_size or info.default_batch_size,
         seed=seed,
         device=device,
     )
+    if checkpoint is None:
+        checkpoint, record = dense_checkpoint(tr, log=click.echo)
+        register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
+    model = load_checkpoint_model(checkpoint, arch, dataset)
+    store = Store(db)
+    row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, **register_kw)
     click.echo(
         f"model {row.name} ({arch}, {dataset}, sha256 {row.checkpoint_sha256[:12]}…, "
         f"sparsity {row.measured_sparsity:.2%})"
@@ -216,6 +211,8 @@ def evaluate(
         f"protocol {spec.protocol}: AutoAttack-{spec.version} {spec.norm} eps={spec.eps}, "
         f"FMN {spec.fmn_steps} steps, N={spec.n_samples}, seed {spec.seed}, {spec.device}"
     )
+    if workers is None:
+        workers = (os.cpu_count() or 1) if device == "cpu" else 1
     start = time.perf_counter()
     summary = run_evaluation(
         store,
@@ -226,27 +223,21 @@ def evaluate(
         spec,
         overwrite=overwrite,
         progress=not no_progress,
+        workers=workers,
         log=click.echo,
     )
     elapsed = time.perf_counter() - start
     click.echo("")
     click.echo(
-        f"evaluation #{summary.evaluation_id} of {summary.model_name} on {summary.n} samples "
-        f"(Wilson 95 % intervals)"
+        f"evaluation #{summary.evaluation_id} of {summary.model_name} on {summary.n} samples (Wilson 95 % intervals)"
     )
+    click.echo(f"  clean accuracy           {_format_interval(summary.clean_accuracy, summary.intervals['clean'])}")
     click.echo(
-        f"  clean accuracy           {_format_interval(summary.clean_accuracy, summary.intervals['clean'])}"
+        f"  AutoAttack robust        {_format_interval(summary.aa_robust_accuracy, summary.intervals['autoattack'])}"
     )
+    click.echo(f"  FMN robust at eps        {_format_interval(summary.fmn_robust_accuracy, summary.intervals['fmn'])}")
     click.echo(
-        f"  AutoAttack robust        "
-        f"{_format_interval(summary.aa_robust_accuracy, summary.intervals['autoattack'])}"
-    )
-    click.echo(
-        f"  FMN robust at eps        {_format_interval(summary.fmn_robust_accuracy, summary.intervals['fmn'])}"
-    )
-    click.echo(
-        f"  best-known robust        "
-        f"{_format_interval(summary.best_robust_accuracy, summary.intervals['best_known'])}"
+        f"  best-known robust        {_format_interval(summary.best_robust_accuracy, summary.intervals['best_known'])}"
     )
     if summary.fmn_median_distance is not None:
         click.echo(f"  FMN median distance      {summary.fmn_median_distance:.4f} ({spec.norm})")
@@ -321,9 +312,7 @@ def _results_frame(db: str | None):
 
 @main.command()
 @_db_option
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
-)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @friendly_errors
 def results(db, fmt):
     """List stored evaluations (one row each; accuracies as fractions in csv/json)."""

@@ -11,6 +11,7 @@ restarts at the first chunk without rows, and no sample is ever stored twice (a 
 from __future__ import annotations
 
 import math
+import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,9 +129,7 @@ def attack_chunk(
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        fmn = minimum_norm(
-            model, x.to(device), fmn_labels.to(device), norm=_norm_p(spec.norm), steps=spec.fmn_steps
-        )
+        fmn = minimum_norm(model, x.to(device), fmn_labels.to(device), norm=_norm_p(spec.norm), steps=spec.fmn_steps)
     seconds["fmn"] = time.perf_counter() - start
     if on_stage_done is not None:
         on_stage_done("fmn", len(y), int(fmn.success.sum()))
@@ -176,6 +175,7 @@ def evaluate(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int = 1,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> EvaluationSummary:
     """Evaluate ``model`` (stored as ``model_id``) on the first ``spec.n_samples`` of ``x, y``.
@@ -188,6 +188,8 @@ def evaluate(
         spec: the run spec.
         overwrite: discard stored results for this (model, spec) and recompute.
         progress: show progress bars (tqdm; silent anyway when not a terminal).
+        workers: CPU processes attacking chunks in parallel, one torch thread each (CPU only). Chunks are
+            attacked independently with the same seed, so the results do not depend on this number.
         log: receives one-line status messages (resuming, reusing).
 
     Returns:
@@ -198,6 +200,8 @@ def evaluate(
             f"--n-samples {spec.n_samples} exceeds the {len(y)} samples of the {spec.dataset} test split; "
             f"use at most {len(y)}"
         )
+    if workers > 1 and torch.device(spec.device).type != "cpu":
+        raise ValueError("--workers > 1 is for CPU evaluation; on a GPU use one worker and a larger --batch-size")
     model.eval()
     evaluation_id, done = _open_evaluation(store, model_id, spec, overwrite=overwrite)
     if evaluation_id is None:
@@ -205,9 +209,7 @@ def evaluate(
             ev = s.scalars(
                 select(Evaluation).where(Evaluation.model_id == model_id, Evaluation.spec_hash == spec.hash)
             ).one()
-            log(
-                f"reusing the finished evaluation #{ev.id} (same checkpoint and run spec); --overwrite recomputes"
-            )
+            log(f"reusing the finished evaluation #{ev.id} (same checkpoint and run spec); --overwrite recomputes")
             return EvaluationSummary.from_row(ev, reused=True)
     if done:
         log(f"resuming evaluation #{evaluation_id}: {len(done)}/{spec.n_samples} samples already stored")
@@ -226,35 +228,60 @@ def evaluate(
         for i, stage in enumerate(stages)
     }
 
-    def stage_done(stage: str, n_attacked: int, n_broken: int) -> None:
-        bars[stage].update(len(ids))
-
-    first_chunk = True
+    todo = [chunk for chunk in spec.chunks() if not set(chunk) <= done]
+    workers = max(1, min(workers, len(todo)))
+    # The sanity checks run once per invocation, on its first chunk (as AutoAttack runs them on its first batch).
     try:
-        for chunk in spec.chunks():
-            ids = list(chunk)
-            if set(ids) <= done:
-                continue
-            rows, seconds, flags, warnings = attack_chunk(
-                model,
-                x[chunk.start : chunk.stop],
-                y[chunk.start : chunk.stop],
-                ids,
-                spec,
-                run_checks=first_chunk,
-                on_stage_done=stage_done,
-            )
-            first_chunk = False
-            _commit_chunk(store, evaluation_id, rows, seconds, flags, warnings)
+        if workers == 1:
+            for i, c in enumerate(todo):
+
+                def stage_done(stage: str, _n_attacked: int, _n_broken: int, n: int = len(c)) -> None:
+                    bars[stage].update(n)
+
+                result = attack_chunk(
+                    model,
+                    x[c.start : c.stop],
+                    y[c.start : c.stop],
+                    list(c),
+                    spec,
+                    run_checks=i == 0,
+                    on_stage_done=stage_done,
+                )
+                _commit_chunk(store, evaluation_id, *result)
+        else:
+            log(f"attacking {len(todo)} chunks in {workers} worker processes")
+            # Clones: a slice would pickle the whole test split's storage into every job.
+            jobs = [
+                (x[c.start : c.stop].clone(), y[c.start : c.stop].clone(), list(c), spec, i == 0)
+                for i, c in enumerate(todo)
+            ]
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(workers, initializer=_worker_init, initargs=(model,)) as pool:
+                for n, result in pool.imap_unordered(_worker_attack, jobs):
+                    _commit_chunk(store, evaluation_id, *result)
+                    for bar in bars.values():
+                        bar.update(n)
     finally:
         for bar in bars.values():
             bar.close()
     return _finalize(store, evaluation_id, spec)
 
 
-def _open_evaluation(
-    store: Store, model_id: int, spec: RunSpec, *, overwrite: bool
-) -> tuple[int | None, set[int]]:
+_WORKER_MODEL: torch.nn.Module | None = None
+
+
+def _worker_init(model: torch.nn.Module) -> None:
+    global _WORKER_MODEL
+    torch.set_num_threads(1)
+    _WORKER_MODEL = model.eval()
+
+
+def _worker_attack(job) -> tuple[int, tuple]:
+    x, y, ids, spec, run_checks = job
+    return len(ids), attack_chunk(_WORKER_MODEL, x, y, ids, spec, run_checks=run_checks)
+
+
+def _open_evaluation(store: Store, model_id: int, spec: RunSpec, *, overwrite: bool) -> tuple[int | None, set[int]]:
     """Find or create the evaluation row; returns (id or None when complete and reusable, stored sample ids)."""
     with store.session() as s:
         ev = s.scalars(

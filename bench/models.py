@@ -102,9 +102,7 @@ class Normalize(nn.Module):
         mean_t = torch.as_tensor(list(mean), dtype=torch.float32)
         std_t = torch.as_tensor(list(std), dtype=torch.float32)
         if mean_t.ndim != 1 or mean_t.shape != std_t.shape or mean_t.numel() == 0:
-            raise ValueError(
-                f"mean and std must be non-empty sequences of equal length, got {mean} and {std}"
-            )
+            raise ValueError(f"mean and std must be non-empty sequences of equal length, got {mean} and {std}")
         if (std_t <= 0).any():
             raise ValueError(f"std must be positive, got {list(std)}")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)
@@ -133,9 +131,7 @@ class NormalizedModel(nn.Module):
         return self.net(self.normalize(x))
 
 
-def create_model(
-    arch: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float]
-) -> NormalizedModel:
+def create_model(arch: str, *, num_classes: int, mean: Sequence[float], std: Sequence[float]) -> NormalizedModel:
     """Build registered architecture ``arch`` behind a fixed normalisation layer.
 
     Args:
@@ -427,9 +423,7 @@ class WideBasicBlock(nn.Module):
         self.drop_rate = drop_rate
         self.equalInOut = in_planes == out_planes
         self.convShortcut = (
-            None
-            if self.equalInOut
-            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+            None if self.equalInOut else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -449,15 +443,11 @@ class WideBasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     """One WRN stage; the ``layer`` attribute name is kept for checkpoint compatibility."""
 
-    def __init__(
-        self, nb_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float
-    ) -> None:
+    def __init__(self, nb_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float) -> None:
         super().__init__()
         self.layer = nn.Sequential(
             *[
-                WideBasicBlock(
-                    in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate
-                )
+                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
                 for i in range(nb_layers)
             ]
         )
@@ -549,9 +539,7 @@ class InvertedResidual(nn.Module):
         self.bn3 = nn.BatchNorm2d(out_planes)
         self.shortcut = nn.Sequential()
         if stride == 1 and in_planes != out_planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,14 +56,12 @@ class RunSpec:
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; use one of {', '.join(NORMS)}")
         if self.version not in AA_VERSIONS:
-            raise ValueError(
-                f"unknown AutoAttack version {self.version!r}; use one of {', '.join(AA_VERSIONS)}"
-            )
+            raise ValueError(f"unknown AutoAttack version {self.version!r}; use one of {', '.join(AA_VERSIONS)}")
         for name in ("n_samples", "fmn_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.eps_value > 0:
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
+        if not (math.isfinite(self.eps_value) and self.eps_value > 0):
+            raise ValueError(f"eps must be a finite positive number, got {self.eps!r}")
 
     @property
     def attacks(self) -> tuple[str, ...]:
@@ -86,10 +85,7 @@ class RunSpec:
 
     def chunks(self) -> list[range]:
         """Sample-id ranges attacked together and committed together."""
-        return [
-            range(s, min(s + self.batch_size, self.n_samples))
-            for s in range(0, self.n_samples, self.batch_size)
-        ]
+        return [range(s, min(s + self.batch_size, self.n_samples)) for s in range(0, self.n_samples, self.batch_size)]
 
 
 def _stable_hash(d: dict[str, Any]) -> str:

@@ -420,9 +420,7 @@ def http_root(tmp_path):
     """Serve ``tmp_path / 'served'`` on 127.0.0.1; yields (folder, base URL)."""
     served = tmp_path / "served"
     served.mkdir()
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served))
-    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(served)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -473,9 +471,7 @@ def test_download_wrong_md5_keeps_nothing(cifar100_tiny, http_root, tmp_path, mo
 def test_download_http_error_is_not_found(http_root, tmp_path, monkeypatch):
     _, base = http_root
     url = f"{base}/cifar-10-python.tar.gz"  # nothing served: 404
-    monkeypatch.setitem(
-        data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(data.CIFAR_ARCHIVES["cifar10"], url=url)
-    )
+    monkeypatch.setitem(data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(data.CIFAR_ARCHIVES["cifar10"], url=url))
     dest = tmp_path / "dest"
     with pytest.raises(data.DatasetNotFoundError) as raised:
         data.load_split("cifar10", "test", data_dir=dest)

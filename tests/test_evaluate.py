@@ -27,23 +27,32 @@ SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not i
 
 def _model_row(store, name="mlp"):
     with store.session() as s:
-        row = Model(name=name, checkpoint_sha256=name.ljust(64, "0"), arch="mlp", dataset="digits",
-                    created_at=utcnow())
+        row = Model(name=name, checkpoint_sha256=name.ljust(64, "0"), arch="mlp", dataset="digits", created_at=utcnow())
         s.add(row)
         s.flush()
         return row.id
 
 
 def _spec(**kw):
-    base = dict(dataset="digits", n_samples=30, norm="Linf", eps="0.1", eps_value=0.1, version="standard",
-                fmn_steps=30, batch_size=10, seed=0)
+    base = dict(
+        dataset="digits",
+        n_samples=30,
+        norm="Linf",
+        eps="0.1",
+        eps_value=0.1,
+        version="standard",
+        fmn_steps=30,
+        batch_size=10,
+        seed=0,
+    )
     return RunSpec(**{**base, **kw})
 
 
 def _rows(store, evaluation_id):
     with store.session() as s:
-        rows = s.scalars(select(SampleResult).where(SampleResult.evaluation_id == evaluation_id)
-                         .order_by(SampleResult.sample_id)).all()
+        rows = s.scalars(
+            select(SampleResult).where(SampleResult.evaluation_id == evaluation_id).order_by(SampleResult.sample_id)
+        ).all()
         return [{c: getattr(r, c) for c in SAMPLE_COLUMNS} for r in rows]
 
 
@@ -84,17 +93,33 @@ def test_per_sample_rows_follow_the_protocol(store, digits, digits_mlp):
     k = sum(r["aa_robust"] for r in rows)
     assert summary.intervals["autoattack"] == pytest.approx(wilson_interval(k, n))
     distances = sorted(r["fmn_distance"] for r in rows if r["clean_correct"] and r["fmn_success"])
-    assert summary.fmn_median_distance == pytest.approx(float(torch.tensor(distances).median())
-                                                       if len(distances) % 2 else
-                                                       (distances[len(distances) // 2 - 1]
-                                                        + distances[len(distances) // 2]) / 2)
+    assert summary.fmn_median_distance == pytest.approx(
+        float(torch.tensor(distances).median())
+        if len(distances) % 2
+        else (distances[len(distances) // 2 - 1] + distances[len(distances) // 2]) / 2
+    )
     with store.session() as s:
         ev = s.get(Evaluation, summary.evaluation_id)
         assert ev.status == "complete"
         prov = ev.provenance
-        for key in ("protocol", "protocol_hash", "n_samples", "seed", "threat_model", "autoattack_version",
-                    "torch", "pyautoattack", "apbench", "device", "dtype", "git_commit", "started_at",
-                    "finished_at", "attack_seconds", "checkpoint_sha256"):
+        for key in (
+            "protocol",
+            "protocol_hash",
+            "n_samples",
+            "seed",
+            "threat_model",
+            "autoattack_version",
+            "torch",
+            "pyautoattack",
+            "apbench",
+            "device",
+            "dtype",
+            "git_commit",
+            "started_at",
+            "finished_at",
+            "attack_seconds",
+            "checkpoint_sha256",
+        ):
             assert key in prov, key
         assert set(ev.attack_seconds) == {"clean", "fmn", *spec.attacks}
 
@@ -104,7 +129,8 @@ def test_aa_flags_match_bare_run_through_the_store(store, digits, digits_mlp):
     spec = _spec(n_samples=20, batch_size=20, version="standard")
     summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
     _, y_adv = AutoAttack(digits_mlp, norm="Linf", eps=0.1, version="standard", seed=0).run_standard_evaluation(
-        xte[:20], yte[:20], batch_size=20)
+        xte[:20], yte[:20], batch_size=20
+    )
     assert [r["aa_robust"] for r in _rows(store, summary.evaluation_id)] == (y_adv == yte[:20]).tolist()
 
 
@@ -129,8 +155,7 @@ def test_a_different_spec_is_a_different_evaluation(store, digits, digits_mlp):
     _, _, xte, yte = digits
     model_id = _model_row(store)
     a = evaluate(store, model_id, digits_mlp, xte, yte, _spec(n_samples=10), progress=False)
-    b = evaluate(store, model_id, digits_mlp, xte, yte, _spec(n_samples=10, eps="0.05", eps_value=0.05),
-                 progress=False)
+    b = evaluate(store, model_id, digits_mlp, xte, yte, _spec(n_samples=10, eps="0.05", eps_value=0.05), progress=False)
     assert a.evaluation_id != b.evaluation_id
     assert b.aa_robust_accuracy >= a.aa_robust_accuracy
 
@@ -183,17 +208,40 @@ def _count_rows(db_path):
 
 
 def _cli(checkpoint, db_path):
-    return [sys.executable, "-m", "bench.cli", "evaluate", "--checkpoint", str(checkpoint), "--arch", "small_cnn",
-            "--dataset", "digits", "--n-samples", "120", "--batch-size", "4", "--version", "standard",
-            "--fmn-steps", "20", "--eps", "0.3", "--db", f"sqlite:///{db_path}", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        "evaluate",
+        "--checkpoint",
+        str(checkpoint),
+        "--arch",
+        "small_cnn",
+        "--dataset",
+        "digits",
+        "--n-samples",
+        "120",
+        "--batch-size",
+        "4",
+        "--version",
+        "standard",
+        "--fmn-steps",
+        "20",
+        "--eps",
+        "0.3",
+        "--db",
+        f"sqlite:///{db_path}",
+        "--no-progress",
+    ]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_restart_equals_uninterrupted(tmp_path, digits_cnn_checkpoint):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     killed_db = tmp_path / "killed.db"
-    proc = subprocess.Popen(_cli(digits_cnn_checkpoint, killed_db), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        _cli(digits_cnn_checkpoint, killed_db), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     deadline = time.monotonic() + 300
     while _count_rows(killed_db) < 12 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -203,20 +251,24 @@ def test_sigkill_mid_run_then_restart_equals_uninterrupted(tmp_path, digits_cnn_
     partial = _count_rows(killed_db)
     assert 12 <= partial < 120 and partial % 4 == 0  # whole chunks only
 
-    restarted = subprocess.run(_cli(digits_cnn_checkpoint, killed_db), env=env, capture_output=True, text=True,
-                               timeout=600)
+    restarted = subprocess.run(
+        _cli(digits_cnn_checkpoint, killed_db), env=env, capture_output=True, text=True, timeout=600
+    )
     assert restarted.returncode == 0, restarted.stderr
     assert f"resuming evaluation #1: {partial}/120 samples already stored" in restarted.stdout
     clean_db = tmp_path / "clean.db"
-    uninterrupted = subprocess.run(_cli(digits_cnn_checkpoint, clean_db), env=env, capture_output=True, text=True,
-                                   timeout=600)
+    uninterrupted = subprocess.run(
+        _cli(digits_cnn_checkpoint, clean_db), env=env, capture_output=True, text=True, timeout=600
+    )
     assert uninterrupted.returncode == 0, uninterrupted.stderr
 
     def dump(db):
         con = sqlite3.connect(db)
         rows = con.execute(f"SELECT {', '.join(SAMPLE_COLUMNS)} FROM sample_results ORDER BY sample_id").fetchall()
-        agg = con.execute("SELECT status, clean_accuracy, aa_robust_accuracy, fmn_robust_accuracy, "
-                          "best_robust_accuracy, n_fmn_beat_aa FROM evaluations").fetchall()
+        agg = con.execute(
+            "SELECT status, clean_accuracy, aa_robust_accuracy, fmn_robust_accuracy, "
+            "best_robust_accuracy, n_fmn_beat_aa FROM evaluations"
+        ).fetchall()
         con.close()
         return rows, agg
 
@@ -227,3 +279,18 @@ def test_sigkill_mid_run_then_restart_equals_uninterrupted(tmp_path, digits_cnn_
     assert rows_killed == rows_clean
     assert agg_killed == agg_clean and agg_killed[0][0] == "complete"
     assert not math.isnan(agg_killed[0][2])
+
+
+def test_worker_processes_give_the_same_rows(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    spec = _spec(n_samples=20)
+    one = evaluate(store, _model_row(store, "one"), digits_mlp, xte, yte, spec, progress=False, workers=1)
+    two = evaluate(store, _model_row(store, "two"), digits_mlp, xte, yte, spec, progress=False, workers=2)
+    assert _rows(store, one.evaluation_id) == _rows(store, two.evaluation_id)
+    assert two.aa_robust_accuracy == one.aa_robust_accuracy
+
+
+def test_workers_are_refused_on_a_gpu_spec(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    with pytest.raises(ValueError, match="--workers > 1 is for CPU"):
+        evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(device="cuda"), progress=False, workers=2)

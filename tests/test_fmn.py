@@ -124,9 +124,7 @@ def test_linf_matches_foolbox():
         y = model(x).argmax(1)
 
     ours = minimum_norm(model, x, y, norm=math.inf, steps=100)
-    _, adv, fb_success = fb.attacks.LInfFMNAttack(steps=100)(
-        fb.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None
-    )
+    _, adv, fb_success = fb.attacks.LInfFMNAttack(steps=100)(fb.PyTorchModel(model, bounds=(0, 1)), x, y, epsilons=None)
     fb_distance = (adv - x).flatten(1).abs().amax(dim=1)
 
     both = ours.success & fb_success

@@ -30,8 +30,9 @@ def resolve_db_url(db: str | None = None) -> str:
     if "://" not in url:
         url = f"sqlite:///{url}"
     try:
-        make_url(url)
-    except ArgumentError as err:
+        # get_dialect() also rejects unknown database kinds (NoSuchModuleError is an ArgumentError).
+        make_url(url).get_dialect()
+    except (ArgumentError, ValueError) as err:
         raise ValueError(
             f"invalid database URL {url!r}: {err}; use a SQLAlchemy URL such as sqlite:///results.db "
             "or postgresql://user@host/db (option --db or $BENCH_DB)"

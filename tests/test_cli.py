@@ -1,0 +1,290 @@
+"""The ``bench`` command line through click's CliRunner: listings, refusals with a fix, a small evaluation, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sqlite3
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cli import main
+from bench.data import DATASETS
+from bench.models import ARCHS
+
+# The columns `bench results` documents (one row per evaluation; accuracies as fractions in csv/json).
+RESULT_COLUMNS = [
+    "evaluation",
+    "model",
+    "method",
+    "arch",
+    "dataset",
+    "sparsity",
+    "norm",
+    "eps",
+    "version",
+    "n",
+    "status",
+    "clean",
+    "autoattack",
+    "fmn",
+    "best_known",
+    "fmn_median",
+    "flags",
+]
+FRACTION_COLUMNS = ["sparsity", "clean", "autoattack", "fmn", "best_known"]
+EVAL_ARGS = [
+    "--arch",
+    "small_cnn",
+    "--dataset",
+    "digits",
+    "--n-samples",
+    "12",
+    "--batch-size",
+    "6",
+    "--version",
+    "standard",
+    "--fmn-steps",
+    "10",
+    "--eps",
+    "0.3",
+    "--no-progress",
+]
+PERCENT_WITH_INTERVAL = r"\d{1,3}\.\d\d%\s+\[\d{1,3}\.\d\d%, \d{1,3}\.\d\d%\]"
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _evaluate(tmp_path, checkpoint, *options: str):
+    """``bench evaluate`` on ``checkpoint`` with a throw-away store (never ./results.db)."""
+    return _invoke("evaluate", "--checkpoint", str(checkpoint), *options, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+
+
+def _listed_names(output: str) -> list[str]:
+    return [line.split()[0] for line in output.splitlines() if line.strip()]
+
+
+def test_models_lists_every_registered_architecture():
+    result = _invoke("models")
+    assert result.exit_code == 0, result.output
+    names = _listed_names(result.output)
+    assert names == sorted(name for name, _ in ARCHS.items())
+    assert {"small_cnn", "resnet18", "resnet34", "resnet56", "vgg16_bn", "wrn28_4", "wrn34_10"} <= set(names)
+    for name, info in ARCHS.items():
+        line = next(line for line in result.output.splitlines() if line.split()[0] == name)
+        assert info.description in line
+
+
+def test_models_filters_with_a_wildcard():
+    result = _invoke("models", "resnet*")
+    assert result.exit_code == 0, result.output
+    names = _listed_names(result.output)
+    assert names and all(n.startswith("resnet") for n in names)
+    assert set(names) == {n for n, _ in ARCHS.items() if n.startswith("resnet")}
+    assert "small_cnn" not in result.output
+
+
+def test_datasets_lists_the_registered_datasets():
+    result = _invoke("datasets")
+    assert result.exit_code == 0, result.output
+    names = _listed_names(result.output)
+    assert {"digits", "cifar10", "cifar100"} <= set(names)
+    assert set(names) == {n for n, _ in DATASETS.items()}
+    digits_line = next(line for line in result.output.splitlines() if line.startswith("digits"))
+    assert "eps 0.2" in digits_line
+    assert "8/255" in next(line for line in result.output.splitlines() if line.startswith("cifar10 "))
+
+
+@pytest.mark.parametrize(
+    ("option", "wrong", "right", "hint"),
+    [("--arch", "resnt18", "resnet18", "bench models"), ("--dataset", "digts", "digits", "bench datasets")],
+)
+def test_a_misspelt_name_fails_with_a_suggestion(tmp_path, digits_cnn_checkpoint, option, wrong, right, hint):
+    names = {"--arch": "resnet18", "--dataset": "digits"}
+    names[option] = wrong
+    result = _evaluate(tmp_path, digits_cnn_checkpoint, "--arch", names["--arch"], "--dataset", names["--dataset"])
+    assert result.exit_code != 0
+    assert f"did you mean '{right}'" in result.output
+    assert f"({hint})" in result.output
+    assert "Traceback" not in result.output
+
+
+class _WritesMarker:
+    """Unpickling it would create a file: proof that a checkpoint's code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("layout", ["nested", "bare"])
+def test_a_checkpoint_with_pickled_code_is_refused_unexecuted(tmp_path, layout):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pt"
+    payload = _WritesMarker(str(marker))
+    obj = {"state_dict": {"w": torch.zeros(3)}, "extra": payload} if layout == "nested" else payload
+    torch.save(obj, path)
+    result = _evaluate(tmp_path, path, "--arch", "small_cnn", "--dataset", "digits")
+    assert result.exit_code != 0
+    assert "weights-only" in result.output
+    assert "state_dict()" in result.output  # the fix: re-save just the weights
+    assert not marker.exists()
+    # The trick is real: a full unpickle does run the payload.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_checkpoint_with_a_renamed_key_names_the_missing_and_unexpected_keys(tmp_path, digits_cnn_checkpoint):
+    sd = torch.load(digits_cnn_checkpoint, weights_only=True)
+    key = next(k for k in sd if k.endswith("weight"))
+    sd[key + "_renamed"] = sd.pop(key)
+    path = tmp_path / "renamed.pt"
+    torch.save(sd, path)
+    result = _evaluate(tmp_path, path, "--arch", "small_cnn", "--dataset", "digits")
+    assert result.exit_code != 0
+    assert "missing" in result.output and "unexpected" in result.output
+    assert key in result.output
+    assert key + "_renamed" in result.output
+    assert "bench models" in result.output
+
+
+def test_checkpoint_without_arch_fails_clearly(tmp_path, digits_cnn_checkpoint):
+    result = _evaluate(tmp_path, digits_cnn_checkpoint, "--dataset", "digits")
+    assert result.exit_code != 0
+    assert "--checkpoint needs --arch and --dataset" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_missing_checkpoint_file_fails_clearly(tmp_path):
+    result = _evaluate(tmp_path, tmp_path / "nope.pt", "--arch", "small_cnn", "--dataset", "digits")
+    assert result.exit_code != 0
+    assert "checkpoint not found" in result.output
+
+
+def test_results_on_an_empty_store_says_so(tmp_path):
+    result = _invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert result.exit_code == 0, result.output
+    assert "no evaluations stored yet" in result.output
+    csv_out = _invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--format", "csv")
+    assert csv_out.exit_code == 0
+    assert list(csv.reader(io.StringIO(csv_out.output))) == [RESULT_COLUMNS]
+
+
+@pytest.fixture(scope="module")
+def evaluated(digits_cnn_checkpoint, tmp_path_factory):
+    """One small evaluation through the CLI, then the same command again; returns (db url, both results)."""
+    db = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'results.db'}"
+    args = ["evaluate", "--checkpoint", str(digits_cnn_checkpoint), *EVAL_ARGS, "--db", db]
+    first = CliRunner().invoke(main, args)
+    second = CliRunner().invoke(main, args)
+    return db, first, second
+
+
+def test_a_small_evaluation_prints_the_summary(evaluated):
+    _, first, _ = evaluated
+    assert first.exit_code == 0, first.output
+    out = first.output
+    assert "reusing" not in out
+    assert "N=12" in out and "AutoAttack-standard" in out and "eps=0.3" in out
+    for label in ("clean accuracy", "AutoAttack robust", "FMN robust at eps", "best-known robust"):
+        assert re.search(rf"{label}\s+{PERCENT_WITH_INTERVAL}", out), (label, out)
+    assert "on 12 samples" in out
+
+
+def test_the_summary_matches_the_stored_rows(evaluated):
+    db, first, _ = evaluated
+    path = db.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        n, clean = conn.execute("SELECT COUNT(*), SUM(clean_correct) FROM sample_results").fetchone()
+        ids = [r[0] for r in conn.execute("SELECT sample_id FROM sample_results ORDER BY sample_id")]
+    assert n == 12 and ids == list(range(12))
+    shown = re.search(r"clean accuracy\s+(\d+\.\d\d)%", first.output).group(1)
+    assert float(shown) == pytest.approx(100 * clean / 12, abs=0.006)
+
+
+def test_running_it_again_reuses_the_stored_evaluation(evaluated):
+    db, first, second = evaluated
+    assert second.exit_code == 0, second.output
+    assert "reusing" in second.output
+    assert "stored run reused" in second.output
+    summary = [line for line in first.output.splitlines() if "%" in line]
+    assert summary == [line for line in second.output.splitlines() if "%" in line]
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM sample_results").fetchone()[0] == 12
+
+
+def _model_name(db: str) -> str:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        return conn.execute("SELECT name FROM models").fetchone()[0]
+
+
+def test_results_table_shows_the_model(evaluated):
+    db, _, _ = evaluated
+    result = _invoke("results", "--db", db)
+    assert result.exit_code == 0, result.output
+    assert _model_name(db) in result.output
+    assert "small_cnn" in result.output and "complete" in result.output
+
+
+def test_results_csv_has_one_row_with_the_documented_columns(evaluated):
+    db, _, _ = evaluated
+    result = _invoke("results", "--db", db, "--format", "csv")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.output)))
+    assert len(rows) == 1
+    assert list(rows[0]) == RESULT_COLUMNS
+    row = rows[0]
+    assert row["model"] == _model_name(db)
+    described = {k: row[k] for k in ("arch", "dataset", "norm", "eps", "version", "n")}
+    assert described == {
+        "arch": "small_cnn",
+        "dataset": "digits",
+        "norm": "Linf",
+        "eps": "0.3",
+        "version": "standard",
+        "n": "12",
+    }
+    assert row["status"] == "complete"
+    df = pd.read_csv(io.StringIO(result.output))
+    assert df.shape == (1, len(RESULT_COLUMNS))
+    for col in FRACTION_COLUMNS:
+        assert 0.0 <= df.loc[0, col] <= 1.0
+
+
+def test_results_json_holds_fractions(evaluated):
+    db, _, _ = evaluated
+    result = _invoke("results", "--db", db, "--format", "json")
+    assert result.exit_code == 0, result.output
+    records = json.loads(result.output)
+    assert len(records) == 1
+    record = records[0]
+    assert set(record) == set(RESULT_COLUMNS)
+    assert record["n"] == 12 and record["model"] == _model_name(db)
+    for col in FRACTION_COLUMNS:
+        assert isinstance(record[col], float) and 0.0 <= record[col] <= 1.0, (col, record[col])
+    assert record["best_known"] <= record["autoattack"] <= record["clean"]
+    assert record["best_known"] <= record["fmn"] <= record["clean"]
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        clean, best = conn.execute("SELECT AVG(clean_correct), AVG(best_robust) FROM sample_results").fetchone()
+    assert record["clean"] == pytest.approx(clean)
+    assert record["best_known"] == pytest.approx(best)
+
+
+def test_bench_db_env_var_is_used_when_no_db_option(evaluated, monkeypatch, tmp_path):
+    db, _, _ = evaluated
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_DB", db)
+    result = _invoke("results", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)) == 1
+    assert not (tmp_path / "results.db").exists()

@@ -1,0 +1,155 @@
+"""The run spec: a stable hash over every field, a protocol hash without device and batch, chunks, validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.spec import AA_ATTACKS, PROTOCOL_NAME, RunSpec
+
+BASE = dict(
+    dataset="digits",
+    n_samples=360,
+    norm="Linf",
+    eps="0.2",
+    eps_value=0.2,
+    version="plus",
+    fmn_steps=100,
+    batch_size=60,
+    seed=0,
+    device="cpu",
+)
+
+# One valid change per field.
+CHANGES = {
+    "dataset": "cifar10",
+    "n_samples": 359,
+    "norm": "L2",
+    "eps": "1/5",
+    "eps_value": 0.2000001,
+    "version": "standard",
+    "fmn_steps": 99,
+    "batch_size": 59,
+    "seed": 1,
+    "device": "cuda:0",
+    "protocol": "apbench-2",
+}
+NOT_IN_PROTOCOL_HASH = {"device", "batch_size"}
+
+
+def _spec(**kw) -> RunSpec:
+    return RunSpec(**{**BASE, **kw})
+
+
+def test_every_field_has_a_change_under_test():
+    assert set(CHANGES) == {f.name for f in dataclasses.fields(RunSpec)}
+
+
+def test_hash_is_stable_for_equal_specs():
+    a, b = _spec(), _spec()
+    assert a == b and a is not b
+    assert a.hash == b.hash
+    assert a.protocol_hash == b.protocol_hash
+    assert len(a.hash) == 64 and int(a.hash, 16) >= 0
+
+
+def test_hash_is_the_sha256_of_the_canonical_json():
+    spec = _spec()
+    fields = {**BASE, "protocol": PROTOCOL_NAME}
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    assert spec.hash == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_hash_is_stable_across_processes():
+    code = (
+        "import json, sys\n"
+        "from bench.spec import RunSpec\n"
+        "s = RunSpec(**json.loads(sys.argv[1]))\n"
+        "print(s.hash, s.protocol_hash)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(BASE)], capture_output=True, text=True, check=True, env=env
+    )
+    spec = _spec()
+    assert out.stdout.split() == [spec.hash, spec.protocol_hash]
+
+
+@pytest.mark.parametrize("field", sorted(CHANGES))
+def test_any_single_field_changes_the_hash(field):
+    base, changed = _spec(), _spec(**{field: CHANGES[field]})
+    assert changed.hash != base.hash
+    if field in NOT_IN_PROTOCOL_HASH:
+        assert changed.protocol_hash == base.protocol_hash
+    else:
+        assert changed.protocol_hash != base.protocol_hash
+
+
+def test_field_order_does_not_matter():
+    reordered = RunSpec(**dict(reversed(list(BASE.items()))))
+    assert reordered.hash == _spec().hash
+
+
+def test_attacks_follow_the_version():
+    assert _spec(version="plus").attacks == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+    assert _spec(version="standard").attacks == ("apgd-ce", "apgd-t", "fab-t", "square")
+    assert set(AA_ATTACKS) == {"plus", "standard"}
+
+
+def test_spec_is_frozen():
+    spec = _spec()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("n", "batch"),
+    [(25, 10), (20, 10), (7, 250), (1, 1), (360, 60), (361, 60), (10, 3)],
+)
+def test_chunks_cover_every_sample_once_in_order(n, batch):
+    chunks = _spec(n_samples=n, batch_size=batch).chunks()
+    ids = [i for chunk in chunks for i in chunk]
+    assert ids == list(range(n))
+    assert len(chunks) == math.ceil(n / batch)
+    assert all(len(c) == batch for c in chunks[:-1])
+    assert len(chunks[-1]) == (n % batch or batch)
+    assert all(c.step == 1 for c in chunks)
+
+
+def test_chunks_of_25_by_10():
+    assert _spec(n_samples=25, batch_size=10).chunks() == [range(0, 10), range(10, 20), range(20, 25)]
+
+
+@pytest.mark.parametrize(
+    ("kw", "pattern"),
+    [
+        ({"norm": "linf"}, r"unknown norm 'linf'; use one of Linf, L2"),
+        ({"norm": "L1"}, r"unknown norm 'L1'; use one of Linf, L2"),
+        ({"version": "rand"}, r"unknown AutoAttack version 'rand'; use one of plus, standard"),
+        ({"n_samples": 0}, r"n-samples must be at least 1, got 0"),
+        ({"n_samples": -5}, r"n-samples must be at least 1, got -5"),
+        ({"fmn_steps": 0}, r"fmn-steps must be at least 1, got 0"),
+        ({"batch_size": 0}, r"batch-size must be at least 1, got 0"),
+        ({"eps": "0", "eps_value": 0.0}, r"eps must be a finite positive number, got '0'"),
+        ({"eps": "-0.1", "eps_value": -0.1}, r"eps must be a finite positive number, got '-0.1'"),
+        ({"eps": "nan", "eps_value": math.nan}, r"eps must be a finite positive number"),
+        # parse_eps refuses inf; a spec built directly must too.
+        ({"eps": "inf", "eps_value": math.inf}, r"eps must be a finite positive number"),
+    ],
+)
+def test_invalid_specs_are_refused_with_the_fix(kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        _spec(**kw)
+
+
+def test_to_dict_round_trips():
+    spec = _spec(version="standard", seed=7)
+    assert RunSpec(**spec.to_dict()) == spec
+    assert RunSpec(**json.loads(json.dumps(spec.to_dict()))).hash == spec.hash

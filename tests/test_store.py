@@ -1,0 +1,257 @@
+"""The results store: migrations to head, SQLite pragmas, constraints, transactions and URL resolution."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from click.testing import CliRunner
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+
+import bench.store.db as db_module
+from bench.cli import main
+from bench.provenance import utcnow
+from bench.store import DEFAULT_DB_URL, Evaluation, Model, SampleResult, Store, resolve_db_url
+from bench.store.db import alembic_config
+
+TABLES = {"models", "evaluations", "sample_results", "alembic_version"}
+
+
+def _head(url: str) -> str:
+    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+
+def _current(store: Store) -> str | None:
+    with store.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def _raw_tables(path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _sample(evaluation_id: int, sample_id: int) -> SampleResult:
+    return SampleResult(
+        evaluation_id=evaluation_id,
+        sample_id=sample_id,
+        label=3,
+        clean_pred=3,
+        clean_correct=True,
+        logit_margin=1.5,
+        aa_robust=True,
+        aa_broken_by=None,
+        adv_pred=3,
+        fmn_label=3,
+        fmn_success=True,
+        fmn_distance=0.25,
+        signed_eps=0.25,
+        fmn_adv_pred=5,
+        best_robust=True,
+    )
+
+
+def _evaluation(store: Store, n_samples: int = 3) -> int:
+    """A model and one evaluation with ``n_samples`` per-sample rows; returns the evaluation id."""
+    with store.session() as s:
+        model = Model(name="m", checkpoint_sha256="a" * 64, arch="small_cnn", dataset="digits", created_at=utcnow())
+        s.add(model)
+        s.flush()
+        ev = Evaluation(
+            model_id=model.id,
+            spec_hash="b" * 64,
+            protocol_hash="c" * 64,
+            spec={"eps": "0.2"},
+            n_samples=n_samples,
+            started_at=utcnow(),
+        )
+        s.add(ev)
+        s.flush()
+        s.add_all(_sample(ev.id, i) for i in range(n_samples))
+        return ev.id
+
+
+def test_fresh_store_is_at_alembic_head(tmp_path):
+    path = tmp_path / "fresh.db"
+    store = Store(f"sqlite:///{path}")
+    try:
+        head = _head(store.url)
+        assert head is not None
+        assert _current(store) == head
+    finally:
+        store.dispose()
+    assert TABLES <= _raw_tables(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(head,)]
+
+
+def test_reopening_a_store_is_a_no_op(tmp_path, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'again.db'}"
+    first = Store(url)
+    evaluation_id = _evaluation(first)
+    first.dispose()
+
+    def no_migration(*args, **kwargs):
+        raise AssertionError("a store already at head must not run migrations again")
+
+    monkeypatch.setattr(db_module.command, "upgrade", no_migration)
+    second = Store(url)
+    try:
+        assert _current(second) == _head(url)
+        with second.session() as s:
+            assert s.scalar(select(func.count()).select_from(SampleResult)) == 3
+            assert s.get(Evaluation, evaluation_id) is not None
+    finally:
+        second.dispose()
+
+
+def test_migrate_false_leaves_an_empty_file_unmigrated(tmp_path):
+    path = tmp_path / "bare.db"
+    store = Store(f"sqlite:///{path}", migrate=False)
+    try:
+        assert _current(store) is None
+        store.upgrade()
+        assert _current(store) == _head(store.url)
+    finally:
+        store.dispose()
+
+
+def test_sqlite_journal_mode_is_wal_and_busy_timeout_is_set(store, tmp_path):
+    # journal_mode=WAL is persistent: a plain sqlite3 connection sees it in the file itself.
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    # busy_timeout and foreign_keys are per connection: every connection of the store's engine has them.
+    for _ in range(2):
+        with store.engine.connect() as conn:
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar() == db_module.SQLITE_BUSY_TIMEOUT_MS
+            assert conn.execute(text("PRAGMA busy_timeout")).scalar() >= 5_000
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+            assert conn.execute(text("PRAGMA journal_mode")).scalar().lower() == "wal"
+
+
+def test_deleting_an_evaluation_cascades_to_its_samples(store, tmp_path):
+    evaluation_id = _evaluation(store, n_samples=4)
+    # A plain SQL delete: the cascade must come from the database's foreign key, not from the ORM.
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM evaluations WHERE id = :id"), {"id": evaluation_id})
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM sample_results").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 1
+
+
+def test_a_sample_row_needs_an_existing_evaluation(store):
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        with store.session() as s:
+            s.add(_sample(evaluation_id=12345, sample_id=0))
+
+
+def test_duplicate_sample_is_rejected_and_the_transaction_rolled_back(store, tmp_path):
+    evaluation_id = _evaluation(store, n_samples=2)
+    with pytest.raises(IntegrityError, match="UNIQUE"):
+        with store.session() as s:
+            # Valid work in the same transaction, then a sample_id that is already stored.
+            s.add(
+                Model(name="other", checkpoint_sha256="d" * 64, arch="small_cnn", dataset="digits", created_at=utcnow())
+            )
+            s.add(_sample(evaluation_id, 5))
+            s.flush()
+            s.add(_sample(evaluation_id, 1))
+            s.flush()
+    with sqlite3.connect(tmp_path / "results.db") as conn:
+        assert conn.execute("SELECT name FROM models").fetchall() == [("m",)]
+        rows = conn.execute("SELECT sample_id FROM sample_results ORDER BY sample_id").fetchall()
+        assert rows == [(0,), (1,)]
+    # The store is still usable after the failed transaction.
+    with store.session() as s:
+        s.add(_sample(evaluation_id, 2))
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(SampleResult)) == 3
+
+
+def test_the_same_sample_id_may_appear_in_two_evaluations(store):
+    evaluation_id = _evaluation(store, n_samples=1)
+    with store.session() as s:
+        ev = s.get(Evaluation, evaluation_id)
+        other = Evaluation(
+            model_id=ev.model_id,
+            spec_hash="e" * 64,
+            protocol_hash="c" * 64,
+            spec={},
+            n_samples=1,
+            started_at=utcnow(),
+        )
+        s.add(other)
+        s.flush()
+        s.add(_sample(other.id, 0))
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(SampleResult).where(SampleResult.sample_id == 0)) == 2
+
+
+def test_resolve_db_url_precedence(monkeypatch):
+    monkeypatch.delenv("BENCH_DB", raising=False)
+    assert DEFAULT_DB_URL == "sqlite:///results.db"
+    assert resolve_db_url() == "sqlite:///results.db"
+    assert resolve_db_url(None) == "sqlite:///results.db"
+    monkeypatch.setenv("BENCH_DB", "sqlite:///from_env.db")
+    assert resolve_db_url() == "sqlite:///from_env.db"
+    assert resolve_db_url("sqlite:///from_option.db") == "sqlite:///from_option.db"
+    assert resolve_db_url("postgresql://user@host/db") == "postgresql://user@host/db"
+
+
+def test_resolve_db_url_turns_a_bare_path_into_sqlite(tmp_path, monkeypatch):
+    assert resolve_db_url("runs.db") == "sqlite:///runs.db"
+    absolute = tmp_path / "sub" / "runs.db"
+    url = resolve_db_url(str(absolute))
+    assert url == f"sqlite:///{absolute}"
+    monkeypatch.setenv("BENCH_DB", str(absolute))
+    assert resolve_db_url() == url
+    # The URL really points at that file.
+    absolute.parent.mkdir()
+    store = Store(str(absolute))
+    store.dispose()
+    assert TABLES <= _raw_tables(absolute)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "://nowhere",
+        "not a url://x",
+        # Bugs: a bad port raises a bare "invalid literal for int()", an unknown dialect passes here and
+        # fails later in create_engine with a traceback (NoSuchModuleError).
+        "postgresql://user@host:notaport/db",
+        "nosuchdialect://host/db",
+    ],
+)
+def test_invalid_db_url_names_the_fix(bad, monkeypatch):
+    with pytest.raises(ValueError, match="invalid database URL") as err:
+        resolve_db_url(bad)
+    message = str(err.value)
+    assert "sqlite:///" in message and "--db" in message
+    monkeypatch.setenv("BENCH_DB", bad)
+    with pytest.raises(ValueError, match="invalid database URL"):
+        resolve_db_url()
+
+
+def test_cli_db_upgrade_creates_the_tables(tmp_path):
+    path = tmp_path / "cli.db"
+    url = f"sqlite:///{path}"
+    result = CliRunner().invoke(main, ["db", "upgrade", "--db", url])
+    assert result.exit_code == 0, result.output
+    assert url in result.output
+    assert TABLES <= _raw_tables(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchall() == [(_head(url),)]
+    again = CliRunner().invoke(main, ["db", "upgrade", "--db", url])
+    assert again.exit_code == 0, again.output
+
+
+def test_cli_db_upgrade_with_an_invalid_url_fails_cleanly():
+    result = CliRunner().invoke(main, ["db", "upgrade", "--db", "://nowhere"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "Error: invalid database URL" in result.output
