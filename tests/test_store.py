@@ -221,8 +221,8 @@ def test_resolve_db_url_turns_a_bare_path_into_sqlite(tmp_path, monkeypatch):
     [
         "://nowhere",
         "not a url://x",
-        # Bugs: a bad port raises a bare "invalid literal for int()", an unknown dialect passes here and
-        # fails later in create_engine with a traceback (NoSuchModuleError).
+        # A bad port (make_url raises a bare ValueError) and an unknown dialect (create_engine would raise
+        # NoSuchModuleError later) must get the same clear message.
         "postgresql://user@host:notaport/db",
         "nosuchdialect://host/db",
     ],
