@@ -180,16 +180,24 @@ def main() -> None:
     ours_robust = bare_robust = None
     ours_stages: dict[str, float] = {}
     bare_warnings: list[str] = []
+    # Count the model's forward calls: equal counts mean equal work, whatever the timing noise.
+    forwards = {"n": 0}
+    model.register_forward_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    counts: dict[str, int] = {}
     for r in range(args.repeats):
         order = ("ours", "bare") if r % 2 == 0 else ("bare", "ours")
         for which in order:
+            forwards["n"] = 0
             if which == "ours":
                 t, ours_robust, ours_stages = run_ours(model, x, y, spec)
                 ours_t.append(t)
             else:
                 t, bare_robust, bare_warnings = run_bare(model, x, y, spec)
                 bare_t.append(t)
+            counts[which] = forwards["n"]
+        forwards["n"] = 0
         eval_runs.append(run_evaluator(model, path, arch, x, y, spec))
+        counts["evaluator"] = forwards["n"]
 
     med = statistics.median
     t_ours, t_bare = med(ours_t), med(bare_t)
@@ -220,6 +228,10 @@ def main() -> None:
     print(f"robust flag mismatches      {mismatch_ours:8d}  (ours vs bare; evaluator rows vs bare: {mismatch_eval})")
     print(f"time ours AA stage          {t_ours:8.2f} s  (stages {sum(ours_stages.values()):.2f} s)")
     print(f"time bare pyautoattack      {t_bare:8.2f} s")
+    print(
+        f"model forward calls         ours {counts['ours']}, bare {counts['bare']}, "
+        f"evaluator {counts['evaluator']} (with clean pass and FMN)"
+    )
     print(f"overhead ratio              {t_ours / t_bare:8.3f}  (ours / bare)")
     if args.repeats > 1:
         print(f"  all ours                 {', '.join(f'{t:.2f}' for t in ours_t)} s")

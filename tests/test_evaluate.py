@@ -18,9 +18,9 @@ from sqlalchemy import func, select
 import bench.evaluate as evaluate_module
 from bench.analysis.stats import wilson_interval
 from bench.evaluate import evaluate, logit_margin
+from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult
-from bench.provenance import utcnow
 
 SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not in ("id", "evaluation_id")]
 
