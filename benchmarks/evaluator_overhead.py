@@ -17,8 +17,10 @@ medians are reported. The default model is the digits track's dense PGD-trained 
 (trained once, about 1-2 minutes, then cached under ``$BENCH_CACHE_DIR`` or ``~/.cache/apbench``).
 
 The default N is 40, lowered from 120: each of the three AutoAttack-plus runs costs about 1.6 s per robust
-sample on the digits model with one thread (FAB and Square dominate), so N = 120 (83 robust) took 10 minutes
-in all on a shared 2-core CPU and N = 40 (33 robust) about 3 minutes.
+sample on the digits model with one thread (FAB and Square dominate), so N = 120 (83 robust) took 6 CPU
+minutes (10 wall-clock minutes on a busy shared 2-core machine) and N = 40 (33 robust) about 3 minutes.
+Timings vary by about ±10 % from run to run on such a machine: use ``--repeats 3`` for an overhead figure;
+the equal forward-call counts printed are the noise-free evidence that both sides do the same work.
 
 Usage::
 
