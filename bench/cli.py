@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 import torch
@@ -85,6 +86,11 @@ def _resolve_device(device: str) -> str:
 @click.option("--track", default="digits", show_default=True, help="Built-in track used when no --checkpoint is given.")
 @click.option("--name", default=None, help="Name to store the model under [default: file stem + hash].")
 @click.option(
+    "--method", default=None, help="Pruning method (bench methods): prune the track's dense model and evaluate both."
+)
+@click.option("--sparsity", type=float, default=None, help="Target sparsity for --method (fraction of zero weights).")
+@click.option("--prune-seed", type=int, default=0, show_default=True, help="Seed of the pruning run (--method).")
+@click.option(
     "--n-samples",
     type=int,
     default=None,
@@ -139,6 +145,9 @@ def evaluate(
     dataset,
     track,
     name,
+    method,
+    sparsity,
+    prune_seed,
     n_samples,
     eps,
     norm,
@@ -157,7 +166,6 @@ def evaluate(
     """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it."""
     from bench.catalog import load_checkpoint_model, register_model
     from bench.data import get_dataset_info, load_split, parse_eps
-    from bench.evaluate import evaluate as run_evaluation
     from bench.models import ARCHS
     from bench.spec import RunSpec
     from bench.store import Store
@@ -197,36 +205,92 @@ def evaluate(
         seed=seed,
         device=device,
     )
+    if method is not None:
+        if checkpoint is not None:
+            raise ValueError(
+                "--method builds the pruned model on the built-in track; to prune your own dense "
+                "checkpoint use `bench prune --method M --sparsity S --dense CKPT --arch A --dataset D` "
+                "and evaluate the checkpoint it writes"
+            )
+        if sparsity is None:
+            raise ValueError(f"--method {method} needs --sparsity (e.g. --sparsity 0.9)")
+        from methods.base import get_method
+
+        get_method(method).check_sparsity(sparsity)
+    elif sparsity is not None:
+        raise ValueError("--sparsity needs --method (bench methods lists them)")
+    if workers is None:
+        workers = (os.cpu_count() or 1) if device == "cpu" else 1
+    run = functools.partial(
+        _evaluate_row, x=x, y=y, spec=spec, overwrite=overwrite, progress=not no_progress, workers=workers
+    )
     if checkpoint is None:
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     model = load_checkpoint_model(checkpoint, arch, dataset)
     store = Store(db)
     row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, **register_kw)
+    dense_summary = run(store, row, model)
+    if method is None:
+        return
+    from methods.pipeline import prune_checkpoint
+
+    click.echo("")
+    pruned = prune_checkpoint(
+        store,
+        method,
+        sparsity,
+        dense_path=Path(checkpoint),
+        dense_row=row,
+        eps=tr.training.eps,
+        seed=prune_seed,
+        track=True,
+        data_dir=data_dir,
+        log=click.echo,
+    )
+    pruned_model = load_checkpoint_model(pruned.path, arch, dataset)
+    pruned_summary = run(store, pruned.row, pruned_model)
+    click.echo("")
+    click.echo(f"{'':26}{'dense':>10}{'pruned':>10}")
+    for label, attr in [
+        ("clean accuracy", "clean_accuracy"),
+        ("AutoAttack robust", "aa_robust_accuracy"),
+        ("best-known robust", "best_robust_accuracy"),
+    ]:
+        click.echo(f"  {label:<24}{getattr(dense_summary, attr):>10.2%}{getattr(pruned_summary, attr):>10.2%}")
+    click.echo(f"  {'sparsity (measured)':<24}{row.measured_sparsity:>10.2%}{pruned.row.measured_sparsity:>10.2%}")
+
+
+def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers):
+    """Evaluate one stored model under ``spec`` and print its summary."""
+    from bench.evaluate import evaluate as run_evaluation
+
     click.echo(
-        f"model {row.name} ({arch}, {dataset}, sha256 {row.checkpoint_sha256[:12]}…, "
+        f"model {row.name} ({row.arch}, {row.dataset}, sha256 {row.checkpoint_sha256[:12]}…, "
         f"sparsity {row.measured_sparsity:.2%})"
     )
     click.echo(
         f"protocol {spec.protocol}: AutoAttack-{spec.version} {spec.norm} eps={spec.eps}, "
         f"FMN {spec.fmn_steps} steps, N={spec.n_samples}, seed {spec.seed}, {spec.device}"
     )
-    if workers is None:
-        workers = (os.cpu_count() or 1) if device == "cpu" else 1
     start = time.perf_counter()
     summary = run_evaluation(
         store,
         row.id,
-        model.to(device),
+        model.to(spec.device),
         x,
         y,
         spec,
         overwrite=overwrite,
-        progress=not no_progress,
+        progress=progress,
         workers=workers,
         log=click.echo,
     )
-    elapsed = time.perf_counter() - start
+    _print_summary(summary, spec, store, time.perf_counter() - start)
+    return summary
+
+
+def _print_summary(summary, spec, store, elapsed: float) -> None:
     click.echo("")
     click.echo(
         f"evaluation #{summary.evaluation_id} of {summary.model_name} on {summary.n} samples (Wilson 95 % intervals)"
@@ -358,6 +422,123 @@ def datasets():
             f"{name:<9} {info.num_classes:>3} classes  {'x'.join(map(str, info.input_shape)):<7} "
             f"eps {info.default_eps:<6} N={n:<6} {info.description}"
         )
+
+
+@main.command("methods")
+@click.argument("pattern", default="*")
+def methods_command(pattern):
+    """List the pruning methods with their taxonomy (Piras et al. 2024) and native sparsity."""
+    from methods.base import get_method, list_methods
+
+    for key in list_methods(pattern):
+        card = get_method(key).card
+        training = ", ".join(f"{k}: {v}" for k, v in card.training.items())
+        click.echo(f"{key:<11} {card.display_name} — {card.paper_title} ({card.venue} {card.year}) {card.paper_url}")
+        click.echo(
+            f"{'':11} pipeline {card.pipeline} ({training}); structure {card.structure}; scope {card.scope}; "
+            f"criterion {card.criterion}; losses {', '.join(card.losses)}"
+        )
+        click.echo(f"{'':11} native sparsity: {card.native_sparsity}")
+
+
+def _parse_settings(settings: tuple[str, ...]) -> dict:
+    out = {}
+    for item in settings:
+        if "=" not in item:
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r} (e.g. --set prune_epochs=2)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+@main.command()
+@click.option("--method", required=True, help="Pruning method (bench methods).")
+@click.option("--sparsity", type=float, required=True, help="Target sparsity (fraction of zero Conv2d/Linear weights).")
+@click.option("--track", default=None, help="Prune the built-in track's dense model with its CPU-sized schedule.")
+@click.option(
+    "--dense",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Dense checkpoint to prune (with --arch and --dataset), with the paper's schedule.",
+)
+@click.option("--arch", default=None, help="Architecture of --dense (bench models).")
+@click.option("--dataset", default=None, help="Dataset of --dense (bench datasets).")
+@click.option("--eps", default=None, help="Training L∞ eps [default: the track's, or the dataset's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a method option (repeatable), e.g. --set finetune_epochs=2.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder for the pruned checkpoint [default: $BENCH_CACHE_DIR/pruned].",
+)
+@click.option("--threads", type=int, default=1, show_default=True)
+@_db_option
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None)
+@friendly_errors
+def prune(method, sparsity, track, dense, arch, dataset, eps, seed, settings, out, threads, db, data_dir):
+    """Prune a dense model with a registered method, write the checkpoint and register it in the store."""
+    from bench.catalog import load_checkpoint_model, register_model
+    from bench.data import get_dataset_info, parse_eps
+    from bench.store import Store
+    from methods.base import get_method
+    from methods.pipeline import prune_checkpoint
+
+    torch.set_num_threads(threads)
+    overrides = _parse_settings(settings)
+    m = get_method(method)
+    m.check_sparsity(sparsity)
+    (m.digits_config if track else m.config)(**overrides)  # unknown options fail before any work
+    if (track is None) == (dense is None):
+        raise ValueError("give either --track digits or --dense CKPT --arch A --dataset D")
+    register_kw: dict = {}
+    if track is not None:
+        from bench.track import TRACKS, dense_checkpoint
+
+        if track not in TRACKS:
+            raise ValueError(f"unknown track {track!r}; known: {', '.join(TRACKS)}")
+        tr = TRACKS[track]
+        arch, dataset = tr.arch, tr.dataset
+        eps_value = parse_eps(eps) if eps else tr.training.eps
+        dense, record = dense_checkpoint(tr, log=click.echo)
+        register_kw = {"name": f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
+    else:
+        if arch is None or dataset is None:
+            raise ValueError("--dense needs --arch and --dataset (bench models, bench datasets)")
+        eps_value = parse_eps(eps or get_dataset_info(dataset).default_eps)
+    dense_model = load_checkpoint_model(dense, arch, dataset)
+    store = Store(db)
+    dense_row = register_model(store, dense, dense_model, arch=arch, dataset=dataset, **register_kw)
+    result = prune_checkpoint(
+        store,
+        method,
+        sparsity,
+        dense_path=Path(dense),
+        dense_row=dense_row,
+        eps=eps_value,
+        seed=seed,
+        track=track is not None,
+        overrides=overrides,
+        data_dir=data_dir,
+        out_dir=Path(out) if out else None,
+        log=click.echo,
+    )
+    row = result.row
+    click.echo(
+        f"model {row.name}: measured sparsity {row.measured_sparsity:.2%} (target {sparsity:.2%}), "
+        f"{row.nonzero_params:,} non-zero of {row.params:,} parameters, parent {dense_row.name}"
+    )
+    click.echo(f"checkpoint {result.path}")
+    click.echo(f"evaluate it: bench evaluate --checkpoint {result.path} --arch {arch} --dataset {dataset}")
 
 
 @main.group()

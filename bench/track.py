@@ -97,12 +97,12 @@ def dense_checkpoint(
     record = adversarial_training(model, x, y, track.training, log=log)
     record = {"track": track.name, "training": track.training.to_dict(), "recipe_key": track.key, **record}
     # Write both files under temporary names and rename: an interrupted run leaves no half checkpoint.
-    _atomic_write(path, lambda f: torch.save(model.state_dict(), f))
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write(path, lambda f: torch.save(model.state_dict(), f))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return path, record
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
+def atomic_write(path: Path, write: Callable) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -115,6 +115,14 @@ class PruningMethod:
     def digits_config(self, **overrides: Any):
         return self.config(**overrides)
 
+    def pruned_layers(self, model: nn.Module, config: Any = None) -> list[str]:
+        """Names of the Conv2d/Linear layers whose weights the method prunes (default: all of them).
+
+        The generic tests check that the canonical sparsity over these layers matches the target and that
+        every other layer stays dense.
+        """
+        return [name for name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+
     def prune(self, model: nn.Module, sparsity: float, data: PruneData, config: Any, *, seed: int = 0) -> PruneResult:
         raise NotImplementedError  # pragma: no cover - abstract
 
@@ -154,7 +162,7 @@ def register_method(key: str):
     return decorator
 
 
-_NOT_ADAPTERS = {"base", "training", "common", "convert"}
+_NOT_ADAPTERS = {"base", "training", "common", "convert", "pipeline"}
 _discovered = False
 
 
