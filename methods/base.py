@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bench.models import unwrap
 from bench.registry import Registry
 
 
@@ -116,12 +117,13 @@ class PruningMethod:
         return self.config(**overrides)
 
     def pruned_layers(self, model: nn.Module, config: Any = None) -> list[str]:
-        """Names of the Conv2d/Linear layers whose weights the method prunes (default: all of them).
+        """Names (inside the normalisation wrapper) of the Conv2d/Linear layers the method prunes (default: all).
 
         The generic tests check that the canonical sparsity over these layers matches the target and that
         every other layer stays dense.
         """
-        return [name for name, mod in model.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        net = unwrap(model)  # bare layer names, as bench.checkpoints.measure_sparsity reports them
+        return [name for name, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
 
     def prune(self, model: nn.Module, sparsity: float, data: PruneData, config: Any, *, seed: int = 0) -> PruneResult:
         raise NotImplementedError  # pragma: no cover - abstract
