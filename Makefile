@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bench evaluate --track digits
+	$(BIN)/bench evaluate --method hydra --sparsity 0.95
 
 test: $(STAMP)
 	$(BIN)/ruff check .
