@@ -21,10 +21,15 @@ def build_model(arch: str, dataset: str) -> torch.nn.Module:
     return create_model(arch, num_classes=info.num_classes, mean=info.mean, std=info.std)
 
 
-def load_checkpoint_model(path: str | Path, arch: str, dataset: str) -> torch.nn.Module:
-    """Build ``arch`` for ``dataset`` and load the checkpoint's weights (weights-only, strict), in eval mode."""
+def load_checkpoint_model(
+    path: str | Path, arch: str, dataset: str, *, state_dict: dict[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
+    """Build ``arch`` for ``dataset`` and load the checkpoint's weights (weights-only, strict), in eval mode.
+
+    ``state_dict`` replaces reading ``path`` (a converted author checkpoint).
+    """
     model = build_model(arch, dataset)
-    load_weights(model, load_state_dict(path))
+    load_weights(model, state_dict if state_dict is not None else load_state_dict(path))
     return model.eval()
 
 

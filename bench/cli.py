@@ -82,6 +82,14 @@ def _resolve_device(device: str) -> str:
     help="State dict to evaluate (.pt/.pth/.pth.tar/.safetensors). Omit for the digits track's dense model.",
 )
 @click.option("--arch", default=None, help="Architecture (bench models). Required with --checkpoint.")
+@click.option(
+    "--format",
+    "ckpt_format",
+    default="plain",
+    show_default=True,
+    help="Native format of --checkpoint: plain, hydra-subnet, hydra-dense, admm, mad (bench formats).",
+)
+@click.option("--k", type=float, default=None, help="HYDRA's kept fraction, for --format hydra-subnet.")
 @click.option("--dataset", default=None, help="Dataset (bench datasets). Required with --checkpoint.")
 @click.option("--track", default="digits", show_default=True, help="Built-in track used when no --checkpoint is given.")
 @click.option("--name", default=None, help="Name to store the model under [default: file stem + hash].")
@@ -142,6 +150,8 @@ def _resolve_device(device: str) -> str:
 def evaluate(
     checkpoint,
     arch,
+    ckpt_format,
+    k,
     dataset,
     track,
     name,
@@ -227,7 +237,17 @@ def evaluate(
     if checkpoint is None:
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
-    model = load_checkpoint_model(checkpoint, arch, dataset)
+    if ckpt_format != "plain" or k is not None:
+        from methods.convert import load_converted
+
+        if checkpoint is None:
+            raise ValueError("--format and --k describe a --checkpoint file; give one")
+        model = load_checkpoint_model(
+            checkpoint, arch, dataset, state_dict=load_converted(checkpoint, ckpt_format, k=k)
+        )
+        register_kw["provenance"] = {"native_format": ckpt_format, **({"k": k} if k is not None else {})}
+    else:
+        model = load_checkpoint_model(checkpoint, arch, dataset)
     store = Store(db)
     row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, **register_kw)
     dense_summary = run(store, row, model)
@@ -539,6 +559,15 @@ def prune(method, sparsity, track, dense, arch, dataset, eps, seed, settings, ou
     )
     click.echo(f"checkpoint {result.path}")
     click.echo(f"evaluate it: bench evaluate --checkpoint {result.path} --arch {arch} --dataset {dataset}")
+
+
+@main.command()
+def formats():
+    """List the native checkpoint formats bench evaluate --format reads."""
+    from methods.convert import FORMATS
+
+    for name, fmt in FORMATS.items():
+        click.echo(f"{name:<13} {fmt.description}")
 
 
 @main.group()
