@@ -87,7 +87,7 @@ def _resolve_device(device: str) -> str:
     "ckpt_format",
     default="plain",
     show_default=True,
-    help="Native format of --checkpoint: plain, hydra-subnet, hydra-dense, admm, mad, pwoa (bench formats).",
+    help="Native format of --checkpoint: plain, hydra-subnet, hydra-dense, admm, mad, pwoa, atmc (bench formats).",
 )
 @click.option("--k", type=float, default=None, help="HYDRA's kept fraction, for --format hydra-subnet.")
 @click.option("--dataset", default=None, help="Dataset (bench datasets). Required with --checkpoint.")

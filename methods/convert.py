@@ -60,6 +60,12 @@ def _pwoa(path: Path, k: float | None = None) -> dict[str, Tensor]:
     return convert_pwoa_checkpoint(load_state_dict(path))
 
 
+def _atmc(path: Path, k: float | None = None) -> dict[str, Tensor]:
+    from methods.atmc import convert_atmc_checkpoint
+
+    return convert_atmc_checkpoint(load_state_dict(path))
+
+
 _register(CheckpointFormat("plain", "a state dict of our architecture (.pt/.pth/.pth.tar/.safetensors)", _plain))
 _register(
     CheckpointFormat(
@@ -72,6 +78,7 @@ _register(
 _register(CheckpointFormat("hydra-dense", "HYDRA *_dense checkpoint (weights already masked)", _plain))
 _register(CheckpointFormat("admm", "RAP-ADMM checkpoint (module.basic_model. keys)", _admm))
 _register(CheckpointFormat("pwoa", "PwoA state dict of a model returning (logits, hiddens)", _pwoa))
+_register(CheckpointFormat("atmc", "ATMC factor form (weightA/weightB/weightC with eye_const) or dense", _atmc))
 _register(CheckpointFormat("mad", "MAD .t7 checkpoint ({'net': ..., 'args': Namespace} with soft masks)", _mad))
 
 
