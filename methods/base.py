@@ -108,6 +108,9 @@ class PruningMethod:
     Config: ClassVar[type]
     # Sparsities at which the method is defined (structured methods only take their grid).
     sparsities: ClassVar[tuple[float, ...] | None] = None
+    # Structured methods remove whole filters/blocks, so they can only approach the target: the largest
+    # allowed |measured - target| of the canonical sparsity over `pruned_layers` (None: per-layer rounding only).
+    sparsity_tolerance: ClassVar[float | None] = None
 
     def config(self, **overrides: Any):
         """The paper's defaults, with ``overrides`` (unknown names are an error naming the valid ones)."""
