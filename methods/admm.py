@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from bench.checkpoints import measure_sparsity
 from bench.models import unwrap
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
-from methods.common import ADMMState, masked_step, pgd_ce_loss, prunable_layers
+from methods.common import ADMMState, masked_step, pgd_ce_loss, prunable_layers, sparsity_of_layers
 from methods.training import pgd_linf
 
 __all__ = ["RAPADMM", "admm_learning_rate", "adversarial_ce", "build_admm_state", "convert_admm_checkpoint"]
@@ -284,14 +284,12 @@ class RAPADMM(PruningMethod):
 
         work.eval()
         report = measure_sparsity(work)
-        zeros = sum(report.per_layer[name][1] for name in layers)
-        numel = sum(report.per_layer[name][0] for name in layers)
         native = {
             "prune_ratio": sparsity,
             "projection": config.projection,
             "layers": layers,
             "excluded_layers": excluded,
-            "sparsity_of_pruned_layers": zeros / numel if numel else 0.0,
+            "sparsity_of_pruned_layers": sparsity_of_layers(work, layers),
             "canonical_sparsity": report.sparsity,
         }
         return PruneResult(model=work, native_sparsity=native, config=config_dict(config), history=history)

@@ -559,3 +559,14 @@ class ADMMState:
             w.masked_fill_(~keep, 0.0)
             masks[name] = keep
         return masks
+
+
+def sparsity_of_layers(model: nn.Module, layers: Iterable[str]) -> float:
+    """Fraction of exactly-zero weights over the named Conv2d/Linear layers (bare names, as in
+    :func:`bench.checkpoints.measure_sparsity`): the sparsity by a local method's own rule."""
+    from bench.checkpoints import measure_sparsity
+
+    per_layer = measure_sparsity(model).per_layer
+    layers = list(layers)
+    numel = sum(per_layer[name][0] for name in layers)
+    return sum(per_layer[name][1] for name in layers) / numel if numel else 0.0

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from bench.checkpoints import measure_sparsity
 from bench.models import unwrap
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
-from methods.common import ADMMState, eval_mode, masked_step, prunable_layers
+from methods.common import ADMMState, eval_mode, masked_step, prunable_layers, sparsity_of_layers
 from methods.training import pgd_linf
 
 __all__ = [
@@ -196,8 +196,11 @@ class PwoA(PruningMethod):
         venue="ICDM",
         year=2022,
         pipeline="A",
-        training={"pretraining": "AT-TRADES (third-party)", "finetuning": "KD (+HSIC), no adversarial examples",
-                  "1S/IT": "1S"},
+        training={
+            "pretraining": "AT-TRADES (third-party)",
+            "finetuning": "KD (+HSIC), no adversarial examples",
+            "1S/IT": "1S",
+        },
         structure="US",
         scope="local",
         criterion="SOLWM",
@@ -328,8 +331,9 @@ class PwoA(PruningMethod):
                 for group in opt.param_groups:
                     group["lr"] = lr
                 stats = run.epoch(opt, config.lambda_x, config.lambda_y, state=state)
-                history.append(stats | {"phase": "admm", "epoch": epoch, "lr": lr, "rho": state.rho,
-                                        "admm_updates": state.updates})
+                history.append(
+                    stats | {"phase": "admm", "epoch": epoch, "lr": lr, "rho": state.rho, "admm_updates": state.updates}
+                )
 
             masks = state.hard_prune(net)
             opt = _sgd(work, config, config.retrain_lr)
@@ -343,15 +347,13 @@ class PwoA(PruningMethod):
 
         work.eval()
         report = measure_sparsity(work)
-        zeros = sum(report.per_layer[name][1] for name in layers)
-        numel = sum(report.per_layer[name][0] for name in layers)
         native = {
             "prune_ratio": sparsity,
             "projection": config.projection,
             "layers": layers,
             "excluded_layers": excluded,
             "hsic_layers": hidden_names,
-            "sparsity_of_pruned_layers": zeros / numel if numel else 0.0,
+            "sparsity_of_pruned_layers": sparsity_of_layers(work, layers),
             "canonical_sparsity": report.sparsity,
         }
         return PruneResult(model=work, native_sparsity=native, config=config_dict(config), history=history)
@@ -397,8 +399,9 @@ class _Runner:
     def _adversarial(self, xb: Tensor, yb: Tensor) -> Tensor:
         eps = self.config.mix_eps if self.config.mix_eps is not None else self.data.eps
         with eval_mode(self.work):
-            return pgd_linf(self.work, xb, yb, eps=eps, steps=self.config.mix_steps,
-                            step_size=self.config.mix_step_ratio * eps)
+            return pgd_linf(
+                self.work, xb, yb, eps=eps, steps=self.config.mix_steps, step_size=self.config.mix_step_ratio * eps
+            )
 
     def epoch(self, opt, lambda_x, lambda_y, *, state=None, masks=None, sched=None) -> dict:
         cfg = self.config
