@@ -54,6 +54,14 @@ def digits_mlp(digits):
 
 
 @pytest.fixture(scope="session")
+def digits_cnn(digits):
+    """small_cnn briefly clean-trained on digits: the dense input of the method tests (deep-copy before pruning)."""
+    xtr, ytr, _, _ = digits
+    torch.manual_seed(0)
+    return _fit(build_model("small_cnn", "digits"), xtr, ytr, epochs=2, lr=2e-3)
+
+
+@pytest.fixture(scope="session")
 def digits_cnn_checkpoint(digits, tmp_path_factory):
     """A registered architecture (small_cnn) clean-trained on digits, saved as a plain state dict."""
     xtr, ytr, _, _ = digits

@@ -10,9 +10,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-from bench.catalog import build_model
 from bench.checkpoints import measure_sparsity
 from bench.models import NormalizedModel
 from methods.base import PruneData, PruneResult, get_method, list_methods
@@ -22,17 +20,8 @@ N_TRAIN = 64
 
 
 @pytest.fixture(scope="module")
-def dense(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    model = build_model("small_cnn", "digits")
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(2):
-        for idx in torch.randperm(len(ytr)).split(128):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    return model.eval()
+def dense(digits_cnn):
+    return digits_cnn
 
 
 def _run(method_key, dense, digits, sparsity, seed=0) -> tuple[PruneResult, object]:

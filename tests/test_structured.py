@@ -10,7 +10,6 @@ from torch import nn
 
 import methods.common
 import methods.training
-from bench.catalog import build_model
 from bench.models import CifarResNet, Normalize, NormalizedModel
 from methods.base import PruneData, get_method
 from methods.structured import (
@@ -29,17 +28,8 @@ N = 96
 
 
 @pytest.fixture(scope="module")
-def dense(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    model = build_model("small_cnn", "digits")
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(2):
-        for idx in torch.randperm(len(ytr)).split(128):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-    return model.eval()
+def dense(digits_cnn):
+    return digits_cnn
 
 
 def _resnet(blocks: int = 3) -> NormalizedModel:
