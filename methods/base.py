@@ -87,14 +87,12 @@ class PruneResult:
         native_sparsity: the method's own knob as passed to its code (``{"k": 0.05}``).
         config: the resolved method config (every schedule parameter).
         history: per-phase training log (losses, accuracies).
-        arch: architecture name of the result when it differs from the input's (structured rebuilds).
     """
 
     model: nn.Module
     native_sparsity: dict[str, Any]
     config: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
-    arch: str | None = None
 
 
 class PruningMethod:

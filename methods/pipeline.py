@@ -100,11 +100,6 @@ def prune_checkpoint(
         start = time.perf_counter()
         result = method.prune(model, sparsity, PruneData(x, y, eps=eps), cfg, seed=seed)
         wall = time.perf_counter() - start
-        if result.arch not in (None, dense_row.arch):
-            raise NotImplementedError(
-                f"{method_key} rebuilt the network as {result.arch!r}; registering physically rebuilt "
-                "architectures is not supported yet"
-            )
         meta = {
             "method": method_key,
             "sparsity": sparsity,
