@@ -44,24 +44,13 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
-from bench.attacks.autoattack import run_autoattack
+from bench.attacks.autoattack import WarningCollector, run_autoattack
 from bench.catalog import load_checkpoint_model, register_model
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import evaluate
 from bench.spec import RunSpec
 from bench.store import Evaluation, SampleResult, Store
 from bench.track import TRACKS, cache_dir, dense_checkpoint
-
-
-class _Collector(logging.Handler):
-    """Keeps pyautoattack's log records (its warnings would otherwise go to stderr)."""
-
-    def __init__(self) -> None:
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def run_ours(model, x, y, spec: RunSpec) -> tuple[float, torch.Tensor, dict[str, float]]:
@@ -90,7 +79,7 @@ def run_bare(model, x, y, spec: RunSpec) -> tuple[float, torch.Tensor, list[str]
     """Bare pyautoattack, one ``run_standard_evaluation`` per chunk: (wall seconds, robust flags, warnings)."""
     from pyautoattack import AutoAttack
 
-    collector = _Collector()
+    collector = WarningCollector()
     aa_logger = logging.getLogger("auto-attack")
     aa_logger.addHandler(collector)
     robust = []

@@ -56,7 +56,9 @@ class AutoAttackOutcome:
     warnings: list[str] = field(default_factory=list)
 
 
-class _WarningCollector(logging.Handler):
+class WarningCollector(logging.Handler):
+    """Collects the messages of WARNING-level log records (AutoAttack reports its sanity checks this way)."""
+
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)
         self.messages: list[str] = []
@@ -76,7 +78,7 @@ def square_check_flags(stage_robust_accuracy: dict[str, float]) -> set[str]:
         stage_robust_accuracy: ``{"clean": acc, stage: robust accuracy after that stage, ...}`` in run order.
     """
     logger = logging.getLogger("apbench.autoattack.checks")
-    collector = _WarningCollector()
+    collector = WarningCollector()
     logger.addHandler(collector)
     try:
         checks.check_square_sr(stage_robust_accuracy, logger=logger)
@@ -160,7 +162,7 @@ def run_autoattack(
         The per-sample outcome with per-stage timings and sanity-check flags.
     """
     aa = build_autoattack(model, norm=norm, eps=eps, version=version, seed=seed, device=device)
-    collector = _WarningCollector()
+    collector = WarningCollector()
     aa.logger.addHandler(collector)
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     x, y = x.to(device), y.to(device)
