@@ -54,6 +54,13 @@ def digits_mlp(digits):
 
 
 @pytest.fixture(scope="session")
+def small_cnn_init():
+    """An untrained small_cnn for digits (seed 0): deep-copy it before pruning or training."""
+    torch.manual_seed(0)
+    return build_model("small_cnn", "digits").eval()
+
+
+@pytest.fixture(scope="session")
 def digits_cnn(digits):
     """small_cnn briefly clean-trained on digits: the dense input of the method tests (deep-copy before pruning)."""
     xtr, ytr, _, _ = digits

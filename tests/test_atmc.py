@@ -45,9 +45,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def dense():
-    torch.manual_seed(0)
-    return build_model("small_cnn", "digits").eval()
+def dense(small_cnn_init):
+    return small_cnn_init
 
 
 @pytest.fixture(scope="module")

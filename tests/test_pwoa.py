@@ -35,9 +35,8 @@ LAYERS = ["features.0", "features.2", "features.5", "classifier.1", "classifier.
 
 
 @pytest.fixture(scope="module")
-def dense():
-    torch.manual_seed(0)
-    return build_model("small_cnn", "digits").eval()
+def dense(small_cnn_init):
+    return small_cnn_init
 
 
 @pytest.fixture(scope="module")
