@@ -23,7 +23,7 @@ from methods.training import AdversarialTrainingConfig, adversarial_training
 
 ENV_CACHE_DIR = "BENCH_CACHE_DIR"
 # Bump when the training code changes in a way that changes the trained weights.
-TRACK_RECIPE_VERSION = 1
+TRACK_RECIPE_VERSION = 2  # 2: the initial weights are seeded too
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,8 @@ def dense_checkpoint(
         f"(eps {track.eps}, {track.training.epochs} epochs; once, then cached in {folder})"
     )
     x, y = load_split(track.dataset, "train")
+    # Seed the initial weights as well as training, so the same recipe gives the same checkpoint bytes anywhere.
+    torch.manual_seed(track.training.seed)
     model = build_model(track.arch, track.dataset)
     record = adversarial_training(model, x, y, track.training, log=log)
     record = {"track": track.name, "training": track.training.to_dict(), "recipe_key": track.key, **record}

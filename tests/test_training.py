@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import bench.track as track_module
 from bench.catalog import build_model, load_checkpoint_model
+from bench.checkpoints import sha256_file
 from bench.track import TRACKS, Track, dense_checkpoint
 from methods.training import AdversarialTrainingConfig, adversarial_training, pgd_linf
 
@@ -197,6 +198,15 @@ def test_dense_checkpoint_trains_once_then_reuses(tmp_path, monkeypatch):
     assert again_record == record
     assert path.stat().st_mtime_ns == mtime
     assert sorted(p.name for p in folder.iterdir()) == sorted([path.name, meta.name])
+
+
+def test_dense_checkpoint_is_reproducible_whatever_the_global_rng(tmp_path):
+    track = _tiny_track()
+    torch.manual_seed(1)
+    first, _ = dense_checkpoint(track, root=tmp_path / "a")
+    torch.manual_seed(2)
+    second, _ = dense_checkpoint(track, root=tmp_path / "b")
+    assert sha256_file(first) == sha256_file(second)
 
 
 def test_dense_checkpoint_defaults_to_the_cache_dir(tmp_path, monkeypatch):
