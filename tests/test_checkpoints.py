@@ -244,7 +244,7 @@ def test_measure_sparsity_uses_architecture_names() -> None:
         "classifier.1",
         "classifier.3",
     ]
-    assert report.total_params == 188_234
+    assert report.total_params == 81_002
 
 
 def test_count_flops_by_hand() -> None:

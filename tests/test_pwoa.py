@@ -162,7 +162,7 @@ def test_no_adversarial_example_is_ever_generated(dense, data, monkeypatch):
 def test_mix_ratio_variant_runs_and_uses_the_attack(dense, data, monkeypatch):
     result = _prune(dense, data, mix_ratio=1.0, mix_steps=2)
     assert all(h["adversarial_batches"] == 3 for h in result.history)
-    assert measure_sparsity(result.model).per_layer["features.2"][1] == int(RATIO * 64 * 32 * 9)
+    assert measure_sparsity(result.model).per_layer["features.2"][1] == int(RATIO * 32 * 16 * 9)
     _forbid_attacks(monkeypatch)  # the patch point is the one the mix variant uses
     with pytest.raises(AssertionError, match="adversarial example"):
         _prune(dense, data, mix_ratio=1.0, mix_steps=2)

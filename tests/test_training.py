@@ -114,7 +114,7 @@ def _pgd20_accuracy(model, x, y, eps: float) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def adv_and_clean_models(digits):
-    schedule = dict(epochs=4, batch_size=64, lr=0.05, seed=0)
+    schedule = dict(epochs=8, batch_size=64, lr=0.05, seed=0)
     adv = _trained(AdversarialTrainingConfig(eps=EPS, pgd_steps=5, **schedule), digits)
     # Same schedule, no inner maximisation: pgd_steps=0 with a vanishing random start is clean training.
     clean = _trained(AdversarialTrainingConfig(eps=1e-9, pgd_steps=0, **schedule), digits)
