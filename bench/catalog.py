@@ -15,10 +15,15 @@ from bench.provenance import utcnow
 from bench.store import Model, Store
 
 
-def build_model(arch: str, dataset: str) -> torch.nn.Module:
-    """The registered architecture with the dataset's class count and normalisation layer."""
+def build_model(arch: str, dataset: str, normalization: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The registered architecture with the dataset's class count and normalisation layer.
+
+    ``normalization`` (``{"mean": [...], "std": [...]}``, as recorded in a converted model's provenance)
+    replaces the dataset's constants: an author checkpoint keeps its authors' input handling.
+    """
     info = get_dataset_info(dataset)
-    return create_model(arch, num_classes=info.num_classes, mean=info.mean, std=info.std)
+    mean, std = (normalization["mean"], normalization["std"]) if normalization else (info.mean, info.std)
+    return create_model(arch, num_classes=info.num_classes, mean=tuple(mean), std=tuple(std))
 
 
 def load_checkpoint_model(
@@ -30,6 +35,34 @@ def load_checkpoint_model(
     """
     model = build_model(arch, dataset)
     load_weights(model, state_dict if state_dict is not None else load_state_dict(path))
+    return model.eval()
+
+
+def load_stored_model(row: Model, path: str | Path | None = None) -> torch.nn.Module:
+    """Rebuild a stored model from its checkpoint: its architecture, its dataset and the input normalisation
+    recorded in its provenance (author checkpoints), weights-only, sha256 verified, in eval mode.
+
+    ``path`` overrides ``row.checkpoint_path`` (e.g. the file was moved); the content must still match.
+    """
+    path = Path(path or row.checkpoint_path or "")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint of model {row.name!r} not found at {str(path)!r}; pass its current path")
+    sha = sha256_file(path)
+    if sha != row.checkpoint_sha256:
+        raise ValueError(
+            f"{path} has sha256 {sha[:12]}…, but model {row.name!r} was stored from {row.checkpoint_sha256[:12]}…; "
+            "the file changed since it was registered"
+        )
+    provenance = row.provenance or {}
+    model = build_model(row.arch, row.dataset, provenance.get("normalization"))
+    fmt = provenance.get("native_format", "plain")
+    if fmt != "plain":
+        from methods.convert import load_converted  # methods depends on bench, not the reverse, at import time
+
+        state_dict = load_converted(path, fmt, k=provenance.get("k"))
+    else:
+        state_dict = load_state_dict(path)
+    load_weights(model, state_dict)
     return model.eval()
 
 

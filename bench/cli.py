@@ -238,14 +238,19 @@ def evaluate(
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     if ckpt_format != "plain" or k is not None:
-        from methods.convert import load_converted
+        from methods.convert import load_converted_model, native_normalization
 
         if checkpoint is None:
             raise ValueError("--format and --k describe a --checkpoint file; give one")
-        model = load_checkpoint_model(
-            checkpoint, arch, dataset, state_dict=load_converted(checkpoint, ckpt_format, k=k)
-        )
-        register_kw["provenance"] = {"native_format": ckpt_format, **({"k": k} if k is not None else {})}
+        # The authors' own input handling (e.g. HYDRA trains on raw [0, 1] images, MAD with its own mean/std)
+        # is the model's fixed first layer; it is recorded so that the stored model can be rebuilt exactly.
+        model = load_converted_model(checkpoint, ckpt_format, arch, dataset, k=k)
+        mean, std = native_normalization(ckpt_format, dataset)
+        register_kw["provenance"] = {
+            "native_format": ckpt_format,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            **({"k": k} if k is not None else {}),
+        }
     else:
         model = load_checkpoint_model(checkpoint, arch, dataset)
     store = Store(db)

@@ -335,8 +335,9 @@ def convert_hydra_checkpoint(state_dict: Mapping[str, Tensor], *, k: float | Non
     Keys stay the author's (no ``net.``); :func:`bench.checkpoints.load_weights` maps them onto a
     ``NormalizedModel``. The released files use HYDRA's own architectures, which differ from ours: its
     ``vgg16_bn`` has bias-free convolutions, no final max-pool, ``AdaptiveAvgPool2d((2, 2))`` and a three-layer
-    classifier (2048–256–256–10), and its WRN-28-4 carries the unused ``sub_block1``. Matching those is out of
-    scope here; this function only turns subnet weights into dense ones.
+    classifier (2048–256–256–10): that network is registered as ``vgg16_bn_hydra``, with HYDRA's key names. Its
+    WRN-28-4 carries the unused ``sub_block1``, which our ``wrn28_4`` does not accept yet. This function only
+    turns subnet weights into dense ones.
 
     Args:
         state_dict: the checkpoint's ``state_dict``.

@@ -742,8 +742,8 @@ def convert_mad_checkpoint(obj: Mapping) -> dict[str, Tensor]:
     ``forward`` as plain attributes, which our :class:`bench.models.Normalize` replaces (CIFAR-10 mean
     (0.4914, 0.4822, 0.4465), std (0.2023, 0.1994, 0.2010)). MAD's VGG-16 (``models/vgg_mask.py``) is *not* a
     renaming of our ``vgg16_bn``: besides ``feature.`` vs ``features.``, its convolutions have no bias and it has
-    no final max-pool (it average-pools the 2×2 map instead), so it computes a different function; its keys are
-    left as they are for a dedicated architecture.
+    no final max-pool (it average-pools the 2×2 map instead), so it computes a different function: it is
+    registered as ``vgg16_mad``, with MAD's key names, and the keys are left as they are.
 
     Args:
         obj: the mapping from :func:`load_mad_checkpoint` (its ``net`` is used) or a bare state dict.

@@ -32,6 +32,12 @@ PUBLISHED_PARAMS = {
     "wrn28_4": 5_849_050,
     "wrn34_10": 46_160_474,
     "mobilenetv2": 2_296_922,
+    # The methods' own VGG-16s, counted on the official modules (HYDRA models/vgg_cifar.py vgg16_bn with
+    # nn.Conv2d/nn.Linear; MAD models/vgg_mask.py depth 16 without its mask parameters; the APB's
+    # models/pwoa.py VGG16) and derived from the layer shapes in test_vgg16_variant_counts_by_hand.
+    "vgg16_bn_hydra": 15_311_818,
+    "vgg16_mad": 14_724_042,
+    "vgg16_pwoa": 15_316_042,
 }
 
 
@@ -107,6 +113,55 @@ def test_reference_attribute_names(models: dict[str, NormalizedModel]) -> None:
     assert {"layers.16.conv3.weight", "layers.1.shortcut.0.weight", "conv2.weight", "linear.weight"} <= keys[
         "mobilenetv2"
     ]
+    assert {"features.0.weight", "features.41.running_var", "classifier.0.weight", "classifier.4.bias"} <= keys[
+        "vgg16_bn_hydra"
+    ]
+    assert {"feature.0.weight", "feature.41.running_var", "classifier.weight", "classifier.bias"} <= keys["vgg16_mad"]
+    assert not any(k.endswith(".bias") and k.startswith(("features.0.", "feature.0.")) for k in keys["vgg16_bn_hydra"])
+    assert "feature.0.bias" not in keys["vgg16_mad"]
+    assert {
+        "layer1.0.0.bias",
+        "layer1.0.1.running_mean",
+        "layer5.2.0.weight",
+        "layer6.0.weight",
+        "layer7.0.bias",
+        "layer8.weight",
+    } <= keys["vgg16_pwoa"]
+
+
+def test_vgg16_variant_counts_by_hand() -> None:
+    # The 13 3x3 convolutions every VGG-16 here shares, as (in, out) channels.
+    convs = [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 256), (256, 512)]
+    convs += [(512, 512)] * 5
+    conv_weights = sum(9 * c_in * c_out for c_in, c_out in convs)  # 14,710,464
+    channels = sum(c_out for _, c_out in convs)  # 4,224: one conv bias, or one BN weight and bias, each
+    batch_norm = 2 * channels
+    linear_512 = 512 * 10 + 10
+    head_2048 = (2048 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)  # 2x2x512 features, 256, 256, 10
+    by_hand = {
+        "vgg16_bn": conv_weights + channels + batch_norm + linear_512,  # convs with bias
+        "vgg16_bn_hydra": conv_weights + batch_norm + head_2048,  # bias-free convs
+        "vgg16_mad": conv_weights + batch_norm + linear_512,  # bias-free convs
+        "vgg16_pwoa": conv_weights + channels + batch_norm + head_2048,  # convs with bias
+    }
+    assert by_hand == {name: PUBLISHED_PARAMS[name] for name in by_hand}
+
+
+def test_vgg16_variants_share_the_convolutions(models: dict[str, NormalizedModel]) -> None:
+    # Same 13 conv shapes in the same order: only biases, pooling after the 4th block and the head differ.
+    def conv_shapes(name: str) -> list[tuple[int, ...]]:
+        return [tuple(m.weight.shape) for m in models[name].modules() if isinstance(m, nn.Conv2d)]
+
+    reference = conv_shapes("vgg16_bn")
+    assert len(reference) == 13
+    for name in ("vgg16_bn_hydra", "vgg16_mad", "vgg16_pwoa"):
+        assert conv_shapes(name) == reference, name
+    # HYDRA's and MAD's feature stacks drop only the last max-pool, so their convolutions keep our indices.
+    ours = {k for k in models["vgg16_bn"].net.state_dict() if k.endswith(".weight")}
+    hydra = {k for k in models["vgg16_bn_hydra"].net.state_dict() if k.startswith("features.")}
+    mad = {"features." + k.removeprefix("feature.") for k in models["vgg16_mad"].net.state_dict() if "feature." in k}
+    assert {k for k in hydra if k.endswith(".weight")} <= ours
+    assert hydra == mad
 
 
 def test_resnet56_is_56_layers(models: dict[str, NormalizedModel]) -> None:
