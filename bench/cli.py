@@ -590,6 +590,11 @@ def db_upgrade(db):
     store = Store(db)
     click.echo(f"{store.url} is at the newest schema")
 
+# Command groups living in their own modules register themselves on ``main`` when imported.
+from bench import cli_analysis  # noqa: E402,F401  (registers analyze/report commands)
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # ``python -m bench.cli``: the modules above registered on the imported ``bench.cli.main``, not on this copy.
+    from bench.cli import main as _imported_main
+
+    sys.exit(_imported_main())

@@ -1,0 +1,487 @@
+"""``bench analyze …``, ``bench report`` and ``bench reported …``: the analyses of ``bench.analysis`` in the terminal.
+
+A MODEL argument is a model's numeric id or its name (``bench results`` lists them); where an evaluation is
+meant, ``eval:N`` picks evaluation N and a model picks its newest complete evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from bench.cli import _db_option, friendly_errors, main
+
+EPILOG_ANALYZE = """\b
+Examples:
+  bench analyze thin-ice --pruned HYDRA_Sehwag2020Hydra_small_cnn_digits_US_90_s0
+  bench analyze thin-ice --pruned 2 --dense 1
+  bench analyze compare 2 3 --flag best_robust
+  bench analyze drops --format csv
+  bench analyze curve eval:4
+"""
+
+
+def _fmt_table(rows: list[dict[str, str]]) -> str:
+    """Left-aligned columns, two spaces apart, headed by the keys of the first row."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
+    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    return f"{100 * value:6.2f} % [{100 * low:.2f}, {100 * high:.2f}]"
+
+
+def _method_name(key: str) -> str:
+    if key == "dense":
+        return "dense"
+    from methods.base import get_method
+
+    try:
+        return get_method(key).card.display_name
+    except Exception:  # a method name from a submission that is not registered here
+        return key
+
+
+def _store(db):
+    from bench.store import Store
+
+    return Store(db)
+
+
+@main.group(epilog=EPILOG_ANALYZE)
+def analyze() -> None:
+    """Analyses over stored per-sample records: thin ice, paired tests, drops, security curves."""
+
+
+@analyze.command("thin-ice", short_help="Samples on thin ice: populations and AUCs against the dense parent.")
+@click.option("--pruned", "pruned_ref", required=True, metavar="MODEL", help="Pruned model (id, name or eval:N).")
+@click.option(
+    "--dense",
+    "dense_ref",
+    default=None,
+    metavar="MODEL",
+    help="Dense model (id, name or eval:N) [default: the pruned model's parent].",
+)
+@click.option("--min-group", type=int, default=5, show_default=True, help="Populations smaller than this get a note.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_db_option
+@friendly_errors
+def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
+    """Samples on thin ice (Piras et al. 2023, Table 2): populations S00/S01/S10/S11 by clean correctness of the
+    dense (first digit) and pruned (second digit) model, and how well the dense model's FMN distance ε separates
+    them (AUC with the two-sided Mann–Whitney p-value)."""
+    from bench.analysis.records import load_records
+    from bench.analysis.report import resolve_evaluation, resolve_model
+    from bench.analysis.thin_ice import thin_ice
+
+    store = _store(db)
+    with store.session() as s:
+        pruned_ev = resolve_evaluation(s, pruned_ref)
+        pruned = pruned_ev.model
+        if dense_ref is None:
+            if pruned.parent_id is None:
+                raise ValueError(f"model {pruned.name!r} has no dense parent in the store; name one with --dense")
+            dense_ref = str(pruned.parent_id)
+        dense_ev = resolve_evaluation(s, dense_ref, pruned_ev.protocol_hash)
+        dense = dense_ev.model
+        result = thin_ice(load_records(s, dense_ev.id), load_records(s, pruned_ev.id), min_group=min_group)
+        if pruned.parent_id is not None and pruned.parent_id != dense.id:
+            parent = resolve_model(s, pruned.parent_id)
+            result.notes.append(f"{dense.name!r} is not the pruned model's recorded parent ({parent.name!r})")
+        lead = {
+            "Method": _method_name(pruned.method),
+            "Sparsity %": f"{100 * pruned.measured_sparsity:.2f}",
+            "Network": pruned.arch,
+        }
+        title = (
+            f"Samples on thin ice: {pruned.name} (evaluation #{pruned_ev.id}) against {dense.name} "
+            f"(evaluation #{dense_ev.id}), {result.n} shared samples, {dense_ev.spec.get('norm')} "
+            f"eps={dense_ev.spec.get('eps')}"
+        )
+    if fmt == "json":
+        click.echo(
+            json.dumps(
+                {
+                    "pruned_evaluation": pruned_ev.id,
+                    "dense_evaluation": dense_ev.id,
+                    "n": result.n,
+                    "counts": result.counts,
+                    "percent": result.percent,
+                    "auc_10_11": result.auc_10_11,
+                    "p_10_11": result.p_10_11,
+                    "auc_01_00": result.auc_01_00,
+                    "p_01_00": result.p_01_00,
+                    "notes": result.notes,
+                },
+                indent=1,
+            )
+        )
+        return
+    click.echo(title)
+    click.echo("")
+    click.echo(_fmt_table([{**lead, **result.as_table_row()}]))
+    click.echo("")
+    click.echo("S_dp: d = dense correct, p = pruned correct (clean); ε = the dense model's signed FMN distance;")
+    click.echo("AUC = P(ε of a random sample of the first group < ε of one of the second).")
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+@analyze.command("compare")
+@click.argument("a_ref", metavar="MODEL_A")
+@click.argument("b_ref", metavar="MODEL_B")
+@click.option(
+    "--flag",
+    type=click.Choice(["aa_robust", "best_robust", "clean_correct"]),
+    default="aa_robust",
+    show_default=True,
+    help="Per-sample flag compared: robust after AutoAttack, best-known robust (AutoAttack or FMN), or clean.",
+)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_db_option
+@friendly_errors
+def compare_command(a_ref, b_ref, flag, fmt, db):
+    """McNemar's exact test: is A's robustness different from B's beyond noise, on the samples both hold?"""
+    from bench.analysis.paired import mcnemar
+    from bench.analysis.records import load_records
+    from bench.analysis.report import resolve_evaluation
+    from bench.analysis.stats import wilson_interval
+
+    store = _store(db)
+    with store.session() as s:
+        a_ev = resolve_evaluation(s, a_ref)
+        b_ev = resolve_evaluation(s, b_ref, a_ev.protocol_hash)
+        result = mcnemar(load_records(s, a_ev.id), load_records(s, b_ev.id), flag=flag)
+        a_name, b_name = a_ev.model.name, b_ev.model.name
+    if fmt == "json":
+        out = {"a_evaluation": a_ev.id, "b_evaluation": b_ev.id, **vars(result)}
+        click.echo(json.dumps(out, indent=1))
+        return
+    n = result.n_shared
+    acc_a, acc_b = result.a_only + result.both, result.b_only + result.both
+    click.echo(f"A = {a_name} (evaluation #{a_ev.id}), B = {b_name} (evaluation #{b_ev.id}); {n} shared samples")
+    click.echo("")
+    click.echo(
+        _fmt_table(
+            [
+                {"": f"A {flag}", f"B {flag}": str(result.both), f"B not {flag}": str(result.a_only)},
+                {"": f"A not {flag}", f"B {flag}": str(result.b_only), f"B not {flag}": str(result.neither)},
+            ]
+        )
+    )
+    click.echo("")
+    click.echo(f"A  {_interval(acc_a / n, *wilson_interval(acc_a, n))}")
+    click.echo(f"B  {_interval(acc_b / n, *wilson_interval(acc_b, n))}")
+    click.echo(f"A − B = {100 * result.difference:+.2f} points; {result.statistic_note}")
+    verdict = "a difference beyond noise at the 5 % level" if result.pvalue < 0.05 else "not distinguishable at 5 %"
+    click.echo(f"p = {result.pvalue:.3g}: {verdict}")
+
+
+@analyze.command("drops")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@_db_option
+@friendly_errors
+def drops_command(fmt, db):
+    """Re-evaluation drop of every evaluated model with a reported number: reported robust − measured AutoAttack
+    robust accuracy, in points (accuracies as fractions in csv/json)."""
+    from bench.analysis.report import drop_rows
+
+    store = _store(db)
+    with store.session() as s:
+        rows = drop_rows(s)
+    if fmt in ("csv", "json"):
+        import pandas as pd
+
+        df = pd.DataFrame(rows)
+        if fmt == "csv":
+            click.echo(df.to_csv(index=False), nl=False)
+        else:
+            click.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        click.echo(
+            "no evaluated model has a reported number; attach one with `bench reported set`, or evaluate a model "
+            "that matches the shipped tables (`bench reported list`)"
+        )
+        return
+    shown = []
+    for r in rows:
+        shown.append(
+            {
+                "eval": str(r["evaluation_id"]),
+                "model": r["model"],
+                "sparsity": f"{100 * r['sparsity']:.2f} %",
+                "reported robust": "-" if r["reported_robust"] is None else f"{100 * r['reported_robust']:.2f} %",
+                "measured AA robust [95 %]": _interval(
+                    r["measured_robust"], r["measured_robust_low"], r["measured_robust_high"]
+                ),
+                "drop": "-" if r["drop_points"] is None else f"{r['drop_points']:+.2f}",
+                "reported attack / source": f"{r['reported_attack']} — {r['reported_source']}",
+            }
+        )
+    click.echo(_fmt_table(shown))
+
+
+@analyze.command("curve")
+@click.argument("ref", metavar="MODEL")
+@click.option("--points", type=int, default=13, show_default=True, help="Budgets printed, evenly from 0 to 3·eps.")
+@_db_option
+@friendly_errors
+def curve_command(ref, points, db):
+    """Security curve: robust accuracy against the budget from the FMN distances, with the AutoAttack point."""
+    import numpy as np
+
+    from bench.analysis.curves import security_curve
+    from bench.analysis.records import load_records
+    from bench.analysis.report import resolve_evaluation
+
+    if points < 2:
+        raise ValueError("--points must be at least 2")
+    store = _store(db)
+    with store.session() as s:
+        ev = resolve_evaluation(s, ref)
+        records = load_records(s, ev.id)
+        name, aa = ev.model.name, ev.aa_robust_accuracy
+    grid, acc = security_curve(records, np.linspace(0, 3 * records.eps, points))
+    click.echo(
+        f"security curve of {name} (evaluation #{ev.id}, {records.norm}, nominal eps {records.spec.get('eps')}, "
+        f"N={records.n}); FMN robust accuracy = correct and FMN distance > eps"
+    )
+    for e, a in zip(grid, acc, strict=True):
+        mark = ""
+        if math.isclose(e, records.eps, rel_tol=1e-9):
+            mark = f"   <- nominal eps; AutoAttack robust {100 * aa:.2f} %"
+        click.echo(f"  eps {e:10.5f}  {100 * a:6.2f} %{mark}")
+
+
+@main.command("report")
+@click.argument("ref", metavar="MODEL")
+@_db_option
+@friendly_errors
+def report_command(ref, db):
+    """Everything known about one model: figures, evaluations with intervals, per-attack breakdown, security
+    curve, reported numbers and drops, thin ice against its parent, provenance."""
+    from bench.analysis.report import model_report, percent
+
+    store = _store(db)
+    with store.session() as s:
+        rep = model_report(s, ref)
+    m = rep["model"]
+    echo = click.echo
+    echo(f"model #{m.id} {m.name}")
+    echo(f"  method        {_method_name(m.method)} ({m.method}), structure {m.structure}")
+    echo(f"  architecture  {m.arch} on {m.dataset}")
+    target = "-" if m.target_sparsity is None else f"{100 * m.target_sparsity:.2f} %"
+    echo(f"  sparsity      {100 * m.measured_sparsity:.2f} % measured (target {target})")
+    echo(f"  parameters    {m.nonzero_params:,} non-zero of {m.params:,}")
+    echo(f"  FLOPs         {m.nonzero_flops:,} counting non-zero weights, {m.flops:,} dense")
+    if rep["parent"] is not None:
+        echo(f"  parent        #{rep['parent'].id} {rep['parent'].name}")
+    if rep["children"]:
+        echo(f"  pruned from it {', '.join(f'#{c.id} {c.name}' for c in rep['children'])}")
+    echo(f"  checkpoint    {m.checkpoint_path or '-'} (sha256 {m.checkpoint_sha256})")
+    echo(f"  source        {m.source}, registered {m.created_at:%Y-%m-%d %H:%M} UTC")
+    if m.taxonomy:
+        echo(f"  taxonomy      {_inline(m.taxonomy)}")
+    if m.layer_sparsity:
+        echo("  per-layer sparsity")
+        for layer, info in m.layer_sparsity.items():
+            echo(f"    {layer:<28} {100 * info['sparsity']:6.2f} % of {info['numel']:,}")
+
+    if not rep["evaluations"]:
+        echo("")
+        echo("no evaluation yet: run `bench evaluate` on its checkpoint")
+    for ev in rep["evaluations"]:
+        spec = ev["spec"]
+        echo("")
+        echo(
+            f"evaluation #{ev['id']} ({ev['status']}): AutoAttack-{spec.get('version')} {spec.get('norm')} "
+            f"eps={spec.get('eps')}, FMN {spec.get('fmn_steps')} steps, N={ev['n']}, seed {spec.get('seed')}, "
+            f"protocol {spec.get('protocol')} {ev['protocol_hash'][:12]}"
+        )
+        if ev["status"] != "complete":
+            echo("  not complete: run the same `bench evaluate` command again to finish it")
+            continue
+        labels = {
+            "clean": "clean",
+            "autoattack": "AutoAttack robust",
+            "fmn": "FMN robust at eps",
+            "best_known": "best-known robust",
+        }
+        for key, label in labels.items():
+            if key in ev["intervals"]:
+                echo(f"  {label:<22} {_interval(*ev['intervals'][key])}  (Wilson 95 %)")
+        if ev["fmn_median_distance"] is not None:
+            echo(f"  FMN median distance    {ev['fmn_median_distance']:.5f}")
+        if ev["flags"]:
+            echo(
+                f"  flags                  {', '.join(ev['flags'])}"
+                + ("  (potentially unreliable)" if ev["unreliable"] else "")
+            )
+        echo("  where the samples ended (first AutoAttack stage that broke each)")
+        for stage, count in ev["breakdown"]:
+            echo(f"    {stage:<14} {count:>7}  {100 * count / ev['n']:6.2f} %")
+        echo("  security curve (FMN)")
+        echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve"]))
+        for reported, drop in ev["reported"]:
+            drop_text = "-" if drop is None else f"{drop:+.2f} points"
+            echo(
+                f"  reported               clean {percent(reported.clean)}, robust {percent(reported.robust)} "
+                f"→ drop {drop_text}  ({reported.kind}, {reported.origin})"
+            )
+            _echo_reported_details(reported, indent=27)
+        ti = ev["thin_ice"]
+        if ti is not None:
+            row = ti.as_table_row()
+            echo(
+                f"  thin ice vs parent     S00 {row['S00 %']} %, S01 {row['S01 %']} %, S10 {row['S10 %']} %, "
+                f"S11 {row['S11 %']} %; AUC ε10<ε11 {row['AUC ε10<ε11 (p)']}, "
+                f"AUC |ε01|<|ε00| {row['AUC |ε01|<|ε00| (p)']}"
+            )
+        if ev["attack_seconds"]:
+            echo(f"  attack seconds         {_inline({k: round(v, 1) for k, v in ev['attack_seconds'].items()})}")
+        prov = ev["provenance"]
+        shown = [k for k in PROVENANCE_KEYS if prov.get(k) is not None]
+        if shown:
+            echo("  provenance")
+            for key in shown:
+                echo(f"    {key:<20} {prov[key]}")
+    if not any(ev.get("reported") for ev in rep["evaluations"]) and rep["reported"]:
+        echo("")
+        for reported in rep["reported"]:
+            echo(
+                f"reported: clean {percent(reported.clean)}, robust {percent(reported.robust)} "
+                f"({reported.kind}, {reported.origin}); no complete evaluation under its threat model to compare"
+            )
+            _echo_reported_details(reported, indent=4)
+    if m.provenance:
+        echo("")
+        echo(f"how it was made: {_inline(m.provenance, limit=1200)}")
+
+
+PROVENANCE_KEYS = (
+    "started_at",
+    "finished_at",
+    "git_commit",
+    "apbench",
+    "torch",
+    "pyautoattack",
+    "python",
+    "platform",
+    "device",
+    "dtype",
+    "cuda",
+    "torch_threads",
+    "checkpoint_sha256",
+    "spec_hash",
+)
+
+
+def _echo_reported_details(reported, indent: int) -> None:
+    pad = " " * indent
+    threat = f"{reported.norm or 'norm not stated'} eps={reported.eps or 'not stated'}"
+    click.echo(f"{pad}attack: {reported.attack} ({threat})")
+    click.echo(f"{pad}source: {reported.source}" + (f" {reported.source_url}" if reported.source_url else ""))
+    if reported.note:
+        click.echo(f"{pad}note: {reported.note}")
+
+
+def _inline(d: dict, limit: int = 300) -> str:
+    text = json.dumps(d, sort_keys=True, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@main.group()
+def reported() -> None:
+    """Reported accuracies (a paper's claim) attached to models, and the shipped tables of them."""
+
+
+@reported.command("set")
+@click.argument("ref", metavar="MODEL")
+@click.option("--clean", type=float, default=None, help="Reported clean accuracy, a fraction (0.84).")
+@click.option("--robust", type=float, default=None, help="Reported robust accuracy, a fraction (0.52).")
+@click.option("--attack", required=True, help='Attack behind --robust, e.g. "PGD-20" or "AutoAttack standard".')
+@click.option("--source", required=True, help="Paper, table or URL the numbers come from.")
+@click.option("--eps", default=None, help='Budget of the reported attack, e.g. "8/255".')
+@click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None)
+@click.option("--note", default=None)
+@_db_option
+@friendly_errors
+def reported_set(ref, clean, robust, attack, source, eps, norm, note, db):
+    """Attach reported numbers to a model (they replace any it had and take precedence over the shipped tables)."""
+    from bench.analysis.report import resolve_model
+    from bench.analysis.reported import parse_reported
+
+    data = {
+        "clean": clean,
+        "robust": robust,
+        "attack": attack,
+        "source": source,
+        "eps": eps,
+        "norm": norm,
+        "note": note,
+    }
+    rep = parse_reported({k: v for k, v in data.items() if v is not None}, "bench reported set")
+    store = _store(db)
+    with store.session() as s:
+        model = resolve_model(s, ref)
+        model.reported = rep.to_json()
+        name = model.name
+    from bench.analysis.report import percent
+
+    click.echo(
+        f"model {name}: reported clean {percent(rep.clean)}, robust {percent(rep.robust)} ({rep.attack}; {rep.source})"
+    )
+
+
+@reported.command("clear")
+@click.argument("ref", metavar="MODEL")
+@_db_option
+@friendly_errors
+def reported_clear(ref, db):
+    """Remove a model's own reported numbers (shipped-table matches still apply)."""
+    from bench.analysis.report import resolve_model
+
+    store = _store(db)
+    with store.session() as s:
+        model = resolve_model(s, ref)
+        model.reported = {}
+        name = model.name
+    click.echo(f"model {name}: reported numbers removed")
+
+
+@reported.command("list")
+@click.option("--method", default=None, help="Only this method key (hydra, mad, pwoa, admm, atmc).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def reported_list(method, fmt):
+    """The shipped reported numbers (thin-ice Table 1, the APB leaderboard, the methods' papers)."""
+    from bench.analysis.reported import load_reported_table
+
+    entries = [e for e in load_reported_table() if method is None or e["method"] == method]
+    if fmt == "json":
+        click.echo(json.dumps(entries, indent=1, ensure_ascii=False))
+        return
+    rows = [
+        {
+            "id": e["id"],
+            "method": e["method"],
+            "arch": e["arch"],
+            "dataset": e["dataset"],
+            "struct": e["structure"],
+            "sparsity": f"{100 * e['sparsity']:g} %",
+            "threat": f"{e['norm']} {e['eps']}" if e["norm"] else "not stated",
+            "clean": "-" if e["clean"] is None else f"{100 * e['clean']:.2f}",
+            "robust": "-" if e["robust"] is None else f"{100 * e['robust']:.2f}",
+            "kind": e["kind"],
+            "table": e.get("table", ""),
+        }
+        for e in entries
+    ]
+    click.echo(_fmt_table(rows))
