@@ -27,6 +27,9 @@ Examples:
   bench evaluate
   bench evaluate --checkpoint model.pt --arch resnet18 --dataset cifar10 --n-samples 1000 --device cuda
   bench evaluate --checkpoint model.pt --arch small_cnn --dataset digits --version standard --norm L2 --eps 0.5
+  bench evaluate --model-id MAD_Lee2022Masking_R18_CIFAR10_US_90 --device cuda     # a zoo entry (bench zoo list)
+  bench evaluate --method hydra --sparsity 0.95 --dataset cifar10 --arch resnet18   # resolved through the zoo
+  bench evaluate --zoo --method hydra --device cuda          # every hydra entry not yet evaluated (resumable)
 """
 
 
@@ -99,6 +102,31 @@ def _resolve_device(device: str) -> str:
 @click.option("--sparsity", type=float, default=None, help="Target sparsity for --method (fraction of zero weights).")
 @click.option("--prune-seed", type=int, default=0, show_default=True, help="Seed of the pruning run (--method).")
 @click.option(
+    "--model-id",
+    default=None,
+    help="A zoo entry (bench zoo list): fetched, sha256-verified, converted, registered with its manifest, evaluated.",
+)
+@click.option(
+    "--zoo",
+    "zoo_all",
+    is_flag=True,
+    help="Evaluate every zoo entry matching --method/--dataset/--arch/--sparsity that this protocol has not "
+    "evaluated yet (resumable).",
+)
+@click.option(
+    "--submissions",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Zoo manifests folder [default: $BENCH_SUBMISSIONS_DIR or the repository's submissions/].",
+)
+@click.option(
+    "--max-size",
+    type=click.IntRange(min=1),
+    default=2 * 1024**3,
+    show_default=True,
+    help="Largest zoo checkpoint download accepted, in bytes.",
+)
+@click.option(
     "--n-samples",
     type=int,
     default=None,
@@ -158,6 +186,10 @@ def evaluate(
     method,
     sparsity,
     prune_seed,
+    model_id,
+    zoo_all,
+    submissions,
+    max_size,
     n_samples,
     eps,
     norm,
@@ -173,7 +205,11 @@ def evaluate(
     overwrite,
     no_progress,
 ):
-    """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it."""
+    """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it.
+
+    The checkpoint is --checkpoint, a zoo entry (--model-id, or --method/--sparsity with a --dataset other than
+    the track's), every matching zoo entry (--zoo), or else the built-in track's dense model.
+    """
     from bench.catalog import load_checkpoint_model, register_model
     from bench.data import get_dataset_info, load_split, parse_eps
     from bench.models import ARCHS
@@ -182,6 +218,44 @@ def evaluate(
 
     torch.set_num_threads(threads)
     device = _resolve_device(device)
+    if workers is None:
+        workers = (os.cpu_count() or 1) if device == "cpu" else 1
+    if model_id is not None or zoo_all or _picks_zoo_entry(checkpoint, method, dataset, track):
+        if checkpoint is not None or ckpt_format != "plain" or k is not None or name is not None:
+            raise ValueError(
+                "a zoo entry brings its own checkpoint, format and name; drop --checkpoint/--format/--k/--name"
+            )
+        if model_id is not None and (zoo_all or method or sparsity is not None or dataset or arch):
+            raise ValueError(
+                "--model-id names one zoo entry; --zoo and --method/--sparsity/--dataset/--arch select by filter"
+            )
+        from bench.cli_submit import evaluate_zoo, zoo_spec_factory
+
+        evaluate_zoo(
+            model_id=model_id,
+            all_entries=zoo_all,
+            method=method,
+            sparsity=sparsity,
+            dataset=dataset,
+            arch=arch,
+            submissions=submissions,
+            max_size=max_size,
+            db=db,
+            data_dir=data_dir,
+            make_spec=zoo_spec_factory(
+                n_samples=n_samples,
+                eps=eps,
+                norm=norm,
+                aa_version=aa_version,
+                fmn_steps=fmn_steps,
+                batch_size=batch_size,
+                seed=seed,
+                device=device,
+                data_dir=data_dir,
+            ),
+            run=functools.partial(_evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers),
+        )
+        return
     # Everything the user typed is checked before the store is opened, so a typo leaves no results.db behind.
     register_kw: dict = {"name": name}
     if checkpoint is None:
@@ -192,8 +266,8 @@ def evaluate(
         tr = TRACKS[track]
         if arch not in (None, tr.arch) or dataset not in (None, tr.dataset):
             raise ValueError(
-                "--arch/--dataset need --checkpoint; without one the built-in "
-                f"{tr.name} track ({tr.arch} on {tr.dataset}) is evaluated"
+                "--arch/--dataset need --checkpoint (or --method M --sparsity S to pick a zoo entry, or --model-id); "
+                f"without one the built-in {tr.name} track ({tr.arch} on {tr.dataset}) is evaluated"
             )
         arch, dataset = tr.arch, tr.dataset
     elif arch is None or dataset is None:
@@ -229,8 +303,6 @@ def evaluate(
         get_method(method).check_sparsity(sparsity)
     elif sparsity is not None:
         raise ValueError("--sparsity needs --method (bench methods lists them)")
-    if workers is None:
-        workers = (os.cpu_count() or 1) if device == "cpu" else 1
     run = functools.partial(
         _evaluate_row, x=x, y=y, spec=spec, overwrite=overwrite, progress=not no_progress, workers=workers
     )
@@ -284,6 +356,15 @@ def evaluate(
     ]:
         click.echo(f"  {label:<24}{getattr(dense_summary, attr):>10.2%}{getattr(pruned_summary, attr):>10.2%}")
     click.echo(f"  {'sparsity (measured)':<24}{row.measured_sparsity:>10.2%}{pruned.row.measured_sparsity:>10.2%}")
+
+
+def _picks_zoo_entry(checkpoint, method, dataset, track) -> bool:
+    """``--method M --dataset D`` without ``--checkpoint``, on a dataset that is not the built-in track's."""
+    if checkpoint is not None or method is None or dataset is None:
+        return False
+    from bench.track import TRACKS
+
+    return track not in TRACKS or dataset != TRACKS[track].dataset
 
 
 def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers):
@@ -592,6 +673,7 @@ def db_upgrade(db):
 
 # Command groups living in their own modules register themselves on ``main`` when imported.
 from bench import cli_analysis  # noqa: E402,F401  (registers analyze/report commands)
+from bench import cli_submit as _cli_submit  # noqa: E402,F401  (registers submit, zoo, export)
 
 if __name__ == "__main__":  # pragma: no cover
     # ``python -m bench.cli``: the modules above registered on the imported ``bench.cli.main``, not on this copy.

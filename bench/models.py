@@ -651,6 +651,15 @@ def wrn28_4(num_classes: int) -> nn.Module:
 
 
 @register_arch(
+    "wrn28_10",
+    description="WideResNet-28-10 (Zagoruyko & Komodakis; TRADES/RobustBench code, e.g. Sehwag2020Hydra), 36.5M params",
+    paper_url=_WRN,
+)
+def wrn28_10(num_classes: int) -> nn.Module:
+    return WideResNet(28, 10, num_classes)
+
+
+@register_arch(
     "wrn34_10",
     description="WideResNet-34-10 (Zagoruyko & Komodakis; TRADES/RobustBench code), 46.2M params",
     paper_url=_WRN,

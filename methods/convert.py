@@ -201,7 +201,13 @@ def load_converted(path: str | Path, fmt: str = "plain", *, k: float | None = No
     spec = FORMATS.get(fmt)
     if k is not None and not spec.needs_k:
         raise ValueError(f"--k is only used with --format hydra-subnet, not {fmt!r}")
-    return spec.load(Path(path), k=k)
+    state_dict = spec.load(Path(path), k=k)
+    # TRADES's WideResNet (used by HYDRA's WRN-28-4 and PwoA's WRN-34-10 releases) defines a ``sub_block1`` that
+    # its forward never calls; our WideResNet leaves it out, so its weights are dropped.
+    return {key: v for key, v in state_dict.items() if not key.startswith(_UNUSED_PREFIXES)}
+
+
+_UNUSED_PREFIXES = ("sub_block1.",)
 
 
 def native_normalization(fmt: str, dataset: str) -> MeanStd:

@@ -408,3 +408,22 @@ def test_a_stored_converted_model_is_rebuilt_with_its_format_and_normalisation(t
         load_stored_model(row, moved)
     with pytest.raises(FileNotFoundError, match="pass its current path"):
         load_stored_model(row, tmp_path / "missing.pt")
+
+
+def test_trades_wrn_sub_block1_is_dropped(tmp_path):
+    # TRADES's WideResNet (HYDRA's WRN-28-4 releases) saves an unused sub_block1 next to block1..3.
+    from bench.models import WideResNet
+
+    torch.manual_seed(0)
+    net = WideResNet(10, 1).eval()  # WRN-10-1: the same construction, small
+    unused = {"sub_block1.layer.0.conv1.weight": torch.randn(16, 16, 3, 3)}
+    sd = {**{f"module.{k}": v for k, v in net.state_dict().items()}, **{f"module.{k}": v for k, v in unused.items()}}
+    path = tmp_path / "model_best_dense.pth.tar"
+    torch.save({"epoch": 1, "state_dict": sd}, path)
+    state = load_converted(path, "hydra-dense")
+    assert not any(k.startswith("sub_block1.") for k in state) and "block1.layer.0.conv1.weight" in state
+    ours = WideResNet(10, 1).eval()
+    ours.load_state_dict(state)  # strict: nothing missing, nothing unexpected
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), net(x), atol=1e-6)

@@ -30,6 +30,7 @@ PUBLISHED_PARAMS = {
     # Sometimes quoted as 5,848,026: that is 16*64 short, i.e. without block1's 1x1 convShortcut (16 -> 64
     # channels), which the TRADES code has. 36,479,194 for WRN-28-10 confirms the same construction.
     "wrn28_4": 5_849_050,
+    "wrn28_10": 36_479_194,
     "wrn34_10": 46_160_474,
     "mobilenetv2": 2_296_922,
     # The methods' own VGG-16s, counted on the official modules (HYDRA models/vgg_cifar.py vgg16_bn with

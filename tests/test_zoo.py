@@ -1,0 +1,337 @@
+"""The zoo end to end over HTTP on 127.0.0.1: validate → fetch → evaluate, and the downloader's defences."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from bench.checkpoints import measure_sparsity
+from bench.cli import main
+from bench.data import load_split
+from bench.store import Evaluation, Model, Store
+from bench.zoo.fetch import (
+    CheckpointTooLarge,
+    ChecksumMismatch,
+    DownloadFailed,
+    NotACheckpoint,
+    direct_download_url,
+    fetch_checkpoint,
+    read_records,
+)
+from bench.zoo.zoo import load_zoo, prepare_entry
+from methods.base import get_method
+from methods.convert import load_converted_model
+from tests.zoo_helpers import (
+    CHILD_ID,
+    PARENT_ID,
+    CheckpointServer,
+    dense_submission,
+    new_submission,
+    sha256,
+    write_manifest,
+)
+
+EVAL_ARGS = ["--n-samples", "4", "--version", "standard", "--fmn-steps", "3", "--workers", "1", "--no-progress"]
+HTML_TITLE = '<script>alert("x")</script> HYDRA & <b>friends</b>'
+
+
+def _invoke(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(digits_cnn, tmp_path_factory):
+    """A trained small_cnn as a plain dense state dict, and as a HYDRA subnet file (scores = |w|, k = 0.1)."""
+    net = digits_cnn.net
+    dense_sd = {k: v.clone() for k, v in net.state_dict().items()}
+    subnet_sd = {}
+    for key, value in dense_sd.items():
+        subnet_sd[key] = value
+        if key.endswith("weight") and value.dim() > 1:
+            subnet_sd[key.removesuffix("weight") + "popup_scores"] = value.abs()
+    child = _bytes({"epoch": 20, "arch": "small_cnn", "state_dict": subnet_sd, "best_prec1": 51.2})
+    dense = _bytes(dense_sd)
+    folder = tmp_path_factory.mktemp("zoo-ckpt")
+    (folder / "model_best.pth.tar").write_bytes(child)
+    model = load_converted_model(folder / "model_best.pth.tar", "hydra-subnet", "small_cnn", "digits", k=0.1)
+    x, y = load_split("digits", "test")
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+        dense_accuracy = (digits_cnn(x).argmax(1) == y).float().mean().item()
+    return {
+        "child": child,
+        "dense": dense,
+        "sparsity": round(measure_sparsity(model).sparsity, 4),
+        "accuracy": round(accuracy, 4),
+        "dense_accuracy": round(dense_accuracy, 4),
+    }
+
+
+def _zoo(root: Path, server: CheckpointServer, ck: dict, **child_overrides) -> None:
+    server.files["/dense.pt"] = ck["dense"]
+    server.files["/hydra/model_best.pth.tar"] = ck["child"]
+    write_manifest(
+        root, dense_submission(server.url("/dense.pt"), ck["dense"], {"reported.clean": ck["dense_accuracy"]})
+    )
+    overrides = {"model.claimed_sparsity": ck["sparsity"], "reported.clean": ck["accuracy"], **child_overrides}
+    write_manifest(root, new_submission(server.url("/hydra/model_best.pth.tar"), ck["child"], overrides))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole path
+
+
+def test_validate_fetch_evaluate_over_http(checkpoints, tmp_path):
+    root, db = tmp_path / "submissions", tmp_path / "r.db"
+    with CheckpointServer() as server:
+        _zoo(root, server, checkpoints, **{"paper.title": HTML_TITLE})
+
+        validated = _invoke("submit", "validate", "--submissions", root, root)
+        assert validated.exit_code == 0, validated.output
+        assert "2 manifest(s): 2 ok, 0 failed" in validated.output
+        assert f"sparsity {checkpoints['sparsity']:.4f} vs claim" in validated.output
+        assert "clean accuracy" in validated.output and "fetch and sha256 (manifest)" in validated.output
+
+        fetched = _invoke("zoo", "fetch", CHILD_ID, "--submissions", root)
+        assert fetched.exit_code == 0, fetched.output
+        assert sha256(checkpoints["child"]) in fetched.output and "verified against the manifest" in fetched.output
+
+        store = Store(f"sqlite:///{db}")
+        prepare_entry(store, load_zoo(root).get(PARENT_ID))  # the dense parent, registered first
+        evaluated = _invoke("evaluate", "--model-id", CHILD_ID, "--submissions", root, "--db", db, *EVAL_ARGS)
+        assert evaluated.exit_code == 0, evaluated.output
+        assert f"model {CHILD_ID}" in evaluated.output
+        # Validation downloaded each file once; fetch and evaluate used the verified cache.
+        assert [p for p, _ in server.requests].count("/hydra/model_best.pth.tar") == 1
+
+    with store.session() as s:
+        row = s.scalars(select(Model).where(Model.name == CHILD_ID)).one()
+        assert row.checkpoint_sha256 == sha256(checkpoints["child"])
+        assert (row.method, row.structure, row.target_sparsity, row.source) == ("hydra", "US", 0.9, "zoo")
+        assert row.measured_sparsity == pytest.approx(checkpoints["sparsity"], abs=1e-4)
+        assert row.parent is not None and row.parent.name == PARENT_ID
+        assert row.reported["clean"] == checkpoints["accuracy"] and row.reported["robust"] == 0.1
+        assert row.reported["attack"] == "PGD-10, eps 0.2 (test)"
+        assert row.taxonomy == get_method("hydra").card.taxonomy
+        zoo_prov = row.provenance["zoo"]
+        assert zoo_prov["model_id"] == CHILD_ID and zoo_prov["checkpoint_sha256"] == row.checkpoint_sha256
+        manifest_bytes = (root / "hydra" / f"{CHILD_ID}.yaml").read_bytes()
+        assert zoo_prov["manifest_sha256"] == sha256(manifest_bytes)
+        assert zoo_prov["paper"]["title"] == HTML_TITLE  # stored verbatim, not escaped or stripped
+        assert row.provenance["native_format"] == "hydra-subnet" and row.provenance["k"] == 0.1
+        (ev,) = s.scalars(select(Evaluation).where(Evaluation.model_id == row.id)).all()
+        assert ev.status == "complete" and ev.n_samples == 4
+        assert ev.provenance  # protocol provenance recorded by the evaluator
+        clean = ev.clean_accuracy
+
+    again = _invoke("evaluate", "--zoo", "--method", "hydra", "--submissions", root, "--db", db, *EVAL_ARGS)
+    assert again.exit_code == 0, again.output
+    assert f"{CHILD_ID}: already evaluated under this protocol" in again.output
+
+    exported = _invoke(
+        "export", "robustbench", CHILD_ID, "--out", tmp_path / "model_info", "--submissions", root, "--db", db
+    )
+    assert exported.exit_code == 0, exported.output
+    path = tmp_path / "model_info" / "digits" / "Linf" / "Sehwag2020Hydra_SmallCNN_US_90.json"
+    assert exported.output.strip() == str(path)
+    info = json.loads(path.read_text())
+    assert info["clean_acc"] == f"{100 * clean:.2f}" and info["reported"] == "10.00"
+    assert info["name"] == "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; HYDRA &amp; &lt;b&gt;friends&lt;/b&gt;"
+    assert info["venue"] == "NeurIPS 2020" and info["eps"] == "0.2"
+
+
+def test_a_child_registered_before_its_parent_is_linked_when_the_parent_arrives(checkpoints, tmp_path):
+    root = tmp_path / "submissions"
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    with CheckpointServer() as server:
+        _zoo(root, server, checkpoints)
+        zoo = load_zoo(root)
+        child, _ = prepare_entry(store, zoo.get(CHILD_ID))
+        assert child.parent_id is None
+        parent, _ = prepare_entry(store, zoo.get(PARENT_ID))
+    with store.session() as s:
+        assert s.get(Model, child.id).parent_id == parent.id
+        assert s.get(Model, parent.id).method == "dense"
+
+
+def test_evaluate_zoo_goes_through_every_entry_and_reports_failures(checkpoints, tmp_path):
+    root, db = tmp_path / "submissions", tmp_path / "r.db"
+    with CheckpointServer() as server:
+        _zoo(root, server, checkpoints)
+        del server.files["/hydra/model_best.pth.tar"]  # the child's file is gone: 404
+        args = ["evaluate", "--zoo", "--dataset", "digits", "--submissions", root, "--db", db, *EVAL_ARGS]
+        first = _invoke(*args)
+        assert first.exit_code == 1
+        assert f"evaluation #1 of {PARENT_ID}" in first.output
+        assert f"FAILED {CHILD_ID}:" in first.output and "HTTP 404" in first.output
+        assert "1 of 2 zoo entries failed" in first.output
+        server.files["/hydra/model_best.pth.tar"] = checkpoints["child"]
+        second = _invoke(*args)
+    assert second.exit_code == 0, second.output
+    assert f"{PARENT_ID}: already evaluated under this protocol (evaluation #1)" in second.output
+    assert f"evaluation #2 of {CHILD_ID}" in second.output
+
+
+def test_online_validation_measures_sparsity_and_clean_accuracy(checkpoints, tmp_path):
+    root = tmp_path / "submissions"
+    with CheckpointServer() as server:
+        _zoo(root, server, checkpoints, **{"model.claimed_sparsity": 0.5, "reported.clean": 0.999})
+        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+    assert result.exit_code == 1
+    assert "model.claimed_sparsity: claims 0.5000 but the checkpoint measures" in result.output
+    assert "tolerance ±0.0050" in result.output
+    assert "reported.clean: reported 99.90%, but the checkpoint gets" in result.output
+    assert "first 360 digits test samples" in result.output
+
+
+class _WritesMarker:
+    """Unpickling it creates a file: proof that a checkpoint's code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_unpickles_objects_is_refused_unexecuted(checkpoints, tmp_path):
+    root = tmp_path / "submissions"
+    marker = tmp_path / "pwned"
+    evil = _bytes({"state_dict": torch.load(io.BytesIO(checkpoints["dense"])), "extra": _WritesMarker(str(marker))})
+    with CheckpointServer() as server:
+        server.files["/evil.pth.tar"] = evil
+        _zoo(root, server, checkpoints)
+        doc = new_submission(server.url("/evil.pth.tar"), evil, {"model.claimed_sparsity": checkpoints["sparsity"]})
+        write_manifest(root, doc)
+        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+    assert result.exit_code == 1
+    assert "checkpoint.url: refused: checkpoint" in result.output
+    assert "contains pickled Python objects beyond tensors" in result.output
+    assert not marker.exists()
+
+
+def test_a_sha256_mismatch_is_refused_and_nothing_is_kept(checkpoints, tmp_path):
+    root = tmp_path / "submissions"
+    with CheckpointServer() as server:
+        _zoo(root, server, checkpoints, **{"checkpoint.sha256": "0" * 64})
+        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+    assert result.exit_code == 1
+    assert "checkpoint.sha256:" in result.output and "the file was deleted and not loaded" in result.output
+    cache = Path(os.environ["BENCH_CACHE_DIR"]) / "zoo" / CHILD_ID
+    assert not any(cache.iterdir()) or [p.name for p in cache.iterdir()] == [".lock"]
+
+
+def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path):
+    repo = Path(__file__).resolve().parent.parent / "submissions"
+    entry_id = "Dense_Sehwag2020Hydra_V16_CIFAR10_US_0"
+    root = tmp_path / "submissions"
+    (root / "dense").mkdir(parents=True)
+    (root / "dense" / f"{entry_id}.yaml").write_bytes((repo / "dense" / f"{entry_id}.yaml").read_bytes())
+    download = tmp_path / "model_best_dense.pth.tar"
+    download.write_bytes(b"weights downloaded by hand")
+    first = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    assert first.exit_code == 0, first.output and "the hash is recorded" in first.output
+    assert read_records()[entry_id]["sha256"] == sha256(download.read_bytes())
+    second = _invoke("zoo", "fetch", entry_id, "--submissions", root)
+    assert second.exit_code == 0, second.output
+    assert "verified against the recorded hash" in second.output
+    download.write_bytes(b"some other file")
+    third = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    assert third.exit_code != 0 and "the hash recorded at its first download" in third.output
+
+
+# --------------------------------------------------------------------------------------------------------
+# The downloader
+
+
+@pytest.fixture
+def server():
+    with CheckpointServer() as s:
+        s.files["/ckpt.pt"] = os.urandom(300_000)
+        yield s
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    server.drop_once.add("/ckpt.pt")
+    result = fetch_checkpoint("E1", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), root=tmp_path, backoff_s=0)
+    assert result.path.read_bytes() == data and result.verified_by == "manifest"
+    (first, _), (second, resumed_at) = server.requests
+    assert first == second == "/ckpt.pt" and resumed_at == f"bytes={len(data) // 2}-"
+
+
+def test_a_download_interrupted_for_good_keeps_its_part_and_the_next_run_resumes(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    server.drop_once.add("/ckpt.pt")
+    with pytest.raises(DownloadFailed, match="run the command again to resume"):
+        fetch_checkpoint("E2", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), root=tmp_path, retries=0)
+    part = tmp_path / "E2" / "ckpt.pt.part"
+    assert part.stat().st_size == len(data) // 2 and not (tmp_path / "E2" / "ckpt.pt").exists()
+    result = fetch_checkpoint("E2", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), root=tmp_path)
+    assert result.path.read_bytes() == data and not part.exists()
+    assert server.requests[-1][1] == f"bytes={len(data) // 2}-"
+
+
+def test_a_server_that_ignores_ranges_is_downloaded_again_from_the_start(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    server.ranges = False
+    server.drop_once.add("/ckpt.pt")
+    result = fetch_checkpoint("E3", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), root=tmp_path, backoff_s=0)
+    assert result.path.read_bytes() == data
+
+
+def test_a_download_over_the_cap_or_the_declared_size_is_aborted(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    with pytest.raises(CheckpointTooLarge, match="over the cap"):
+        fetch_checkpoint("E4", server.url("/ckpt.pt"), "ckpt.pt", max_size=len(data) - 1, root=tmp_path)
+    with pytest.raises(CheckpointTooLarge, match="checkpoint.size declares 1,000"):
+        fetch_checkpoint("E5", server.url("/ckpt.pt"), "ckpt.pt", size=1000, root=tmp_path)
+    assert not [p for p in tmp_path.rglob("ckpt.pt*")]
+
+
+def test_a_wrong_hash_is_refused_and_the_first_download_of_an_unhashed_entry_is_recorded(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    with pytest.raises(ChecksumMismatch, match="the file was deleted"):
+        fetch_checkpoint("E6", server.url("/ckpt.pt"), "ckpt.pt", sha256="f" * 64, root=tmp_path)
+    assert not (tmp_path / "E6" / "ckpt.pt").exists()
+    first = fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
+    assert first.verified_by == "first download" and read_records(tmp_path)["E7"]["sha256"] == sha256(data)
+    first.path.unlink()
+    assert fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path).verified_by == "record"
+    first.path.unlink()
+    server.files["/ckpt.pt"] = b"replaced upstream"
+    with pytest.raises(ChecksumMismatch, match="hash recorded at its first download"):
+        fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
+
+
+def test_web_pages_and_unsafe_redirects_are_refused(server, tmp_path):
+    server.files["/page"] = b"<html>Google Drive can't scan this file for viruses</html>"
+    server.content_types["/page"] = "text/html; charset=utf-8"
+    with pytest.raises(NotACheckpoint, match="returned a web page"):
+        fetch_checkpoint("E8", server.url("/page"), "ckpt.pt", root=tmp_path)
+    server.redirects["/moved"] = "http://example.org/ckpt.pt"
+    with pytest.raises(DownloadFailed, match="refused redirect"):
+        fetch_checkpoint("E9", server.url("/moved"), "ckpt.pt", root=tmp_path)
+    server.redirects["/file"] = "file:///etc/passwd"
+    with pytest.raises(DownloadFailed, match="is not allowed"):
+        fetch_checkpoint("E10", server.url("/file"), "ckpt.pt", root=tmp_path)
+
+
+def test_google_drive_links_use_the_direct_download_endpoint():
+    direct = "https://drive.usercontent.google.com/download?id=1AbC-d_9&export=download&confirm=t"
+    assert direct_download_url("https://drive.google.com/uc?export=download&id=1AbC-d_9") == direct
+    assert direct_download_url("https://drive.google.com/file/d/1AbC-d_9/view?usp=sharing") == direct
+    assert direct_download_url("https://example.org/x.pt") == "https://example.org/x.pt"
