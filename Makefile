@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.apbench-installed
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test lint format clean-venv chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,10 +17,19 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/bench evaluate --method hydra --sparsity 0.95
+	$(BIN)/bench leaderboard build --out site
 
-test: $(STAMP)
+# The browser test drives Debian's chromium through playwright (never playwright's own browser download).
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium for the browser test (apt-get)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: could not install chromium; tests/test_browser.py will be skipped (see its reason)"; \
+	fi
+
+test: $(STAMP) chromium
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -rs
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -674,6 +674,7 @@ def db_upgrade(db):
 # Command groups living in their own modules register themselves on ``main`` when imported.
 from bench import cli_analysis  # noqa: E402,F401  (registers analyze/report commands)
 from bench import cli_submit as _cli_submit  # noqa: E402,F401  (registers submit, zoo, export)
+from leaderboard import cli as _leaderboard_cli  # noqa: E402,F401  (registers the leaderboard commands)
 
 if __name__ == "__main__":  # pragma: no cover
     # ``python -m bench.cli``: the modules above registered on the imported ``bench.cli.main``, not on this copy.

@@ -1,0 +1,165 @@
+"""The site's per-sample work: read each evaluation's records, write its CSV and plots, run its analyses.
+
+This is the expensive part of a build (10 000 rows and two figures per model), so it runs in worker processes,
+one *job* per dense parent and (a slice of) its children: the parent's records are read once per job. A job
+writes its files itself and returns only the small results the pages need (:class:`SampleResults`). Each file
+depends only on its evaluation's rows, so the site is the same whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.analysis.curves import attack_breakdown, security_curve
+from bench.analysis.paired import McNemar, mcnemar
+from bench.analysis.records import CSV_COLUMNS, EvaluationRecords, IncomparableError, load_records
+from bench.analysis.thin_ice import ThinIce, ThinIceError, thin_ice
+from bench.store import Store
+from leaderboard import plots
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One evaluation to process, and the dense parent's evaluation under the same protocol (if any)."""
+
+    evaluation_id: int
+    stem: str
+    autoattack: float
+    best_known: float
+    parent_evaluation_id: int | None = None
+
+
+@dataclass
+class SampleResults:
+    """What a model page needs from the per-sample records (ThinIce without its per-sample arrays)."""
+
+    breakdown: list[dict[str, Any]] = field(default_factory=list)
+    thin: ThinIce | None = None
+    thin_error: str | None = None
+    paired: list[tuple[str, McNemar]] = field(default_factory=list)
+    has_thin_ice_plot: bool = False
+
+
+def write_text(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        f.write(content)
+
+
+def records_csv(rec: EvaluationRecords) -> str:
+    """``rec.to_csv()``, column at a time (the same bytes; a test checks it): 5-10x faster on 10 000 rows."""
+    columns = []
+    for name in CSV_COLUMNS:
+        values = getattr(rec, name)
+        if values is None:
+            continue
+        if values.dtype == bool:
+            cells = np.where(values, "1", "0").tolist()
+        elif values.dtype.kind in "iu":
+            cells = [str(v) for v in values.tolist()]
+        elif values.dtype.kind == "f":
+            cells = ["" if v != v else repr(v) for v in values.tolist()]
+        else:
+            cells = ["" if v is None else str(v) for v in values.tolist()]
+            if any(ch in c for c in set(cells) for ch in ',"\r\n'):
+                return rec.to_csv()  # a value that needs CSV quoting: leave it to the csv module
+        columns.append([name, *cells])
+    return "".join(",".join(row) + "\n" for row in zip(*columns, strict=True))
+
+
+def breakdown_rows(rec: EvaluationRecords) -> list[dict[str, Any]]:
+    """Where each sample ended (clean error, the AutoAttack stage that broke it, robust), with the robust
+    accuracy left after each stage, in percent."""
+    n = rec.n
+    remaining = n
+    rows = []
+    for label, count in attack_breakdown(rec, rec.stages):
+        if label != "robust":
+            remaining -= count
+        rows.append(
+            {
+                "label": label,
+                "count": count,
+                "percent": 100 * count / n if n else math.nan,
+                "after": 100 * remaining / n if n and label != "robust" else None,
+            }
+        )
+    return rows
+
+
+def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | None, out: Path) -> SampleResults:
+    """Write the CSV and plots of one evaluation under ``out/models`` and return its page results."""
+    folder = out / "models"
+    write_text(folder / f"{task.stem}.csv", records_csv(rec))
+    result = SampleResults(breakdown=breakdown_rows(rec))
+    grid, robust = security_curve(rec)
+    write_text(
+        folder / f"{task.stem}-curve.svg",
+        plots.security_curve_svg(
+            grid,
+            robust,
+            norm=rec.norm,
+            nominal_eps=rec.eps,
+            nominal_label=str(rec.spec.get("eps", rec.eps)),
+            autoattack=task.autoattack,
+            best_known=task.best_known,
+        ),
+    )
+    if parent is None:
+        return result
+    try:
+        thin = thin_ice(parent, rec)
+    except ThinIceError as err:
+        result.thin_error = str(err)
+        return result
+    write_text(
+        folder / f"{task.stem}-thin-ice.svg",
+        plots.thin_ice_svg(thin.eps, thin.margin, thin.population, norm=rec.norm, nominal_eps=rec.eps),
+    )
+    result.has_thin_ice_plot = True
+    empty = np.empty(0)
+    result.thin = dataclasses.replace(thin, sample_id=empty, eps=empty, margin=empty, population=empty)
+    for flag, label in (("aa_robust", "AutoAttack robust"), ("best_robust", "best-known robust")):
+        try:
+            result.paired.append((label, mcnemar(rec, parent, flag=flag)))
+        except IncomparableError as err:  # pragma: no cover - thin_ice checked comparability already
+            result.thin_error = str(err)
+    return result
+
+
+def run_job(store: Store, tasks: list[EvalTask], out: Path) -> dict[int, SampleResults]:
+    """Process a job's tasks, reading each evaluation's records once."""
+    cache: dict[int, EvaluationRecords] = {}
+    results = {}
+    with store.session() as session:
+
+        def records(evaluation_id: int) -> EvaluationRecords:
+            if evaluation_id not in cache:
+                cache[evaluation_id] = load_records(session, evaluation_id)
+            return cache[evaluation_id]
+
+        for task in tasks:
+            parent = records(task.parent_evaluation_id) if task.parent_evaluation_id is not None else None
+            results[task.evaluation_id] = process(records(task.evaluation_id), task, parent, out)
+    return results
+
+
+# Worker processes open their own engine on the same URL (a connection must not cross a fork).
+_worker_store: Store | None = None
+
+
+def worker_init(url: str) -> None:
+    global _worker_store
+    _worker_store = Store(url, migrate=False)
+
+
+def worker_job(args: tuple[list[EvalTask], str]) -> dict[int, SampleResults]:
+    tasks, out = args
+    assert _worker_store is not None, "worker_init was not called"
+    return run_job(_worker_store, tasks, Path(out))

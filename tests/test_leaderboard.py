@@ -1,0 +1,320 @@
+"""The static site: pages and downloads, escaping of submitter strings, byte-identical rebuilds, odd stores.
+
+The stores here hold synthetic results (``leaderboard.synthetic``); ``tests/test_browser.py`` builds a site from
+real evaluations and drives it in chromium.
+"""
+
+from __future__ import annotations
+
+import csv
+import filecmp
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from markupsafe import escape
+from sqlalchemy import select
+
+from bench.analysis.records import load_records
+from bench.cli import main
+from bench.provenance import utcnow
+from bench.store import Evaluation, Model, SampleResult
+from leaderboard import build as build_module
+from leaderboard import plots
+from leaderboard.build import MARKER, build_site, model_slug, safe_url
+from leaderboard.per_sample import records_csv
+from leaderboard.synthetic import fill_synthetic, spec_for
+from methods.base import get_method, list_methods
+
+real_pool = build_module._pool
+XSS = "<script>alert(1)</script>"
+XSS_ESCAPED = "&lt;script&gt;alert(1)&lt;/script&gt;"
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def _html(root: Path) -> dict[Path, str]:
+    return {p: (root / p).read_text(encoding="utf-8") for p in _files(root) if p.suffix == ".html"}
+
+
+@pytest.fixture
+def synthetic(store):
+    """A dense parent and four pruned children (HYDRA at 90/95/99 %, RAP-ADMM at 90 %), 300 samples each."""
+    ids = fill_synthetic(store, n_models=5, n_samples=300)
+    return store, ids
+
+
+def test_site_has_every_page_plot_and_download(synthetic, tmp_path):
+    store, ids = synthetic
+    index = build_site(store, tmp_path / "site")
+    site = tmp_path / "site"
+    assert index == site / "index.html"
+    for page in ("index.html", "methodology.html", "methods.html", "downloads.html", "data/papers.bib", MARKER):
+        assert (site / page).is_file(), page
+    with store.session() as s:
+        models = list(s.scalars(select(Model).order_by(Model.id)))
+        evaluations = {ev.model_id: ev.id for ev in s.scalars(select(Evaluation))}
+        records = {mid: load_records(s, eid) for mid, eid in evaluations.items()}
+    html = (site / "index.html").read_text()
+    for m in models:
+        page = site / "models" / f"{model_slug(m)}.html"
+        assert page.is_file()
+        assert f'href="models/{model_slug(m)}.html"' in html
+        stem = f"{model_slug(m)}-e{evaluations[m.id]}"
+        assert (site / "models" / f"{stem}-curve.svg").is_file()
+        # The download is the evaluation's per-sample records, byte for byte as bench.analysis writes them.
+        assert (site / "models" / f"{stem}.csv").read_text() == records[m.id].to_csv()
+        text = page.read_text()
+        assert f'src="{stem}-curve.svg"' in text
+        if m.parent_id is None:
+            assert "Samples on thin ice" not in text
+        else:
+            assert (site / "models" / f"{stem}-thin-ice.svg").is_file()
+            assert f'src="{stem}-thin-ice.svg"' in text
+            assert "AUC(ε<sub>10</sub> &lt; ε<sub>11</sub>)" in text
+            assert "McNemar" in text
+    # One table (cifar10, L∞ 8/255, resnet18, unstructured) with the dense parent in it, ranked by AutoAttack.
+    assert len(list((site / "data").glob("table-*.csv"))) == 1
+    table = next((site / "data").glob("table-*.csv"))
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    assert {r["model"] for r in rows} == {m.name for m in models}
+    robust = [float(r["autoattack"]) for r in rows]
+    assert robust == sorted(robust, reverse=True)
+    assert [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    data = json.loads(table.with_suffix(".json").read_text())
+    assert [r["model"] for r in data["rows"]] == [r["model"] for r in rows]
+    expected = {"dataset": "cifar10", "norm": "Linf", "eps": "8/255", "arch": "resnet18", "structure": "US"}
+    assert data["table"] == expected
+    # Every registered method has a page with its paper; the ones with models have their sparsity plot.
+    for key in list_methods():
+        card = get_method(key).card
+        page = (site / "methods" / f"{key}.html").read_text()
+        assert card.paper_url in page and str(escape(card.display_name)) in page
+    assert (site / "methods" / "hydra-sparsity.svg").is_file()
+    bib = (site / "data" / "papers.bib").read_text()
+    assert "@inproceedings{Sehwag2020Hydra," in bib and "Samples on Thin Ice" in bib
+    # Relative links only: the site works from file:// anywhere.
+    for path, text in _html(site).items():
+        for link in re.findall(r'(?:href|src)="([^"]+)"', text):
+            if link.startswith(("http://", "https://")):
+                continue
+            target = (site / path).parent / link.split("#")[0]
+            assert target.exists(), f"{path}: broken link {link}"
+
+
+def test_fast_csv_writer_matches_records_to_csv(synthetic):
+    store, _ = synthetic
+    with store.session() as s:
+        rec = load_records(s, 2)
+    assert records_csv(rec) == rec.to_csv()
+    # NaN distances, a stage name and negative margins all survive; a value needing quotes falls back.
+    odd = rec.aa_broken_by.copy()
+    odd[0] = 'a,"b'
+    from dataclasses import replace
+
+    odd_rec = replace(rec, aa_broken_by=odd)
+    assert records_csv(odd_rec) == odd_rec.to_csv()
+
+
+def test_two_builds_of_the_same_store_are_byte_identical(synthetic, tmp_path, monkeypatch):
+    store, _ = synthetic
+    # Worker processes or not, the files are the same.
+    build_site(store, tmp_path / "a", workers=1)
+    pools = []
+    monkeypatch.setattr(build_module, "MIN_TASKS_FOR_POOL", 1)
+    monkeypatch.setattr(build_module, "_pool", lambda *a: pools.append(real_pool(*a)) or pools[-1])
+    build_site(store.url, tmp_path / "b", workers=2)
+    assert pools and pools[0] is not None
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _files(a) == _files(b)
+    assert len(_files(a)) > 20
+    different = [str(p) for p in _files(a) if not filecmp.cmp(a / p, b / p, shallow=False)]
+    assert different == []
+
+
+def test_plot_templates_redraw_exactly_like_fresh_figures():
+    rng = np.random.default_rng(0)
+
+    def thin(n, scale):
+        eps = rng.normal(0.03, scale, n)
+        eps[:2] = np.nan
+        return eps, 9 * eps, rng.choice(["S00", "S01", "S10", "S11"], n)
+
+    a, b = thin(3000, 0.05), thin(200, 0.01)
+    grid = np.linspace(0, 0.09, 241)
+    curve_b = dict(norm="Linf", nominal_eps=0.03, nominal_label="8/255", autoattack=0.4, best_known=0.3)
+    curve_a = dict(norm="L2", nominal_eps=0.5, nominal_label="0.5", autoattack=0.1, best_known=0.0)
+    plots._templates.clear()
+    fresh_b = plots.thin_ice_svg(*b, norm="L2", nominal_eps=0.5)
+    fresh_curve = plots.security_curve_svg(grid, np.linspace(1, 0, 241), **curve_b)
+    plots.thin_ice_svg(*a, norm="Linf", nominal_eps=0.03)
+    plots.security_curve_svg(grid * 3, np.linspace(0.5, 0, 241), **curve_a)
+    assert plots.thin_ice_svg(*b, norm="L2", nominal_eps=0.5) == fresh_b
+    assert plots.security_curve_svg(grid, np.linspace(1, 0, 241), **curve_b) == fresh_curve
+    assert "<dc:date>" not in fresh_b and "<text" in fresh_b and "robust accuracy (%)" in fresh_curve
+
+
+def _poison(store, model_id: int) -> None:
+    """Put the attack string into every field a submitter controls."""
+    with store.session() as s:
+        m = s.get(Model, model_id)
+        m.name = f"evil {XSS}"
+        m.method = f"evil-method {XSS}"
+        m.arch = f"arch {XSS}"
+        m.source = XSS
+        m.taxonomy = {"pipeline": XSS, "criterion": XSS, XSS: "key"}
+        paper = {"title": f"Paper {XSS}", "authors": [XSS, "B"], "url": "javascript:alert(1)", "venue": XSS}
+        external = {"display_name": f"Evil {XSS}", "ap_key": "Evil_Script2024Alert"}
+        m.provenance = {"zoo": {"paper": paper, "external_method": external}, "note": XSS}
+        m.reported = {"clean": 0.9, "robust": 0.6, "attack": XSS, "source": XSS, "note": f"note {XSS}"}
+        m.layer_sparsity = {XSS: {"numel": 10, "zeros": 5, "sparsity": 0.5}}
+        ev = s.scalars(select(Evaluation).where(Evaluation.model_id == model_id)).one()
+        ev.flags = [*ev.flags, XSS]
+        ev.unreliable = True
+        ev.provenance = {"note": XSS, XSS: XSS}
+
+
+def test_submitter_strings_are_shown_as_text_everywhere(synthetic, tmp_path):
+    store, ids = synthetic
+    _poison(store, ids[1])
+    with store.session() as s:
+        s.get(Model, ids[2]).name = '=HYPERLINK("http://x","y")'
+    build_site(store, tmp_path / "site")
+    site = tmp_path / "site"
+    pages = _html(site)
+    shown_on = [p for p, text in pages.items() if XSS_ESCAPED in text]
+    for path, text in pages.items():
+        assert XSS not in text, path
+        assert not re.search(r'(?:href|src)="\s*javascript:', text, re.IGNORECASE), path
+        assert text.count("<script") == 1, path  # only the site's own sorting script
+    with store.session() as s:
+        evil = s.get(Model, ids[1])
+        evil_page = Path("models") / f"{model_slug(evil)}.html"
+    method_page = next(p for p in pages if p.parts[0] == "methods" and p.name.startswith("evil-method"))
+    for page in (Path("index.html"), Path("methods.html"), Path("downloads.html"), evil_page, method_page):
+        assert page in shown_on, page
+    evil_html = pages[evil_page]
+    for where in ("Paper " + XSS_ESCAPED, "note " + XSS_ESCAPED, "evil " + XSS_ESCAPED):
+        assert where in evil_html or where in pages[method_page], where
+    assert "potentially unreliable" in pages[Path("index.html")]
+    # Downloads: JSON round-trips the string but never contains a raw "<"; CSV cells hold it as data and
+    # cannot start a spreadsheet formula.
+    for path in (site / "data").glob("*.json"):
+        raw = path.read_text()
+        assert "<" not in raw and ">" not in raw, path
+        json.loads(raw)
+    everything = json.loads((site / "data" / "leaderboard.json").read_text())
+    assert f"evil {XSS}" in {r["model"] for r in everything}
+    rows = list(csv.DictReader(io.StringIO((site / "data" / "leaderboard.csv").read_text())))
+    names = {r["model"] for r in rows}
+    assert f"evil {XSS}" in names and '\'=HYPERLINK("http://x","y")' in names
+    assert not any(v.startswith("=") for r in rows for v in r.values())
+    bib = (site / "data" / "papers.bib").read_text()
+    assert "javascript:" not in bib
+    for svg in site.rglob("*.svg"):
+        assert "<script" not in svg.read_text(), svg
+
+
+def test_safe_url_allows_only_absolute_http_links():
+    assert safe_url("https://arxiv.org/abs/2002.10509") == "https://arxiv.org/abs/2002.10509"
+    for bad in (
+        "javascript:alert(1)",
+        "JaVaScRiPt:x",
+        "data:text/html,x",
+        "//evil.org",
+        "/etc/passwd",
+        None,
+        3,
+        "http://",
+    ):
+        assert safe_url(bad) is None, bad
+
+
+def test_empty_store_builds_a_site_that_says_so(store, tmp_path):
+    index = build_site(store, tmp_path / "site")
+    text = index.read_text()
+    assert 'id="empty"' in text and "holds no models yet" in text
+    hydra = (tmp_path / "site" / "methods" / "hydra.html").read_text()
+    assert "No model of this method has a complete evaluation yet" in hydra
+    assert json.loads((tmp_path / "site" / "data" / "leaderboard.json").read_text()) == []
+
+
+def test_models_without_a_complete_evaluation_are_listed_not_evaluated(synthetic, tmp_path):
+    store, ids = synthetic
+    spec = spec_for(300)
+    with store.session() as s:
+        bare = Model(
+            name="registered-only", checkpoint_sha256="1" * 64, arch="resnet18", dataset="cifar10", created_at=utcnow()
+        )
+        partial = Model(
+            name="half-done", checkpoint_sha256="2" * 64, arch="resnet18", dataset="cifar10", created_at=utcnow()
+        )
+        s.add_all([bare, partial])
+        s.flush()
+        ev = Evaluation(
+            model_id=partial.id,
+            spec_hash=spec.hash,
+            protocol_hash=spec.protocol_hash,
+            spec=spec.to_dict(),
+            status="running",
+            n_samples=300,
+            started_at=utcnow(),
+        )
+        s.add(ev)
+        s.flush()
+        source = s.scalars(select(SampleResult).where(SampleResult.evaluation_id == 1).limit(40)).all()
+        for r in source:
+            cols = {c.name: getattr(r, c.name) for c in SampleResult.__table__.columns if c.name != "id"}
+            s.add(SampleResult(**{**cols, "evaluation_id": ev.id}))
+        bare_slug, partial_slug = model_slug(bare), model_slug(partial)
+    build_site(store, tmp_path / "site")
+    index = (tmp_path / "site" / "index.html").read_text()
+    section = index[index.index('id="not-evaluated"') :]
+    assert "registered-only" in section and "half-done" in section
+    assert "40 of 300 samples stored" in section
+    assert "half-done" not in index[: index.index('id="not-evaluated"')]
+    for slug in (bare_slug, partial_slug):
+        assert "Not evaluated" in (tmp_path / "site" / "models" / f"{slug}.html").read_text()
+
+
+def test_pruned_model_whose_parent_lacks_the_protocol_gets_a_note(synthetic, tmp_path):
+    store, ids = synthetic
+    with store.session() as s:
+        dense_eval = s.scalars(select(Evaluation).where(Evaluation.model_id == ids[0])).one()
+        dense_eval.protocol_hash = "f" * 64
+        child = s.get(Model, ids[1])
+        child_slug = model_slug(child)
+    build_site(store, tmp_path / "site")
+    page = (tmp_path / "site" / "models" / f"{child_slug}.html").read_text()
+    assert "No thin-ice analysis" in page and "has no complete evaluation under this protocol" in page
+
+
+def test_out_dir_is_replaced_only_when_a_build_made_it(synthetic, tmp_path):
+    store, _ = synthetic
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and was not built"):
+        build_site(store, foreign)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    site = tmp_path / "site"
+    build_site(store, site)
+    (site / "models" / "stale.html").write_text("old")
+    build_site(store, site)
+    assert not (site / "models" / "stale.html").exists()
+
+
+def test_cli_builds_and_prints_the_index_path(synthetic, tmp_path):
+    store, _ = synthetic
+    out = tmp_path / "public"
+    result = CliRunner().invoke(main, ["leaderboard", "build", "--db", store.url, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str((out / "index.html").resolve())
+    refused = CliRunner().invoke(main, ["leaderboard", "build", "--db", store.url, "--out", str(tmp_path)])
+    assert refused.exit_code == 1 and "Error: --out" in refused.output
