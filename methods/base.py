@@ -59,8 +59,14 @@ class MethodCard:
 
     @property
     def taxonomy(self) -> dict[str, Any]:
-        return {"pipeline": self.pipeline, **self.training, "structure": self.structure, "scope": self.scope,
-                "criterion": self.criterion, "losses": list(self.losses)}
+        return {
+            "pipeline": self.pipeline,
+            **self.training,
+            "structure": self.structure,
+            "scope": self.scope,
+            "criterion": self.criterion,
+            "losses": list(self.losses),
+        }
 
 
 @dataclass
@@ -83,16 +89,19 @@ class PruneResult:
     """A pruned plain module (inputs in [0, 1], logits out) and how it was made.
 
     Attributes:
-        model: the pruned network; pruned weights are exactly zero (or physically removed for structured).
+        model: the pruned network with the dense architecture's keys; pruned weights are exactly zero.
         native_sparsity: the method's own knob as passed to its code (``{"k": 0.05}``).
         config: the resolved method config (every schedule parameter).
         history: per-phase training log (losses, accuracies).
+        compact: for structured methods, the physically smaller network (same function as ``model``); the
+            pipeline writes it next to the masked checkpoint and records its real parameter count.
     """
 
     model: nn.Module
     native_sparsity: dict[str, Any]
     config: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    compact: nn.Module | None = None
 
 
 class PruningMethod:

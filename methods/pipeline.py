@@ -113,6 +113,17 @@ def prune_checkpoint(
             "eps": eps,
             "environment": environment("cpu"),
         }
+        if result.compact is not None:
+            # Structured pruning: the physically smaller network, loadable with methods.structured.compact_model
+            # from the widths in native_sparsity. The masked network (dense keys) is what the store evaluates.
+            compact_path = path.with_name(path.stem + ".compact.pt")
+            atomic_write(compact_path, lambda f: torch.save(result.compact.state_dict(), f))
+            meta["compact"] = {
+                "file": compact_path.name,
+                "sha256": sha256_file(compact_path),
+                "params": sum(p.numel() for p in result.compact.parameters()),
+            }
+            log(f"physically rebuilt network: {meta['compact']['params']:,} parameters → {compact_path}")
         atomic_write(path, lambda f: torch.save(result.model.state_dict(), f))
         atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
         log(f"pruned in {wall:.1f} s → {path}")

@@ -53,6 +53,7 @@ __all__ = [
     "hrank_scores",
     "kl_scores",
     "l1_scores",
+    "compact_model",
     "pls_vip_scores",
     "rebuild",
 ]
@@ -184,8 +185,13 @@ def _plan(net: nn.Module) -> tuple[list[_Group], list[_Block]]:
         identity = shortcut is None or (isinstance(shortcut, nn.Sequential) and len(shortcut) == 0)
         if identity and m.conv1.stride == (1, 1) and m.conv1.in_channels == m.conv2.out_channels:
             blocks.append(
-                _Block(name, name.rsplit(".", 1)[0], (f"{name}.conv1", f"{name}.conv2"),
-                       (f"{name}.bn1", f"{name}.bn2"), f"{name}.bn2")
+                _Block(
+                    name,
+                    name.rsplit(".", 1)[0],
+                    (f"{name}.conv1", f"{name}.conv2"),
+                    (f"{name}.bn1", f"{name}.bn2"),
+                    f"{name}.bn2",
+                )
             )
     if not groups:
         raise ValueError(
@@ -230,8 +236,16 @@ def _slice_conv(conv: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) 
         w = w[out_idx]
     if in_idx is not None:
         w = w[:, in_idx]
-    new = nn.Conv2d(w.shape[1], w.shape[0], conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                    dilation=conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode)
+    new = nn.Conv2d(
+        w.shape[1],
+        w.shape[0],
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
     new.weight.data.copy_(w)
     if conv.bias is not None:
         b = conv.bias.detach()
@@ -240,8 +254,9 @@ def _slice_conv(conv: nn.Conv2d, out_idx: Tensor | None, in_idx: Tensor | None) 
 
 
 def _slice_bn(bn: nn.BatchNorm2d, idx: Tensor) -> nn.BatchNorm2d:
-    new = nn.BatchNorm2d(len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
-                         track_running_stats=bn.track_running_stats)
+    new = nn.BatchNorm2d(
+        len(idx), eps=bn.eps, momentum=bn.momentum, affine=bn.affine, track_running_stats=bn.track_running_stats
+    )
     with torch.no_grad():
         if bn.affine:
             new.weight.copy_(bn.weight[idx])
@@ -304,6 +319,16 @@ def rebuild(
 # ---------------------------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def compact_model(model: nn.Module, widths: Mapping[str, int], removed_blocks: Sequence[str] = ()) -> nn.Module:
+    """The physically smaller architecture recorded by :meth:`StructuredPruning.prune`, ready to load weights.
+
+    ``model`` is a freshly built dense network of the same architecture (weights irrelevant); ``widths`` and
+    ``removed_blocks`` come from the pruned model's ``native_sparsity`` (its provenance). Kept filters are
+    renumbered 0..w-1, which is how :func:`rebuild` lays them out, so a compact state dict loads strictly.
+    """
+    return rebuild(model, {conv: range(int(w)) for conv, w in widths.items()}, removed_blocks)
 
 
 def _count_weights(net: nn.Module) -> int:
@@ -379,8 +404,16 @@ class StructuredPruning(PruningMethod):
         HRank, 1.6–4.9 s with KL (one forward pass per filter), at 0.5/0.75/0.9 (1, 2 and 3 iterations); clean
         accuracy after pruning 89–96 %.
         """
-        return self.config(**{"p_filter": 0.5, "max_iterations": 3, "finetune_epochs": 1, "batch_size": 64,
-                              "n_samples": 256, **overrides})
+        return self.config(
+            **{
+                "p_filter": 0.5,
+                "max_iterations": 3,
+                "finetune_epochs": 1,
+                "batch_size": 64,
+                "n_samples": 256,
+                **overrides,
+            }
+        )
 
     def pruned_layers(self, model: nn.Module, config=None) -> list[str]:
         """The allowed convs and their consumers (every layer losing weights)."""
@@ -420,20 +453,29 @@ class StructuredPruning(PruningMethod):
             start = time.perf_counter()
             if kind == "layers":
                 ceiling = sparsity + self.sparsity_tolerance / 2 if config.mode == "both" else None
-                progressed = state.remove_blocks(_block_scores(work, state, config, xs, ys), sparsity,
-                                                 None if last else config.p_layer, ceiling)
+                progressed = state.remove_blocks(
+                    _block_scores(work, state, config, xs, ys), sparsity, None if last else config.p_layer, ceiling
+                )
                 if not progressed and config.mode == "both":
                     kind = "filters"
             if kind == "filters":
-                progressed = state.remove_filters(_filter_scores(work, state, config, xs, ys), sparsity,
-                                                  None if last else config.p_filter)
+                progressed = state.remove_filters(
+                    _filter_scores(work, state, config, xs, ys), sparsity, None if last else config.p_filter
+                )
             if not progressed:
                 break
             state.apply(net)
             losses = _finetune(work, net, state.masks, data, config, gen)
-            history.append({"phase": "prune", "iteration": it, "kind": kind,
-                            "params_removed": state.removed_fraction(), "finetune_loss": losses,
-                            "wall_seconds": time.perf_counter() - start})
+            history.append(
+                {
+                    "phase": "prune",
+                    "iteration": it,
+                    "kind": kind,
+                    "params_removed": state.removed_fraction(),
+                    "finetune_loss": losses,
+                    "wall_seconds": time.perf_counter() - start,
+                }
+            )
             if last:
                 break
         state.apply(net)
@@ -450,7 +492,13 @@ class StructuredPruning(PruningMethod):
             "mode": config.mode,
             "iterations": it,
         }
-        return PruneResult(model=work.eval(), native_sparsity=native, config=config_dict(config), history=history)
+        return PruneResult(
+            model=work.eval(),
+            native_sparsity=native,
+            config=config_dict(config),
+            history=history,
+            compact=rebuilt.eval(),
+        )
 
 
 def _check_config(config) -> None:
@@ -547,8 +595,9 @@ class _State:
         sizes = _stage_sizes(self.net)
         for name in self.removed_blocks:
             sizes[name.rsplit(".", 1)[0]] -= 1
-        candidates = sorted((b for b in self.blocks if b.name not in self.removed_blocks),
-                            key=lambda b: (scores[b.name], b.name))
+        candidates = sorted(
+            (b for b in self.blocks if b.name not in self.removed_blocks), key=lambda b: (scores[b.name], b.name)
+        )
         n_done = 0
         for b in candidates:
             if self.removed_fraction() >= target - 1e-12 or (p_layer is not None and n_done >= p_layer):
@@ -580,8 +629,9 @@ def _capture(model: nn.Module, net: nn.Module, names: Sequence[str], x: Tensor) 
     """Post-ReLU outputs of the named modules on ``x`` (eval mode)."""
     acts: dict[str, Tensor] = {}
     modules = dict(net.named_modules())
-    hooks = [modules[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, F.relu(o).clone()))
-             for n in names]
+    hooks = [
+        modules[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, F.relu(o).clone())) for n in names
+    ]
     was = model.training
     model.eval()
     try:
@@ -624,8 +674,9 @@ def _filter_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor
         return {g.conv: hrank_scores(acts[g.act]) for g in groups}
     if crit == "pls":
         pooled = [acts[g.act].amax(dim=(2, 3)) for g in groups]
-        return dict(zip([g.conv for g in groups], pls_vip_scores(pooled, y, n_components=config.pls_components),
-                        strict=True))
+        return dict(
+            zip([g.conv for g in groups], pls_vip_scores(pooled, y, n_components=config.pls_components), strict=True)
+        )
     was = model.training
     model.eval()
     try:
@@ -647,9 +698,14 @@ def _block_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor)
         was = model.training
         model.eval()
         try:
-            return {b.name: float(kl_scores(lambda f, b=b: _zeroed_logits(model, state.modules[b.last_bn], x, None,
-                                                                          whole=f is not None), 1)[0])
-                    for b in live}
+            return {
+                b.name: float(
+                    kl_scores(
+                        lambda f, b=b: _zeroed_logits(model, state.modules[b.last_bn], x, None, whole=f is not None), 1
+                    )[0]
+                )
+                for b in live
+            }
         finally:
             model.train(was)
     acts = _capture(model, state.net, [b.name for b in live], x)
@@ -666,13 +722,13 @@ def _block_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _finetune(model: nn.Module, net: nn.Module, masks: Mapping[str, Tensor], data: PruneData, config,
-              gen: torch.Generator) -> list[float]:
+def _finetune(
+    model: nn.Module, net: nn.Module, masks: Mapping[str, Tensor], data: PruneData, config, gen: torch.Generator
+) -> list[float]:
     """Clean cross-entropy SGD epochs; removed structures stay exactly 0 (:func:`masked_step`)."""
     if config.finetune_epochs <= 0:
         return []
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     model.train()
     losses = []
     for _ in range(config.finetune_epochs):
@@ -687,4 +743,3 @@ def _finetune(model: nn.Module, net: nn.Module, masks: Mapping[str, Tensor], dat
         losses.append(total / seen)
     model.eval()
     return losses
-

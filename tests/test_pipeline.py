@@ -7,6 +7,7 @@ import sqlite3
 from dataclasses import replace
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import bench.track as track_module
@@ -123,3 +124,35 @@ def test_evaluate_method_on_the_track_stores_dense_and_pruned(tmp_path, monkeypa
     assert [r["method"] for r in records] == ["dense", "hydra"]
     assert all(r["status"] == "complete" and r["n"] == 12 for r in records)
     assert records[1]["sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_structured_prune_writes_the_physically_smaller_network(tmp_path, digits_cnn_checkpoint, digits):
+    from bench.catalog import build_model, load_checkpoint_model
+    from bench.checkpoints import load_state_dict, load_weights, sha256_file
+    from methods.structured import compact_model
+
+    db = tmp_path / "r.db"
+    out = tmp_path / "out"
+    result = _invoke(
+        "prune", "--method", "structured", "--sparsity", "0.5", "--dense", str(digits_cnn_checkpoint),
+        "--arch", "small_cnn", "--dataset", "digits", "--db", f"sqlite:///{db}", "--out", str(out),
+        "--set", "criterion=l1", "--set", "finetune_epochs=1", "--set", "max_iterations=2",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    con = sqlite3.connect(db)
+    provenance = json.loads(con.execute("SELECT provenance FROM models WHERE method = 'structured'").fetchone()[0])
+    con.close()
+    native, compact = provenance["native_sparsity"], provenance["compact"]
+    (masked_path,) = [p for p in out.glob("structured-*.pt") if not p.name.endswith(".compact.pt")]
+    compact_path = out / compact["file"]
+    assert sha256_file(compact_path) == compact["sha256"]
+    assert compact_path.stat().st_size < masked_path.stat().st_size
+    # Rebuild the slimmer architecture from the recorded widths and load the compact weights strictly.
+    small = compact_model(build_model("small_cnn", "digits"), native["widths"], native["removed_blocks"])
+    load_weights(small, load_state_dict(compact_path))
+    assert sum(p.numel() for p in small.parameters()) == compact["params"] == native["rebuilt_params"]
+    assert small.net.features[0].out_channels == native["widths"]["features.0"] < 16
+    masked = load_checkpoint_model(masked_path, "small_cnn", "digits")
+    x = digits[2][:64]
+    with torch.no_grad():
+        assert torch.allclose(small.eval()(x), masked(x), atol=1e-5)
