@@ -15,6 +15,8 @@ import hashlib
 import os
 import pickle
 import re
+import tarfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ __all__ = [
     "CheckpointMismatchError",
     "SparsityReport",
     "UnsafeCheckpointError",
+    "check_torch_archive",
     "count_flops",
     "load_state_dict",
     "load_weights",
@@ -126,6 +129,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
             raise ValueError(f"could not read {path} as a safetensors file: {e}") from None
     else:
+        check_torch_archive(path)
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
@@ -138,6 +142,108 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
                 f"could not read {path} as a checkpoint (corrupt, truncated, or not written by torch.save): {e!r}"
             ) from None
     return _extract_state_dict(obj, path)
+
+
+_STORAGE_ELEMENT_BYTES = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2, "LongStorage": 8,
+    "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1, "BoolStorage": 1,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16, "UntypedStorage": 1,
+}  # fmt: skip
+
+
+def check_torch_archive(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``torch.save`` file whose tensors would unpack to more than the file holds (a memory bomb).
+
+    ``torch.load`` allocates what the file declares before reading it, so a small file could ask for many
+    gigabytes even weights-only. torch's zip format never compresses its entries: a compressed entry, or
+    entries declaring more bytes than the archive has, are refused. The legacy (pre-1.6) format is scanned
+    without executing anything: its storages' declared sizes must fit in the file. The pre-0.4 tar format is
+    refused. Call it before :func:`torch.load` on untrusted files (:func:`load_state_dict` does).
+
+    Raises:
+        UnsafeCheckpointError: the file declares more data than it holds, or uses compression or the tar format.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "Fix: re-save the weights with torch.save(model.state_dict(), path) (torch >= 1.6) or as safetensors."
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                infos = archive.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"could not read {path} as a checkpoint (corrupt zip): {e}") from None
+        compressed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} has compressed entries ({compressed[0]}, ...); torch.save never compresses, and a "
+                f"compressed entry can unpack to far more memory than the file's size. {fix}"
+            )
+        declared = sum(i.file_size for i in infos)
+        if declared > size:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} declares {declared:,} bytes of entries in a {size:,}-byte file. {fix}"
+            )
+        return
+    if tarfile.is_tarfile(path):
+        raise UnsafeCheckpointError(f"checkpoint {path} uses torch's pre-0.4 tar format, which is not read. {fix}")
+    declared = _legacy_declared_bytes(path)
+    if declared > size:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} declares {declared:,} bytes of tensors in a {size:,}-byte file. {fix}"
+        )
+
+
+class _Inert:
+    """Stands for any global in the scanned pickle: accepts any arguments and state, does nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:  # SETITEM(S) on a stand-in OrderedDict
+        pass
+
+    def append(self, value) -> None:  # APPEND(S) on a stand-in list
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _LegacyScanner(pickle.Unpickler):
+    """Walks a legacy ``torch.save`` pickle without importing or calling anything, summing storage sizes."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file)
+        self.nbytes = 0
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch") and name in _STORAGE_ELEMENT_BYTES:
+            return type(name, (_Inert,), {})
+        return _Inert
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage":
+            element = _STORAGE_ELEMENT_BYTES.get(getattr(pid[1], "__name__", ""), 8)
+            numel = pid[4] if isinstance(pid[4], int) else 0
+            self.nbytes += max(numel, 0) * element
+        return _Inert()
+
+
+def _legacy_declared_bytes(path: Path) -> int:
+    # Layout: magic number, protocol version, sys info, then the object pickle whose persistent ids name
+    # each storage with its element count; the raw storages follow.
+    try:
+        with open(path, "rb") as f:
+            for _ in range(3):
+                _LegacyScanner(f).load()
+            scanner = _LegacyScanner(f)
+            scanner.load()
+    except Exception:  # not a legacy torch file at all: torch.load reports what it is
+        return 0
+    return scanner.nbytes
 
 
 def _unpickler_detail(error: Exception) -> str:

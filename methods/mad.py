@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bench.checkpoints import UnsafeCheckpointError
+from bench.checkpoints import UnsafeCheckpointError, check_torch_archive
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import mart_loss, masked_step, prunable_layers
 from methods.training import pgd_linf
@@ -711,6 +711,7 @@ def load_mad_checkpoint(path: str | os.PathLike[str]) -> dict:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MAD checkpoint not found: {path}")
+    check_torch_archive(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -283,3 +284,34 @@ def test_count_flops_resnet56_matches_literature() -> None:
     # Pruning papers quote 125.49M FLOPs (multiply-accumulates) for CIFAR ResNet-56.
     model = create_model("resnet56", num_classes=10, mean=[0.5] * 3, std=[0.2] * 3)
     assert count_flops(model, (3, 32, 32))["dense_flops"] == 125_485_696
+
+
+def test_legacy_format_loads_and_its_declared_sizes_are_checked(tmp_path: Path) -> None:
+    sd = collections.OrderedDict(a=torch.arange(1000.0), b=torch.ones(10, dtype=torch.int64))
+    path = tmp_path / "legacy.pth.tar"
+    torch.save({"state_dict": sd, "epoch": 3}, path, _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(path)  # the pre-1.6 format many released checkpoints use still loads
+    assert torch.equal(loaded["a"], sd["a"]) and torch.equal(loaded["b"], sd["b"])
+    # The same header with the raw storages cut off: it declares 4,080 bytes of tensors it does not hold,
+    # which torch.load would allocate before noticing. Refused before torch.load runs.
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pth.tar"
+    cut.write_bytes(data[: len(data) - 4000])
+    with pytest.raises(UnsafeCheckpointError, match="declares 4,080 bytes of tensors"):
+        load_state_dict(cut)
+
+
+def test_compressed_zip_entries_are_refused(tmp_path: Path) -> None:
+    # torch.save never compresses; a deflated entry can unpack to far more than the file's size (a memory bomb
+    # under any size cap on downloads), and torch.load would inflate it.
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(100_000)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < plain.stat().st_size / 10
+    assert torch.load(bomb, weights_only=True)["w"].numel() == 100_000  # torch itself would inflate it
+    with pytest.raises(UnsafeCheckpointError, match="compressed entries"):
+        load_state_dict(bomb)
+    assert set(load_state_dict(plain)) == {"w"}
