@@ -29,6 +29,9 @@ from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
 
 FMN_BEAT_AA_FLAG = "fmn_beat_autoattack"
+# AutoAttack's own clean pass disagreed with ours on some sample (a randomised or input-dependent model).
+CLEAN_DISAGREEMENT_FLAG = "clean_pass_disagreement"
+UNRELIABLE_FLAGS = AA_FLAGS | {CLEAN_DISAGREEMENT_FLAG}
 
 
 @dataclass
@@ -134,6 +137,13 @@ def attack_chunk(
     if on_stage_done is not None:
         on_stage_done("fmn", len(y), int(fmn.success.sum()))
 
+    # AutoAttack decides clean correctness with its own forward pass. For a deterministic model the two passes
+    # agree; where they do not (a randomised or input-dependent model), a sample counts as AutoAttack-robust
+    # only if both passes classified it correctly, and the evaluation is flagged (potentially unreliable).
+    aa_robust = aa.robust.cpu() & correct
+    flags = set(aa.flags)
+    if bool((aa.clean_pred.cpu() != pred).any()):
+        flags.add(CLEAN_DISAGREEMENT_FLAG)
     rows = []
     for i, sid in enumerate(sample_ids):
         success = bool(fmn.success[i])
@@ -147,7 +157,7 @@ def attack_chunk(
                 clean_pred=int(pred[i]),
                 clean_correct=bool(correct[i]),
                 logit_margin=float(margin[i]),
-                aa_robust=bool(aa.robust[i]),
+                aa_robust=bool(aa_robust[i]),
                 aa_broken_by=aa.broken_by[i],
                 adv_pred=int(aa.adv_pred[i]),
                 fmn_label=int(fmn_labels[i]),
@@ -155,10 +165,10 @@ def attack_chunk(
                 fmn_distance=distance,
                 signed_eps=signed,
                 fmn_adv_pred=int(fmn.adv_pred[i]),
-                best_robust=bool(aa.robust[i]) and not fmn_broke,
+                best_robust=bool(aa_robust[i]) and not fmn_broke,
             )
         )
-    return rows, seconds, aa.flags, aa.warnings
+    return rows, seconds, flags, aa.warnings
 
 
 def _norm_p(norm: str) -> float:
@@ -351,7 +361,7 @@ def _finalize(store: Store, evaluation_id: int, spec: RunSpec) -> EvaluationSumm
             flags.add(FMN_BEAT_AA_FLAG)
         model = s.get(Model, ev.model_id)
         ev.flags = sorted(flags)
-        ev.unreliable = bool(flags & AA_FLAGS)
+        ev.unreliable = bool(flags & UNRELIABLE_FLAGS)
         ev.clean_accuracy = agg.clean_accuracy
         ev.aa_robust_accuracy = agg.aa_robust_accuracy
         ev.fmn_robust_accuracy = agg.fmn_robust_accuracy

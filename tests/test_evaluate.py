@@ -294,3 +294,30 @@ def test_workers_are_refused_on_a_gpu_spec(store, digits, digits_mlp):
     _, _, xte, yte = digits
     with pytest.raises(ValueError, match="--workers > 1 is for CPU"):
         evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(device="cuda"), progress=False, workers=2)
+
+
+def test_autoattack_clean_pass_disagreement_is_flagged_and_never_counted_robust(store, digits, digits_mlp, monkeypatch):
+    # A randomised model can be right in our clean pass and wrong in AutoAttack's own (or the reverse). Such a
+    # sample must not count as AutoAttack-robust unless both passes got it right, and the run is flagged.
+    _, _, xte, yte = digits
+    real = evaluate_module.run_autoattack
+
+    def disagreeing(model, x, y, **kw):
+        out = real(model, x, y, **kw)
+        wrong = (y[:2] + 1) % 10  # AutoAttack's pass "misclassifies" the first two samples of each chunk...
+        out.clean_pred[:2] = wrong
+        out.robust[:2] = False
+        out.broken_by[0] = out.broken_by[1] = None
+        mis = (out.clean_pred != y).nonzero().flatten()
+        out.robust[mis[mis >= 2][:1]] = True  # ...and calls a sample our pass got wrong robust
+        return out
+
+    monkeypatch.setattr(evaluate_module, "run_autoattack", disagreeing)
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(), progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    assert not any(r["aa_robust"] and not r["clean_correct"] for r in rows)
+    assert all(r["best_robust"] <= r["aa_robust"] for r in rows)
+    with store.session() as s:
+        ev = s.get(Evaluation, summary.evaluation_id)
+        assert "clean_pass_disagreement" in ev.flags and ev.unreliable
+        assert ev.aa_robust_accuracy == pytest.approx(sum(r["aa_robust"] for r in rows) / len(rows))
