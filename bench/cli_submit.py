@@ -93,6 +93,7 @@ def validate_command(paths, offline, submissions, max_size, sparsity_tolerance, 
     sparsity with the claim and, when the dataset is on this machine, the clean accuracy on the first test samples
     with the reported one.
     """
+    from bench.zoo.manifest import printable
     from bench.zoo.validate import CLEAN_SAMPLES, SPARSITY_TOLERANCE, ValidationOptions, validate_paths
     from bench.zoo.zoo import submissions_dir
 
@@ -110,19 +111,19 @@ def validate_command(paths, offline, submissions, max_size, sparsity_tolerance, 
         data_dir=data_dir,
         device=device,
     )
-    reports = validate_paths(list(paths), root=root, options=options, log=lambda msg: click.echo(f"  {msg}"))
+    reports = validate_paths(list(paths), root=root, options=options, log=lambda msg: click.echo(f"  {printable(msg)}"))
     if not reports:
-        raise click.ClickException(f"no manifests found in {', '.join(paths)}")
+        raise click.ClickException(f"no manifests found in {', '.join(_shown(Path(p)) for p in paths)}")
     failed = 0
     for r in reports:
         failed += not r.ok
         head = "ok  " if r.ok else "FAIL"
-        passed = f" ({'; '.join(r.passed)})" if r.passed and r.ok else ""
+        passed = f" ({printable('; '.join(r.passed))})" if r.passed and r.ok else ""
         click.echo(f"{head} {_shown(r.path)}{passed}")
         for p in r.problems:
             click.echo(f"  {p.render()}")
         for check, reason in r.skipped:
-            click.echo(f"  skipped {check}: {reason}")
+            click.echo(f"  skipped {printable(check)}: {printable(reason)}")
     click.echo(f"{len(reports)} manifest(s): {len(reports) - failed} ok, {failed} failed")
     if failed:
         raise SystemExit(1)
@@ -230,11 +231,15 @@ def zoo_fetch(model_id, source_file, submissions, max_size):
     An entry without a sha256 (a seeded one) gets the hash of its first download recorded in the cache's
     records.json; every later fetch is checked against it.
     """
+    from bench.zoo.manifest import printable
     from bench.zoo.zoo import fetch_entry, load_zoo
 
     entry = load_zoo(submissions).get(model_id)
     result = fetch_entry(
-        entry, max_size=max_size, source_file=Path(source_file) if source_file else None, log=click.echo
+        entry,
+        max_size=max_size,
+        source_file=Path(source_file) if source_file else None,
+        log=lambda msg: click.echo(printable(msg)),
     )
     click.echo(f"{result.path}")
     click.echo(f"  sha256 {result.sha256}  ({result.size:,} bytes)")
@@ -345,6 +350,7 @@ def evaluate_zoo(
     """
     from bench.store import Store
     from bench.zoo.fetch import cached_path
+    from bench.zoo.manifest import printable
     from bench.zoo.zoo import fetch_entry, known_sha256, load_model, load_zoo, register_entry
 
     z = load_zoo(submissions)
@@ -376,17 +382,21 @@ def evaluate_zoo(
                     )
                     continue
             click.echo(f"zoo entry {entry.describe()}")
-            fetched = fetch_entry(entry, max_size=max_size, log=click.echo)
+            fetched = fetch_entry(entry, max_size=max_size, log=lambda msg: click.echo(printable(msg)))
             model = load_model(entry, fetched.path)
             spec, x, y = make_spec(m.model.dataset)
             store = store or Store(db)
             row = register_entry(store, entry, fetched, model)
             run(store, row, model, x=x, y=y, spec=spec)
-        except (ValueError, RuntimeError, FileNotFoundError) as err:
+        # Whatever one entry's file or server does wrong (KeyError: a state dict without an expected key), the
+        # others are still evaluated.
+        except (ValueError, RuntimeError, OSError, KeyError) as err:
             if not all_entries:
                 raise
-            failures.append(f"{m.model_id}: {err}")
-            click.echo(f"FAILED {m.model_id}: {err}")
+            plain_key_error = type(err) is KeyError  # str() of a bare KeyError is only the quoted key
+            reason = printable(f"missing key {err}" if plain_key_error else str(err))
+            failures.append(f"{m.model_id}: {reason}")
+            click.echo(f"FAILED {m.model_id}: {reason}")
     if failures:
         raise click.ClickException(f"{len(failures)} of {len(entries)} zoo entries failed:\n  " + "\n  ".join(failures))
 

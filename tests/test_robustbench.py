@@ -201,3 +201,20 @@ def test_a_broken_robustbench_install_is_explained(store, monkeypatch, tmp_path)
     result = _invoke("zoo", "import-robustbench", "Carmon2019Unlabeled", "--db", store.url)
     assert result.exit_code != 0
     assert "needs the module 'autoattack'" in result.output and "fra31/auto-attack" in result.output
+
+
+def test_additional_data_is_always_a_boolean(store, evaluated):
+    from bench.zoo.manifest import Manifest
+    from tests.zoo_helpers import new_submission
+
+    unstated = Manifest.model_validate(
+        new_submission("https://example.org/m.pt", b"x", {"model.additional_data": None})
+    )
+    stated = Manifest.model_validate(new_submission("https://example.org/m.pt", b"x", {"model.additional_data": True}))
+    with store.session() as s:
+        row = s.get(Model, evaluated.id)
+        ev = s.scalars(select(Evaluation).where(Evaluation.model_id == row.id)).first()
+        infos = {name: model_info(row, ev, m) for name, m in (("none", None), ("unstated", unstated), ("yes", stated))}
+    assert [infos[k]["additional_data"] for k in ("none", "unstated", "yes")] == [False, False, True]
+    assert "not stated (exported as false)" in infos["unstated"]["footnote"]
+    assert "not stated" not in infos["yes"]["footnote"]

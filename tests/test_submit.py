@@ -11,15 +11,16 @@ from click.testing import CliRunner
 
 from bench.cli import main
 from bench.zoo.fetch import CheckpointTooLarge, fetch_checkpoint
-from bench.zoo.manifest import Manifest, manifest_json_schema
+from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest, manifest_json_schema
 from bench.zoo.seeded import SEEDED
-from bench.zoo.validate import ValidationOptions, validate_paths
+from bench.zoo.validate import Problem, ValidationOptions, validate_paths
 from bench.zoo.zoo import load_zoo
 from tests.zoo_helpers import (
     CHILD_ID,
     DELETE,
     PARENT_ID,
     CheckpointServer,
+    allow_loopback,
     dense_submission,
     new_submission,
     write_manifest,
@@ -179,7 +180,8 @@ def test_a_wrong_field_is_named_with_the_reason(subs, overrides, field, words):
     assert words in errors[field]
 
 
-def test_a_ten_gigabyte_size_claim_is_refused_before_any_download(subs):
+def test_a_ten_gigabyte_size_claim_is_refused_before_any_download(subs, monkeypatch):
+    allow_loopback(monkeypatch)
     ten_gb = 10 * 1000**3
     report = _validate(subs, new_submission(URL, DATA, {"checkpoint.size": ten_gb}))
     assert "over the cap" in _errors(report)["checkpoint.size"]
@@ -322,3 +324,146 @@ def test_submissions_folder_comes_from_the_environment(subs, monkeypatch):
     monkeypatch.setenv("BENCH_SUBMISSIONS_DIR", str(subs / "missing"))
     missing = _invoke("zoo", "list")
     assert missing.exit_code != 0 and "no submissions folder" in missing.output
+
+
+# --------------------------------------------------------------------------------------------------------
+# Download URLs: public hosts only
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("http://127.0.0.1:8000/x.pt", f"only with {ALLOW_LOOPBACK_ENV}=1"),
+        ("http://localhost/x.pt", f"only with {ALLOW_LOOPBACK_ENV}=1"),
+        ("https://127.0.0.1/x.pt", "points at this machine"),
+        ("https://[::1]/x.pt", "points at this machine"),
+        ("https://sub.localhost./x.pt", "points at this machine"),
+        ("https://127.1/x.pt", "points at this machine"),
+        ("https://0x7f000001/x.pt", "points at this machine"),
+        ("https://10.0.0.1/x.pt", "a private address"),
+        ("https://192.168.0.10/x.pt", "a private address"),
+        ("https://[::ffff:10.0.0.1]/x.pt", "a private address"),
+        ("https://169.254.169.254/latest/meta-data/", "a link-local address"),
+        ("https://[fe80::1]/x.pt", "a link-local address"),
+        ("https://224.0.0.1/x.pt", "a multicast address"),
+        ("https://0.0.0.0/x.pt", "an unspecified address"),
+        ("https://100.64.0.1/x.pt", "not a public address"),
+        ("HTTPS://example.org/x.pt", "https://"),
+    ],
+)
+def test_a_download_url_must_name_a_public_host(subs, monkeypatch, url, words):
+    monkeypatch.delenv(ALLOW_LOOPBACK_ENV, raising=False)
+    report = _validate(subs, new_submission(URL, DATA, {"checkpoint.url": url}))
+    assert words in _errors(report).get("checkpoint.url", ""), [p.render() for p in report.problems]
+
+
+def test_the_loopback_opt_in_admits_this_machine_only(subs, monkeypatch):
+    allow_loopback(monkeypatch)
+    for url in ("http://127.0.0.1:8000/x.pt", "http://[::1]/x.pt", "https://localhost/x.pt"):
+        report = _validate(subs, new_submission(URL, DATA, {"checkpoint.url": url}))
+        assert report.ok, [p.render() for p in report.problems]
+    for url in ("http://10.0.0.1/x.pt", "https://169.254.169.254/x", "http://example.org/x.pt"):
+        report = _validate(subs, new_submission(URL, DATA, {"checkpoint.url": url}))
+        assert "checkpoint.url" in _errors(report), url
+
+
+def test_the_published_schema_says_urls_are_http_and_keys_are_plain():
+    schema = manifest_json_schema()
+    for definition, name in (("Checkpoint", "url"), ("Paper", "url")):
+        (text, _null) = schema["$defs"][definition]["properties"][name]["anyOf"]
+        assert text["pattern"] == "^https?://"
+    for keys in (schema["properties"]["unknown"], schema["$defs"]["Taxonomy"]["properties"]["training"]):
+        assert list(keys["patternProperties"]) == ["^[A-Za-z0-9_./ -]{1,64}$"]
+        assert keys["additionalProperties"] is False
+
+
+# --------------------------------------------------------------------------------------------------------
+# One checkpoint, one manifest
+
+
+def test_the_same_checkpoint_under_two_manifests_is_refused(subs, tmp_path):
+    child = write_manifest(subs, new_submission(URL, DATA))
+    # The same bytes again, read another way: as a plain state dict, under another id.
+    other_id = "HYDRA_Sehwag2020Hydra_SmallCNN_DIGITS_US_90_Plain"
+    twin = new_submission(URL, DATA, {"model_id": other_id, "checkpoint.format": "plain", "checkpoint.k": DELETE})
+
+    draft = write_manifest(tmp_path / "draft", twin)
+    (report,) = validate_paths([draft], root=subs, options=OFFLINE)
+    message = _errors(report)["checkpoint.sha256"]
+    assert f"{other_id}'s checkpoint" in message and f"the same file that is already submitted as {CHILD_ID}" in message
+
+    twin_path = write_manifest(subs, twin)
+    reports = validate_paths([subs], root=subs, options=OFFLINE)
+    by_id = {r.model_id: _errors(r).get("checkpoint.sha256", "") for r in reports}
+    assert f"already submitted as {other_id} ({twin_path.absolute()})" in by_id[CHILD_ID]
+    assert f"already submitted as {CHILD_ID} ({child.absolute()})" in by_id[other_id]
+    assert by_id[PARENT_ID] == ""
+
+    result = _invoke("submit", "validate", "--offline", "--submissions", str(subs), str(twin_path))
+    assert result.exit_code == 1 and f"the same file that is already submitted as {CHILD_ID}" in result.output
+    # The zoo sets both aside: which of the two readings is right is not for it to guess.
+    assert set(load_zoo(subs).entries) == {PARENT_ID}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Nothing a manifest says reaches a log unescaped
+
+
+def _external(overrides: dict) -> dict:
+    return new_submission(
+        URL,
+        DATA,
+        {
+            "model_id": "NEW_Test2024Method_SmallCNN_DIGITS_US_90",
+            "method": "newmeth",
+            "external_method": {
+                "display_name": "NEW",
+                "ap_key": "NEW_Test2024Method",
+                "taxonomy": {
+                    "pipeline": "A",
+                    "training": {"pretraining": "AT", "1S/IT": "1S"},
+                    "structure": "US",
+                    "scope": "global",
+                    "criterion": "LWM",
+                },
+            },
+            **overrides,
+        },
+    )
+
+
+INJECTED = "\n::error file=README.md,line=1::manifest approved\x1b[2J"
+
+
+def _with_extra_key(key: str) -> dict:
+    doc = new_submission(URL, DATA)
+    doc[key] = 1
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        (_with_extra_key(INJECTED), "\\n::error"),
+        (new_submission(URL, DATA, {"unknown": {INJECTED: "why"}}), "unknown."),
+        (_external({"external_method.taxonomy.training": {INJECTED: "AT"}}), "external_method.taxonomy.training."),
+    ],
+    ids=["extra key", "unknown", "training"],
+)
+def test_control_characters_in_keys_are_refused_and_printed_escaped(subs, doc, field):
+    path = write_manifest(subs, doc)
+    result = _invoke("submit", "validate", "--offline", "--submissions", str(subs), str(path))
+    assert result.exit_code == 1
+    assert not [line for line in result.output.splitlines() if line.lstrip().startswith("::")], result.output
+    assert "\x1b" not in result.output and "\\x1b[2J" in result.output
+    assert any(line.strip().startswith(f"error   {field}") for line in result.output.splitlines()), result.output
+
+
+def test_a_valid_external_method_with_plain_keys_passes(subs):
+    report = _validate(subs, _external({}))
+    assert report.ok, [p.render() for p in report.problems]
+
+
+def test_a_problem_renders_on_one_line_without_escape_sequences():
+    line = Problem("error", "a\nb", "c\x1b]0;title\x07", "d\u202ee").render()
+    assert line == "error   a\\nb: c\\x1b]0;title\\x07 Fix: d\\u202ee"

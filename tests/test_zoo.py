@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,20 @@ from bench.zoo.fetch import (
     ChecksumMismatch,
     DownloadFailed,
     NotACheckpoint,
+    _SafeRedirects,
     direct_download_url,
     fetch_checkpoint,
     read_records,
 )
-from bench.zoo.zoo import load_zoo, prepare_entry
+from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest
+from bench.zoo.zoo import ZooEntry, entry_taxonomy, load_zoo, prepare_entry
 from methods.base import get_method
 from methods.convert import load_converted_model
 from tests.zoo_helpers import (
     CHILD_ID,
     PARENT_ID,
     CheckpointServer,
+    allow_loopback,
     dense_submission,
     new_submission,
     sha256,
@@ -40,6 +45,12 @@ from tests.zoo_helpers import (
 
 EVAL_ARGS = ["--n-samples", "4", "--version", "standard", "--fmn-steps", "3", "--workers", "1", "--no-progress"]
 HTML_TITLE = '<script>alert("x")</script> HYDRA & <b>friends</b>'
+
+
+@pytest.fixture(autouse=True)
+def _loopback(monkeypatch):
+    # These tests serve checkpoints from 127.0.0.1; the tests of the refusal remove the opt-in again.
+    allow_loopback(monkeypatch)
 
 
 def _invoke(*args) -> object:
@@ -243,8 +254,10 @@ def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path)
     download = tmp_path / "model_best_dense.pth.tar"
     download.write_bytes(b"weights downloaded by hand")
     first = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
-    assert first.exit_code == 0, first.output and "the hash is recorded" in first.output
+    assert first.exit_code == 0, first.output
+    assert "the hash is recorded" in first.output
     assert read_records()[entry_id]["sha256"] == sha256(download.read_bytes())
+    assert read_records()[entry_id]["url"] == "file:model_best_dense.pth.tar"
     second = _invoke("zoo", "fetch", entry_id, "--submissions", root)
     assert second.exit_code == 0, second.output
     assert "verified against the recorded hash" in second.output
@@ -335,3 +348,191 @@ def test_google_drive_links_use_the_direct_download_endpoint():
     assert direct_download_url("https://drive.google.com/uc?export=download&id=1AbC-d_9") == direct
     assert direct_download_url("https://drive.google.com/file/d/1AbC-d_9/view?usp=sharing") == direct
     assert direct_download_url("https://example.org/x.pt") == "https://example.org/x.pt"
+
+
+def test_a_file_given_by_hand_is_recorded_as_its_own_origin_not_the_manifest_url(tmp_path):
+    repo = Path(__file__).resolve().parent.parent / "submissions"
+    entry_id = "MAD_Lee2022Masking_R18_CIFAR10_US_90"  # a seeded entry with a download URL
+    root = tmp_path / "submissions"
+    (root / "mad").mkdir(parents=True)
+    (root / "mad" / f"{entry_id}.yaml").write_bytes((repo / "mad" / f"{entry_id}.yaml").read_bytes())
+    download = tmp_path / "from_a_colleague.t7"
+    download.write_bytes(b"weights copied by hand")
+    result = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    assert result.exit_code == 0, result.output
+    assert read_records()[entry_id]["url"] == "file:from_a_colleague.t7"
+
+
+def test_evaluate_zoo_marks_an_entry_failed_on_any_expected_error_and_goes_on(tmp_path, monkeypatch):
+    import bench.zoo.zoo as zoo_module
+
+    root = tmp_path / "submissions"
+    write_manifest(root, dense_submission("https://example.org/dense.pt", b"dense"))
+    write_manifest(root, new_submission("https://example.org/child.pth.tar", b"child"))
+    attempted = []
+
+    def broken_fetch(entry, **_kw):
+        attempted.append(entry.model_id)
+        if entry.model_id == PARENT_ID:
+            raise OSError(28, "No space left on device")
+        raise KeyError("state_dict")
+
+    monkeypatch.setattr(zoo_module, "fetch_entry", broken_fetch)
+    result = _invoke("evaluate", "--zoo", "--submissions", root, "--db", tmp_path / "r.db", *EVAL_ARGS)
+    assert attempted == [PARENT_ID, CHILD_ID]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"FAILED {PARENT_ID}: [Errno 28] No space left on device" in result.output
+    assert f"FAILED {CHILD_ID}: missing key 'state_dict'" in result.output
+    assert "2 of 2 zoo entries failed" in result.output
+
+
+def test_an_external_methods_training_types_cannot_overwrite_its_taxonomy(tmp_path):
+    from leaderboard.build import _taxonomy_items
+
+    doc = new_submission(
+        "https://example.org/x.pth.tar",
+        b"x",
+        {
+            "model_id": "NEW_Test2024Method_SmallCNN_DIGITS_US_90",
+            "method": "newmeth",
+            "external_method": {
+                "display_name": "NEW",
+                "ap_key": "NEW_Test2024Method",
+                "taxonomy": {
+                    "pipeline": "A",
+                    "training": {"pretraining": "AT", "1S/IT": "1S", "pipeline": "Z", "criterion": "X"},
+                    "structure": "US",
+                    "scope": "global",
+                    "criterion": "LWM",
+                },
+            },
+        },
+    )
+    entry = ZooEntry(Manifest.model_validate(doc), tmp_path / "x.yaml")
+    taxonomy = entry_taxonomy(entry)
+    assert (taxonomy["pipeline"], taxonomy["criterion"]) == ("A", "LWM")
+    assert taxonomy["training"] == {"pretraining": "AT", "1S/IT": "1S", "pipeline": "Z", "criterion": "X"}
+    # The site shows the nested training types as one row.
+    items = dict(_taxonomy_items(taxonomy))
+    assert items["pipeline"] == "A" and items["training"] == "pretraining: AT, 1S/IT: 1S, pipeline: Z, criterion: X"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Only public hosts
+
+
+def _no_proxies(monkeypatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _fake_dns(monkeypatch, answers: dict[str, list[str]]) -> list[str]:
+    """``socket.getaddrinfo`` answering ``answers[name]`` (one address per call, the last one repeated)."""
+    real = socket.getaddrinfo
+    asked: list[str] = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host not in answers:
+            return real(host, port, *args, **kwargs)
+        asked.append(host)
+        queue = answers[host]
+        address = queue.pop(0) if len(queue) > 1 else queue[0]
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "http://127.0.0.1:6379/x",
+        "http://[::1]/x",
+        "https://[::1]/x",
+        "https://localhost/x",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://10.0.0.1/x",
+        "https://192.168.1.1/x",
+        "https://[fd00::1]/x",
+        "https://[::ffff:10.0.0.1]/x",
+        "https://0.0.0.0/x",
+        "https://224.0.0.1/x",
+        "https://2130706433/x",  # 127.0.0.1 as one number
+        "https://metadata.internal.example/x",  # resolves to 169.254.169.254
+        "http://example.org/x.pt",  # leaves https
+    ],
+)
+def test_redirects_to_this_machine_private_networks_or_plain_http_are_refused(target, monkeypatch):
+    monkeypatch.delenv(ALLOW_LOOPBACK_ENV)
+    _fake_dns(monkeypatch, {"metadata.internal.example": ["169.254.169.254"], "example.org": ["93.184.216.34"]})
+    req = urllib.request.Request("https://example.org/model.pt")
+    with pytest.raises(DownloadFailed, match="refused redirect"):
+        _SafeRedirects().redirect_request(req, None, 302, "Found", {}, target)
+
+
+def test_redirects_leaving_https_are_refused_even_to_loopback_in_tests():
+    req = urllib.request.Request("https://example.org/model.pt")
+    with pytest.raises(DownloadFailed, match="it leaves https"):
+        _SafeRedirects().redirect_request(req, None, 302, "Found", {}, "http://127.0.0.1:8000/model.pt")
+
+
+def test_the_server_cannot_redirect_to_private_or_link_local_addresses(server, tmp_path, monkeypatch):
+    _fake_dns(monkeypatch, {"intranet.example": ["10.1.2.3"]})
+    server.redirects["/meta"] = "https://169.254.169.254/latest/meta-data/iam"
+    server.redirects["/lan"] = "https://10.0.0.1/x"
+    server.redirects["/name"] = "https://intranet.example/x"
+    for path, words in (("/meta", "a link-local address"), ("/lan", "a private address"), ("/name", "10.1.2.3")):
+        with pytest.raises(DownloadFailed, match=words):
+            fetch_checkpoint("E11", server.url(path), "ckpt.pt", root=tmp_path)
+    assert [p for p, _ in server.requests] == ["/meta", "/lan", "/name"]
+
+
+def test_a_host_name_resolving_to_a_private_address_is_refused_before_connecting(tmp_path, monkeypatch):
+    asked = _fake_dns(monkeypatch, {"files.example": ["10.0.0.5"]})
+    with pytest.raises(DownloadFailed, match="resolves to 10.0.0.5, a private address"):
+        fetch_checkpoint("E12", "https://files.example/ckpt.pt", "ckpt.pt", root=tmp_path)
+    assert asked == ["files.example"]
+
+
+def test_a_name_that_resolves_elsewhere_when_connecting_is_refused(tmp_path, monkeypatch):
+    # DNS rebinding: public when checked, this machine a moment later. The connection uses a checked address.
+    monkeypatch.delenv(ALLOW_LOOPBACK_ENV)
+    _no_proxies(monkeypatch)
+    asked = _fake_dns(monkeypatch, {"rebind.example": ["93.184.216.34", "127.0.0.1"]})
+    with pytest.raises(DownloadFailed, match=r"refused to connect to rebind.example \(127.0.0.1\)"):
+        fetch_checkpoint("E13", "https://rebind.example/ckpt.pt", "ckpt.pt", root=tmp_path, retries=0)
+    assert asked == ["rebind.example", "rebind.example"]
+
+
+def test_without_the_opt_in_this_machine_is_refused(server, tmp_path, monkeypatch):
+    monkeypatch.delenv(ALLOW_LOOPBACK_ENV)
+    with pytest.raises(DownloadFailed, match=f"only with {ALLOW_LOOPBACK_ENV}=1"):
+        fetch_checkpoint("E14", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
+    assert server.requests == []
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cap, whatever the server says about the size
+
+
+@pytest.mark.parametrize("length", [None, "-1", "lots"])
+def test_a_download_without_a_true_length_is_aborted_by_counting_bytes(server, tmp_path, length):
+    data = server.files["/ckpt.pt"]
+    server.lengths["/ckpt.pt"] = length
+    cap = len(data) // 3
+    with pytest.raises(CheckpointTooLarge, match=f"more than {cap:,} bytes arrived"):
+        fetch_checkpoint("E15", server.url("/ckpt.pt"), "ckpt.pt", max_size=cap, root=tmp_path, retries=0)
+    assert not [p for p in tmp_path.rglob("ckpt.pt*")]
+
+
+def test_a_part_file_larger_than_the_cap_is_discarded_not_resumed(server, tmp_path):
+    data = server.files["/ckpt.pt"]
+    part = tmp_path / "E16" / "ckpt.pt.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * (len(data) + 1000))
+    result = fetch_checkpoint(
+        "E16", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), max_size=len(data), root=tmp_path
+    )
+    assert result.path.read_bytes() == data and not part.exists()
+    assert server.requests == [("/ckpt.pt", None)]  # started over: no Range request

@@ -25,6 +25,8 @@ class CheckpointServer:
         drop_once: paths whose next GET sends half of the body and then closes the connection.
         redirects: path -> Location of a 302.
         ranges: whether Range requests are honoured (206).
+        lengths: path -> the Content-Length header to send instead of the true one (None: no header); the
+            connection is then closed after the body, so a client can only count the bytes.
         requests: (path, Range header) of every GET, in order.
     """
 
@@ -34,6 +36,7 @@ class CheckpointServer:
         self.drop_once: set[str] = set()
         self.redirects: dict[str, str] = {}
         self.ranges = True
+        self.lengths: dict[str, str | None] = {}
         self.requests: list[tuple[str, str | None]] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -82,7 +85,13 @@ class CheckpointServer:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Type", server.content_types.get(self.path, "application/octet-stream"))
-                self.send_header("Content-Length", str(len(body)))
+                if self.path in server.lengths:
+                    if server.lengths[self.path] is not None:
+                        self.send_header("Content-Length", server.lengths[self.path])
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                else:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.path in server.drop_once:
                     server.drop_once.discard(self.path)
@@ -94,6 +103,13 @@ class CheckpointServer:
                 self.wfile.write(body)
 
         return Handler
+
+
+def allow_loopback(monkeypatch) -> None:
+    """Let the zoo download from this machine (the server above), as only tests may."""
+    from bench.zoo.manifest import ALLOW_LOOPBACK_ENV
+
+    monkeypatch.setenv(ALLOW_LOOPBACK_ENV, "1")
 
 
 def sha256(data: bytes) -> str:

@@ -8,6 +8,14 @@ when there is one, else :data:`DEFAULT_MAX_SIZE`), is hashed while it arrives, a
 Seeded entries whose sha256 nobody could compute yet (``verified: false``) are trusted on first use: the hash
 of the first complete download is written to ``zoo/records.json`` (never into the manifest), and every later
 fetch, on this machine, must match it.
+
+Only public hosts are contacted: the host name of the URL, and of every redirect, is resolved
+(``socket.getaddrinfo``) and refused when any of its addresses is loopback, private, link-local, multicast,
+unspecified or reserved; the connection itself goes to one of the addresses that were checked, so a name that
+resolves differently a moment later (DNS rebinding) gains nothing. A redirect may not leave https. Loopback hosts
+(and plain http to them) are accepted only with ``APBENCH_ALLOW_LOOPBACK=1`` in the environment, which the test
+suite sets for its server on 127.0.0.1. Through a proxy (``https_proxy``), the proxy connects, and only the
+resolution check applies.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import urllib.error
@@ -29,7 +38,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from bench.provenance import utcnow
-from bench.zoo.manifest import FILE_NAME_PATTERN, check_download_url
+from bench.zoo.manifest import FILE_NAME_PATTERN, check_download_url, printable, refused_address
 
 DEFAULT_MAX_SIZE = 2 * 1024**3  # 2 GiB: the largest CIFAR WideResNets are a few hundred MB
 RECORDS_FILE = "records.json"
@@ -196,7 +205,8 @@ def import_local_file(
 ) -> FetchResult:
     """Put a file downloaded by hand (e.g. from a Dropbox folder) into the cache, with the same checks.
 
-    The file is copied, never moved or linked; the hash rules are those of :func:`fetch_checkpoint`.
+    The file is copied, never moved or linked; the hash rules are those of :func:`fetch_checkpoint`. A first
+    hash recorded this way names its origin ``file:<name of the file>``, not the manifest's URL.
     """
     target, expected, verified_by, limit = _prepare(key, file_name, url, sha256, size, max_size, root)
     source = Path(source)
@@ -211,7 +221,7 @@ def import_local_file(
         digest = _file_digest(part).hexdigest()
         _check_complete(part, digest, part.stat().st_size, expected, size, verified_by, str(source))
         os.replace(part, target)
-        _finish(key, url or f"file:{source.name}", target, digest, verified_by, root)
+        _finish(key, f"file:{source.name}", target, digest, verified_by, root)
         return FetchResult(target, digest, actual, verified_by, downloaded=False)
 
 
@@ -317,14 +327,84 @@ def _check_complete(part: Path, digest: str, received: int, expected, size, veri
         )
 
 
+def check_resolved(url: str) -> None:
+    """Refuse ``url`` when its host name resolves to any address that is not public (see the module docstring).
+
+    Raises:
+        DownloadFailed: an address is refused. OSError (``socket.gaierror``): the name does not resolve.
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    for *_rest, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        reason = refused_address(sockaddr[0])
+        if reason is not None:
+            raise DownloadFailed(
+                f"refused {url}: its host {host} resolves to {sockaddr[0]}, {reason}; checkpoints are downloaded "
+                "from public hosts only"
+            )
+
+
+def _checked_connection(address, timeout, source_address=None):
+    """``socket.create_connection`` that resolves once, checks every address, and connects to a checked one."""
+    host, port = address[:2]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    for *_rest, sockaddr in infos:
+        reason = refused_address(sockaddr[0])
+        if reason is not None:
+            raise DownloadFailed(f"refused to connect to {host} ({sockaddr[0]}): {reason}")
+    error: OSError | None = None
+    for *_rest, sockaddr in infos:
+        try:
+            return socket.create_connection((sockaddr[0], sockaddr[1]), timeout, source_address)
+        except OSError as err:
+            error = err
+    raise error or OSError(f"{host} resolves to no address")
+
+
+class _CheckedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection
+
+
+class _CheckedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._create_connection = _checked_connection
+
+
+def _checked_class(http_class, req):
+    if req.has_proxy() or getattr(req, "_tunnel_host", None):
+        return http_class  # the proxy connects; the URL's host was checked before the request
+    return _CheckedHTTPSConnection if issubclass(http_class, http.client.HTTPSConnection) else _CheckedHTTPConnection
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_checked_class(http_class, req), req, **kwargs)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def do_open(self, http_class, req, **kwargs):
+        return super().do_open(_checked_class(http_class, req), req, **kwargs)
+
+
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to https (or, from a loopback URL, to loopback http)."""
+    """Follow redirects only to public https hosts (or, in tests, from loopback http to loopback http)."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        shown = repr(newurl)
+        if urlsplit(req.full_url).scheme == "https" and not newurl.startswith("https://"):
+            raise DownloadFailed(f"refused redirect from {req.full_url} to {shown}: it leaves https")
         try:
             check_download_url(newurl)
         except ValueError as err:
-            raise DownloadFailed(f"refused redirect from {req.full_url} to {newurl!r}: it {err}") from None
+            raise DownloadFailed(f"refused redirect from {req.full_url} to {shown}: it {err}") from None
+        try:
+            check_resolved(newurl)
+        except DownloadFailed as err:
+            raise DownloadFailed(f"refused redirect from {req.full_url}: {err}") from None
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is not None and req.has_header("Range"):
             new.add_unredirected_header("Range", req.get_header("Range"))
@@ -337,8 +417,8 @@ def _opener() -> urllib.request.OpenerDirector:
     for handler in (
         urllib.request.ProxyHandler(),
         urllib.request.UnknownHandler(),
-        urllib.request.HTTPHandler(),
-        urllib.request.HTTPSHandler(),
+        _CheckedHTTPHandler(),
+        _CheckedHTTPSHandler(),
         urllib.request.HTTPDefaultErrorHandler(),
         _SafeRedirects(),
         urllib.request.HTTPErrorProcessor(),
@@ -372,6 +452,7 @@ def _download(
             log(f"resuming at byte {offset:,} ({part.name})")
         received = offset
         try:
+            check_resolved(url)
             with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as resp:
                 content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
                 if content_type in _HTML_TYPES:
@@ -411,10 +492,10 @@ def _download(
                 failures += 1
                 if failures <= retries:
                     continue
-            raise DownloadFailed(f"{url} answered HTTP {err.code} {err.reason}") from None
+            raise DownloadFailed(f"{url} answered HTTP {err.code} {printable(err.reason)}") from None
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as err:
             failures += 1
-            reason = getattr(err, "reason", None) or err.__class__.__name__
+            reason = printable(getattr(err, "reason", None) or err.__class__.__name__)  # may be the server's words
             if failures > retries:
                 kept = f"; {received:,} bytes are kept in {part}, run the command again to resume" if received else ""
                 raise DownloadFailed(f"downloading {url} failed ({reason}) after {failures} attempts{kept}") from None

@@ -10,12 +10,19 @@ registries (methods, architectures, datasets, checkpoint formats), the seeded-en
 Text fields are plain text. HTML in them is not an error and is never interpreted: it is stored verbatim and
 escaped wherever it is shown (the site's Jinja2 autoescape, :mod:`bench.zoo.robustbench` for RobustBench's
 HTML-bearing JSON).
+
+Download URLs are ``https://`` to a public host. Loopback hosts (``127.0.0.1``, ``::1``, ``localhost``), and
+plain ``http://`` to them, are accepted only when the environment sets ``APBENCH_ALLOW_LOOPBACK=1`` (the test
+suite's checkpoint server does); private, link-local, multicast, unspecified and reserved addresses are never
+accepted. :mod:`bench.zoo.fetch` checks the addresses a host name resolves to, and every redirect, the same way.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import socket
 import unicodedata
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +47,11 @@ ROBUSTBENCH_NAME_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,99}"
 DENSE_PARENT_PATTERN = rf"^(?:robustbench:{ROBUSTBENCH_NAME_PATTERN}|[A-Za-z][A-Za-z0-9_-]{{0,149}})$"
 FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+# Keys people choose (taxonomy.training, unknown): printable ASCII only, so they cannot carry terminal escapes or
+# line breaks into a log ('/' for training types such as 1S/IT).
+FREE_KEY_PATTERN = r"^[A-Za-z0-9_./ -]{1,64}$"
+URL_SCHEMA_PATTERN = "^https?://"  # published in the JSON Schema; the validators below say more
+ALLOW_LOOPBACK_ENV = "APBENCH_ALLOW_LOOPBACK"
 DENSE = "dense"  # the method key of an unpruned parent
 
 # The short architecture names of the ids (the APB's R18/V16); other architectures use their name without
@@ -79,7 +91,12 @@ KNOWABLE_FIELDS = (
 )
 
 _CONTROL_CATEGORIES = {"Cc", "Cf", "Co", "Cs"}
-_LOOPBACK_HOSTS = {"localhost"}
+
+
+def printable(text: object) -> str:
+    """``text`` on one line with nothing a terminal or a CI log interprets: line breaks, escape sequences and
+    invisible formatting characters are written as Python escapes (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 def arch_token(arch: str) -> str:
@@ -124,23 +141,89 @@ Paragraph = Annotated[str, StringConstraints(min_length=1, max_length=5000), _pl
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
+def loopback_allowed() -> bool:
+    """Whether ``$APBENCH_ALLOW_LOOPBACK`` is ``1``: tests serve checkpoints from 127.0.0.1."""
+    return os.environ.get(ALLOW_LOOPBACK_ENV, "") == "1"
+
+
+def refused_address(address: str, *, allow_loopback: bool | None = None) -> str | None:
+    """Why the benchmark must not connect to the IP ``address`` (e.g. ``"a private address"``), or None.
+
+    Only public unicast addresses are accepted, and loopback ones when :func:`loopback_allowed` (or
+    ``allow_loopback``) says so. An IPv4 address mapped into IPv6 (``::ffff:10.0.0.1``) is judged as IPv4.
+    """
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        allowed = loopback_allowed() if allow_loopback is None else allow_loopback
+        return None if allowed else f"a loopback address (allowed only with {ALLOW_LOOPBACK_ENV}=1, in tests)"
+    for kind, flag in (
+        ("an unspecified", ip.is_unspecified),
+        ("a link-local", ip.is_link_local),
+        ("a multicast", ip.is_multicast),
+        ("a private", ip.is_private),
+        ("a reserved", ip.is_reserved),
+    ):
+        if flag:
+            return f"{kind} address"
+    return None if ip.is_global else "not a public address"
+
+
+def literal_address(host: str) -> str | None:
+    """The IP address ``host`` spells, in the resolver's reading (``127.1`` and ``0x7f000001`` are 127.0.0.1)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    if re.fullmatch(r"[0-9a-fA-FxX.]+", host):
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    return None
+
+
+def is_loopback_name(host: str) -> bool:
+    """``localhost`` and its subdomains (RFC 6761), which resolvers answer with a loopback address."""
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
 def check_download_url(value: str) -> str:
-    """An ``https://`` URL; ``http://`` only for this machine (127.0.0.1, ::1, localhost), used by tests."""
-    scheme = urlsplit(value).scheme.lower()
-    if scheme in ("https", "http"):
-        parts = _url_parts(value)
-        if scheme == "https" or _is_loopback(parts.hostname or ""):
-            return value
-    raise ValueError(
-        f"must be an https:// URL (http:// is accepted only for 127.0.0.1/localhost, in tests), got scheme "
-        f"{scheme or 'none'!r}"
-    )
+    """An ``https://`` URL to a public host; see the module docstring for loopback (tests only).
+
+    This is what the text says; :mod:`bench.zoo.fetch` also checks what the host name resolves to.
+    """
+    scheme = value.split(":", 1)[0] if ":" in value else ""
+    if scheme not in ("https", "http") or not value.startswith(f"{scheme}://"):
+        raise ValueError(
+            f"must be an https:// URL (http:// only for 127.0.0.1/localhost with {ALLOW_LOOPBACK_ENV}=1, in tests), "
+            f"got scheme {scheme or 'none'!r}"
+        )
+    host = (_url_parts(value).hostname or "").lower()
+    address = literal_address(host)
+    loopback = is_loopback_name(host) or (address is not None and ipaddress.ip_address(address).is_loopback)
+    if loopback and not loopback_allowed():
+        raise ValueError(
+            f"points at this machine ({host}); loopback hosts are accepted only with {ALLOW_LOOPBACK_ENV}=1, in tests"
+        )
+    if address is not None:
+        reason = refused_address(address)
+        if reason is not None:
+            raise ValueError(f"points at {address}, {reason}; give a public https:// download link")
+    if scheme == "http" and not loopback:
+        raise ValueError(
+            f"must be an https:// URL (http:// only for 127.0.0.1/localhost with {ALLOW_LOOPBACK_ENV}=1, in tests), "
+            "got scheme 'http'"
+        )
+    return value
 
 
 def check_link_url(value: str) -> str:
     """A web link (http or https) for people to follow; never fetched by the benchmark."""
-    scheme = urlsplit(value).scheme.lower()
-    if scheme not in ("http", "https"):
+    scheme = value.split(":", 1)[0] if ":" in value else ""
+    if scheme not in ("http", "https") or not value.startswith(f"{scheme}://"):
         raise ValueError(f"must be an http:// or https:// link, got scheme {scheme or 'none'!r}")
     _url_parts(value)
     return value
@@ -161,17 +244,19 @@ def _url_parts(value: str):
     return parts
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() in _LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-DownloadUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(check_download_url)]
-LinkUrl = Annotated[str, StringConstraints(max_length=2000), AfterValidator(check_link_url)]
+DownloadUrl = Annotated[
+    str,
+    StringConstraints(max_length=2000),
+    AfterValidator(check_download_url),
+    Field(json_schema_extra={"pattern": URL_SCHEMA_PATTERN}),
+]
+LinkUrl = Annotated[
+    str,
+    StringConstraints(max_length=2000),
+    AfterValidator(check_link_url),
+    Field(json_schema_extra={"pattern": URL_SCHEMA_PATTERN}),
+]
+FreeKey = Annotated[str, StringConstraints(pattern=FREE_KEY_PATTERN)]
 
 
 class _Strict(BaseModel):
@@ -193,8 +278,9 @@ class Taxonomy(_Strict):
     """The method's place in the taxonomy of Piras et al. 2024 (the APB); needed for external methods."""
 
     pipeline: Literal["A", "B", "D"] = Field(description="A: prune after training, B: before, D: during.")
-    training: dict[Annotated[str, StringConstraints(max_length=40)], Line] = Field(
+    training: dict[FreeKey, Line] = Field(
         max_length=10,
+        json_schema_extra={"additionalProperties": False},
         description="Training types of the pipeline's steps, e.g. {pretraining: AT-TRADES, finetuning: AT-TRADES, "
         "1S/IT: 1S}.",
     )
@@ -307,8 +393,9 @@ class Manifest(_Strict):
         description="false only for seeded entries whose sha256 is not known yet (recorded on first download).",
     )
     source: Paragraph = Field(description="Who submits it, and where the URL and the numbers come from.")
-    unknown: dict[Annotated[str, StringConstraints(max_length=40)], Line] = Field(
+    unknown: dict[FreeKey, Line] = Field(
         default_factory=dict,
+        json_schema_extra={"additionalProperties": False},
         description="For seeded entries: why each null field is not known (field path -> reason).",
     )
     notes: Paragraph | None = None

@@ -90,7 +90,8 @@ def model_info(model_row, evaluation, manifest=None) -> dict[str, Any]:
         manifest: its zoo manifest, for the paper fields (else the method card's, where registered).
 
     Returns:
-        The JSON object, keys in RobustBench's order; text fields HTML-escaped.
+        The JSON object, keys in RobustBench's order; text fields HTML-escaped; ``additional_data`` always a
+        boolean (false, with a footnote, when nobody stated it).
     """
     spec = evaluation.spec
     paper = _paper_fields(model_row, manifest)
@@ -101,12 +102,15 @@ def model_info(model_row, evaluation, manifest=None) -> dict[str, Any]:
     ]
     if spec.get("version") != "standard":
         footnote.append("RobustBench's own numbers use AutoAttack standard.")
+    if paper["additional_data"] is None:
+        # RobustBench's field is a boolean; an unknown is exported as false and said so.
+        footnote.append("Whether training used data beyond the training set is not stated (exported as false).")
     reported = (model_row.reported or {}).get("robust")
     info: dict[str, Any] = {
         "link": paper["link"],
         "name": paper["name"],
         "authors": paper["authors"],
-        "additional_data": paper["additional_data"],
+        "additional_data": bool(paper["additional_data"]),
         "number_forward_passes": paper["number_forward_passes"],
         "dataset": model_row.dataset,
         "venue": paper["venue"],

@@ -6,6 +6,10 @@ ids, the dense parent, the size cap, and the rules for seeded entries. Online, i
 fetched (size-capped, resumable, sha256-checked), loaded through its converter weights-only, its sparsity is
 measured against the claim (:data:`SPARSITY_TOLERANCE`), and its clean accuracy on the first test samples is
 compared with the reported one when the dataset is on this machine (:func:`clean_accuracy_interval`).
+
+A manifest's text reaches terminals and CI logs, where a line break can start a workflow command
+(``::error ...``) and an escape sequence can rewrite the screen: every message that echoes a field's location, a
+path or a value goes through :func:`printable`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from bench.zoo.manifest import (
     arch_token,
     dataset_token,
     parse_sparsity_token,
+    printable,
     sparsity_token,
 )
 from bench.zoo.seeded import SEEDED
@@ -83,8 +88,8 @@ class Problem:
     fix: str = ""
 
     def render(self) -> str:
-        fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{self.level:<7} {self.field}: {self.message}{fix}"
+        fix = f" Fix: {printable(self.fix)}" if self.fix else ""
+        return f"{self.level:<7} {printable(self.field)}: {printable(self.message)}{fix}"
 
 
 @dataclass
@@ -275,7 +280,7 @@ def _yaml_message(err: yaml.YAMLError) -> str:
 
 
 def _schema_problem(report: FileReport, item: Mapping[str, Any]) -> None:
-    loc = ".".join(str(part) for part in item.get("loc", ())) or "file"
+    loc = printable(".".join(str(part) for part in item.get("loc", ())) or "file")
     kind = item.get("type", "")
     message = item.get("msg", "invalid")
     if message.startswith("Value error, "):
@@ -698,8 +703,8 @@ def validate_paths(
 ) -> list[FileReport]:
     """Validate manifest files (folders are expanded to the manifests under them).
 
-    Ids must be unique among the given files and the manifests already in ``root``; dense parents are looked
-    up among both.
+    Ids and checkpoints (sha256) must be unique among the given files and the manifests already in ``root``;
+    dense parents are looked up among both.
     """
     files: list[Path] = []
     for raw in paths:
@@ -713,7 +718,10 @@ def validate_paths(
     for path in files:
         file_root = root if root is not None and _is_under(path, root) else None
         reports.append(read_manifest(path, file_root))
-    known = _known_manifests(root, exclude={r.path.absolute() for r in reports})
+    in_root = _other_manifests(root, exclude={r.path.absolute() for r in reports})
+    known: dict[str, tuple[Manifest, Path]] = {}
+    for m, path in in_root:
+        known.setdefault(m.model_id, (m, path))
     by_id: dict[str, list[FileReport]] = {}
     for r in reports:
         if r.manifest is not None:
@@ -729,6 +737,7 @@ def validate_paths(
                 f"{model_id!r} is also the id of {', '.join(others)}",
                 "ids are unique; add a tag (…_US_90_<Tag>) or remove the copy",
             )
+    check_same_checkpoint(reports, in_root)
     manifests = {mid: pair[0] for mid, pair in known.items()}
     manifests.update({r.manifest.model_id: r.manifest for r in reports if r.manifest is not None})
     for r in reports:
@@ -740,6 +749,30 @@ def validate_paths(
     return reports
 
 
+def check_same_checkpoint(reports: Sequence[FileReport], others: Iterable[tuple[Manifest, Path]] = ()) -> None:
+    """One checkpoint, one manifest: a sha256 that another manifest (in ``reports`` or ``others``) also gives is
+    an error on each report holding it. Two manifests of one file would read the same bytes two ways (another
+    format, k, architecture or dataset) or count one model twice."""
+    holders: dict[str, list[tuple[str, Path]]] = {}
+    pairs = [(r.manifest, r.path) for r in reports if r.manifest is not None] + list(others)
+    for m, path in pairs:
+        if m.checkpoint.sha256 is not None:
+            holders.setdefault(m.checkpoint.sha256, []).append((m.model_id, path.absolute()))
+    for r in reports:
+        m = r.manifest
+        if m is None or m.checkpoint.sha256 is None:
+            continue
+        same = sorted({(mid, path) for mid, path in holders[m.checkpoint.sha256] if path != r.path.absolute()})
+        if same:
+            names = ", ".join(f"{mid} ({path})" for mid, path in same)
+            r.error(
+                "checkpoint.sha256",
+                f"{m.model_id}'s checkpoint (sha256 {m.checkpoint.sha256[:12]}…) is the same file that is already "
+                f"submitted as {names}",
+                "one file has one manifest: remove the copy, or give this manifest's own file and its sha256",
+            )
+
+
 def _is_under(path: Path, root: Path) -> bool:
     try:
         path.absolute().relative_to(root.absolute())
@@ -748,12 +781,11 @@ def _is_under(path: Path, root: Path) -> bool:
     return True
 
 
-def _known_manifests(root: Path | None, exclude: Iterable[Path]) -> dict[str, tuple[Manifest, Path]]:
+def _other_manifests(root: Path | None, exclude: Iterable[Path]) -> list[tuple[Manifest, Path]]:
+    """Every manifest under ``root`` that reads (schema-valid), except the files in ``exclude``."""
     if root is None:
-        return {}
+        return []
     excluded = set(exclude)
-    out: dict[str, tuple[Manifest, Path]] = {}
-    for r in read_tree(root):
-        if r.manifest is not None and r.path.absolute() not in excluded:
-            out.setdefault(r.manifest.model_id, (r.manifest, r.path))
-    return out
+    return [
+        (r.manifest, r.path) for r in read_tree(root) if r.manifest is not None and r.path.absolute() not in excluded
+    ]

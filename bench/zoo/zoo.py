@@ -21,8 +21,8 @@ from typing import Any
 
 from bench.registry import UnknownNameError
 from bench.zoo.fetch import DEFAULT_MAX_SIZE, FetchResult, fetch_checkpoint, read_records
-from bench.zoo.manifest import DENSE, Manifest, arch_token
-from bench.zoo.validate import FileReport, check_semantics, read_tree
+from bench.zoo.manifest import DENSE, Manifest, arch_token, printable
+from bench.zoo.validate import FileReport, check_same_checkpoint, check_semantics, read_tree
 
 ENV_SUBMISSIONS_DIR = "BENCH_SUBMISSIONS_DIR"
 _REPO_SUBMISSIONS = Path(__file__).resolve().parent.parent.parent / "submissions"
@@ -80,7 +80,8 @@ class Zoo:
         if bad is not None:
             first = next((p.render() for p in bad.problems if p.level == "error"), "invalid")
             raise ValueError(
-                f"zoo entry {model_id} ({bad.path}) is invalid: {first}; run `bench submit validate {bad.path}`"
+                f"zoo entry {model_id} ({printable(bad.path)}) is invalid: {first}; run `bench submit validate "
+                f"{printable(bad.path)}`"
             )
         import difflib
 
@@ -140,9 +141,11 @@ def load_zoo(root: str | os.PathLike[str] | None = None) -> Zoo:
     reports = read_tree(folder)
     manifests = {r.manifest.model_id: r.manifest for r in reports if r.manifest is not None}
     zoo = Zoo(folder)
-    seen: set[str] = set()
     for r in reports:
         check_semantics(r, manifests)
+    check_same_checkpoint([r for r in reports if r.ok])
+    seen: set[str] = set()
+    for r in reports:
         if r.ok and r.manifest.model_id not in seen:
             seen.add(r.manifest.model_id)
             zoo.entries[r.manifest.model_id] = ZooEntry(r.manifest, r.path)
@@ -237,6 +240,8 @@ def entry_provenance(entry: ZooEntry, fetched: FetchResult) -> dict[str, Any]:
 
 
 def entry_taxonomy(entry: ZooEntry) -> dict[str, Any]:
+    """The store's ``taxonomy``: the method card's, or an external method's with its training types nested under
+    ``training`` (a submitter's keys there cannot replace ``pipeline`` or ``criterion``)."""
     m = entry.manifest
     if m.method == DENSE:
         return {}
@@ -244,7 +249,7 @@ def entry_taxonomy(entry: ZooEntry) -> dict[str, Any]:
         t = m.external_method.taxonomy
         return {
             "pipeline": t.pipeline,
-            **t.training,
+            "training": dict(t.training),
             "structure": t.structure,
             "scope": t.scope,
             "criterion": t.criterion,
