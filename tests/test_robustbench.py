@@ -218,3 +218,23 @@ def test_additional_data_is_always_a_boolean(store, evaluated):
     assert [infos[k]["additional_data"] for k in ("none", "unstated", "yes")] == [False, False, True]
     assert "not stated (exported as false)" in infos["unstated"]["footnote"]
     assert "not stated" not in infos["yes"]["footnote"]
+
+
+def test_a_reevaluation_is_never_exported_as_the_authors_claim(store, evaluated):
+    # The APB-seeded manifests' numbers are the APB's AutoAttack measurements (kind: reevaluation), not claims.
+    with store.session() as s:
+        row = s.get(Model, evaluated.id)
+        ev = s.scalars(select(Evaluation).where(Evaluation.model_id == row.id)).first()
+        assert model_info(row, ev, None)["reported"] == "62.24"
+        row.reported = {**row.reported, "kind": "reevaluation"}
+        assert model_info(row, ev, None)["reported"] is None
+
+
+def test_apb_seeded_manifests_mark_their_numbers_as_reevaluations():
+    from bench.zoo.zoo import load_zoo
+
+    zoo = load_zoo()
+    apb = [e for e in zoo.entries.values() if e.manifest.reported.source.startswith("APB leaderboard")]
+    assert len(apb) == 35 and all(e.manifest.reported.kind == "reevaluation" for e in apb)
+    claims = [e for e in zoo.entries.values() if e.manifest.model_id.endswith("_Authors")]
+    assert claims and all(e.manifest.reported.kind == "claim" for e in claims)

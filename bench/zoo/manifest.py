@@ -354,6 +354,12 @@ class Report(_Strict):
     )
     n_samples: int | None = Field(default=None, ge=1, description="Test samples behind the numbers.")
     source: Line = Field(description="Where the numbers are printed (paper table, README, leaderboard).")
+    kind: Literal["claim", "reevaluation"] = Field(
+        default="claim",
+        description="'claim': the authors' own published numbers (the re-evaluation drop is measured against "
+        "these); 'reevaluation': another benchmark's measurement of this checkpoint (e.g. the APB leaderboard, "
+        "RobustBench), shown beside ours but never used as the claim.",
+    )
 
 
 class Manifest(_Strict):

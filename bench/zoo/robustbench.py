@@ -105,7 +105,9 @@ def model_info(model_row, evaluation, manifest=None) -> dict[str, Any]:
     if paper["additional_data"] is None:
         # RobustBench's field is a boolean; an unknown is exported as false and said so.
         footnote.append("Whether training used data beyond the training set is not stated (exported as false).")
-    reported = (model_row.reported or {}).get("robust")
+    own = model_row.reported or {}
+    # RobustBench's "reported" is the authors' claim; another benchmark's re-evaluation is not one.
+    reported = own.get("robust") if own.get("kind", "claim") == "claim" else None
     info: dict[str, Any] = {
         "link": paper["link"],
         "name": paper["name"],
