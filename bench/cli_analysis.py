@@ -49,6 +49,15 @@ def _method_name(key: str) -> str:
         return key
 
 
+def resolve_evaluation_model(session, ref: str):
+    """The model a MODEL argument names (``eval:N`` names its evaluation's model)."""
+    from bench.analysis.report import EVALUATION_PREFIX, resolve_evaluation, resolve_model
+
+    if str(ref).strip().startswith(EVALUATION_PREFIX):
+        return resolve_evaluation(session, ref).model
+    return resolve_model(session, ref)
+
+
 def _store(db):
     from bench.store import Store
 
@@ -78,19 +87,18 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
     dense (first digit) and pruned (second digit) model, and how well the dense model's FMN distance ε separates
     them (AUC with the two-sided Mann–Whitney p-value)."""
     from bench.analysis.records import load_records
-    from bench.analysis.report import resolve_evaluation, resolve_model
+    from bench.analysis.report import resolve_model, resolve_pair
     from bench.analysis.thin_ice import thin_ice
 
     store = _store(db)
     with store.session() as s:
-        pruned_ev = resolve_evaluation(s, pruned_ref)
-        pruned = pruned_ev.model
         if dense_ref is None:
-            if pruned.parent_id is None:
-                raise ValueError(f"model {pruned.name!r} has no dense parent in the store; name one with --dense")
-            dense_ref = str(pruned.parent_id)
-        dense_ev = resolve_evaluation(s, dense_ref, pruned_ev.protocol_hash)
-        dense = dense_ev.model
+            pruned_model = resolve_evaluation_model(s, pruned_ref)
+            if pruned_model.parent_id is None:
+                raise ValueError(f"model {pruned_model.name!r} has no dense parent in the store; name one with --dense")
+            dense_ref = str(pruned_model.parent_id)
+        pruned_ev, dense_ev = resolve_pair(s, pruned_ref, dense_ref)
+        pruned, dense = pruned_ev.model, dense_ev.model
         result = thin_ice(load_records(s, dense_ev.id), load_records(s, pruned_ev.id), min_group=min_group)
         if pruned.parent_id is not None and pruned.parent_id != dense.id:
             parent = resolve_model(s, pruned.parent_id)
@@ -151,13 +159,12 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
     """McNemar's exact test: is A's robustness different from B's beyond noise, on the samples both hold?"""
     from bench.analysis.paired import mcnemar
     from bench.analysis.records import load_records
-    from bench.analysis.report import resolve_evaluation
+    from bench.analysis.report import resolve_pair
     from bench.analysis.stats import wilson_interval
 
     store = _store(db)
     with store.session() as s:
-        a_ev = resolve_evaluation(s, a_ref)
-        b_ev = resolve_evaluation(s, b_ref, a_ev.protocol_hash)
+        a_ev, b_ev = resolve_pair(s, a_ref, b_ref)
         result = mcnemar(load_records(s, a_ev.id), load_records(s, b_ev.id), flag=flag)
         a_name, b_name = a_ev.model.name, b_ev.model.name
     if fmt == "json":
@@ -189,21 +196,22 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
 @_db_option
 @friendly_errors
 def drops_command(fmt, db):
-    """Re-evaluation drop of every evaluated model with a reported number: reported robust − measured AutoAttack
-    robust accuracy, in points (accuracies as fractions in csv/json)."""
-    from bench.analysis.report import drop_rows
+    """Re-evaluation drop of every evaluated model with a reported number: the authors' claimed robust accuracy −
+    our AutoAttack robust accuracy, in points, with another benchmark's AutoAttack figure beside it (accuracies as
+    fractions in csv/json). A model whose reported numbers cannot be read is skipped with a warning on stderr."""
+    from bench.analysis.export import csv_text
+    from bench.analysis.report import DROP_COLUMNS, drop_rows
 
     store = _store(db)
     with store.session() as s:
-        rows = drop_rows(s)
-    if fmt in ("csv", "json"):
-        import pandas as pd
-
-        df = pd.DataFrame(rows)
-        if fmt == "csv":
-            click.echo(df.to_csv(index=False), nl=False)
-        else:
-            click.echo(json.dumps(rows, indent=1))
+        rows, warnings = drop_rows(s)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if fmt == "csv":
+        click.echo(csv_text(DROP_COLUMNS, ([r[c] for c in DROP_COLUMNS] for r in rows)), nl=False)
+        return
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1))
         return
     if not rows:
         click.echo(
@@ -213,20 +221,26 @@ def drops_command(fmt, db):
         return
     shown = []
     for r in rows:
+        claim = r["reported_attack"] or "attack not stated"
         shown.append(
             {
                 "eval": str(r["evaluation_id"]),
                 "model": r["model"],
                 "sparsity": f"{100 * r['sparsity']:.2f} %",
-                "reported robust": "-" if r["reported_robust"] is None else f"{100 * r['reported_robust']:.2f} %",
+                "claimed robust": _pct(r["reported_robust"]),
                 "measured AA robust [95 %]": _interval(
                     r["measured_robust"], r["measured_robust_low"], r["measured_robust_high"]
                 ),
                 "drop": "-" if r["drop_points"] is None else f"{r['drop_points']:+.2f}",
-                "reported attack / source": f"{r['reported_attack']} — {r['reported_source']}",
+                "other AA": _pct(r["reevaluation_robust"]),
+                "claim: attack — source": "-" if r["reported_source"] is None else f"{claim} — {r['reported_source']}",
             }
         )
     click.echo(_fmt_table(shown))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
 
 
 @analyze.command("curve")
@@ -325,16 +339,29 @@ def report_command(ref, db):
                 f"  flags                  {', '.join(ev['flags'])}"
                 + ("  (potentially unreliable)" if ev["unreliable"] else "")
             )
-        echo("  where the samples ended (first AutoAttack stage that broke each)")
-        for stage, count in ev["breakdown"]:
-            echo(f"    {stage:<14} {count:>7}  {100 * count / ev['n']:6.2f} %")
-        echo("  security curve (FMN)")
-        echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve"]))
-        for reported, drop in ev["reported"]:
+        for error in ev["errors"]:
+            echo(f"  note: {error}")
+        if ev["breakdown"]:
+            echo("  where the samples ended (first AutoAttack stage that broke each)")
+            width = max(14, *(len(stage) for stage, _ in ev["breakdown"]))
+            for stage, count in ev["breakdown"]:
+                share = 100 * count / ev["n"] if ev["n"] else math.nan
+                echo(f"    {stage:<{width}} {count:>7}  {share:6.2f} %")
+        if ev["curve"]:
+            echo("  security curve (FMN)")
+            echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve"]))
+        for reported, drop in ev["claims"]:
             drop_text = "-" if drop is None else f"{drop:+.2f} points"
             echo(
-                f"  reported               clean {percent(reported.clean)}, robust {percent(reported.robust)} "
-                f"→ drop {drop_text}  ({reported.kind}, {reported.origin})"
+                f"  authors' claim         clean {percent(reported.clean)}, robust {percent(reported.robust)} "
+                f"→ drop {drop_text}  ({reported.origin})"
+            )
+            _echo_reported_details(reported, indent=27)
+        for reported, gap in ev["reevaluations"]:
+            gap_text = "-" if gap is None else f"{-gap:+.2f} points"
+            echo(
+                f"  other re-evaluation    clean {percent(reported.clean)}, robust {percent(reported.robust)} "
+                f"(ours − theirs {gap_text}; {reported.origin})"
             )
             _echo_reported_details(reported, indent=27)
         ti = ev["thin_ice"]
@@ -345,6 +372,10 @@ def report_command(ref, db):
                 f"S11 {row['S11 %']} %; AUC ε10<ε11 {row['AUC ε10<ε11 (p)']}, "
                 f"AUC |ε01|<|ε00| {row['AUC |ε01|<|ε00| (p)']}"
             )
+            for note in ti.notes:
+                echo(f"    note: {note}")
+        elif ev["thin_ice_reason"]:
+            echo(f"  thin ice vs parent     not computed: {ev['thin_ice_reason']}")
         if ev["attack_seconds"]:
             echo(f"  attack seconds         {_inline({k: round(v, 1) for k, v in ev['attack_seconds'].items()})}")
         prov = ev["provenance"]
@@ -353,12 +384,16 @@ def report_command(ref, db):
             echo("  provenance")
             for key in shown:
                 echo(f"    {key:<20} {prov[key]}")
-    if not any(ev.get("reported") for ev in rep["evaluations"]) and rep["reported"]:
+    if rep["reported_error"]:
+        echo("")
+        echo(f"note: {rep['reported_error']}")
+    if not any(ev.get("claims") or ev.get("reevaluations") for ev in rep["evaluations"]) and rep["reported"]:
         echo("")
         for reported in rep["reported"]:
+            kind = "authors' claim" if reported.kind == "claim" else "re-evaluation"
             echo(
-                f"reported: clean {percent(reported.clean)}, robust {percent(reported.robust)} "
-                f"({reported.kind}, {reported.origin}); no complete evaluation under its threat model to compare"
+                f"reported ({kind}): clean {percent(reported.clean)}, robust {percent(reported.robust)} "
+                f"({reported.origin}); no complete evaluation under its threat model to compare"
             )
             _echo_reported_details(reported, indent=4)
     if m.provenance:
@@ -387,7 +422,7 @@ PROVENANCE_KEYS = (
 def _echo_reported_details(reported, indent: int) -> None:
     pad = " " * indent
     threat = f"{reported.norm or 'norm not stated'} eps={reported.eps or 'not stated'}"
-    click.echo(f"{pad}attack: {reported.attack} ({threat})")
+    click.echo(f"{pad}attack: {reported.attack or 'not stated'} ({threat})")
     click.echo(f"{pad}source: {reported.source}" + (f" {reported.source_url}" if reported.source_url else ""))
     if reported.note:
         click.echo(f"{pad}note: {reported.note}")
@@ -428,6 +463,8 @@ def reported_set(ref, clean, robust, attack, source, eps, norm, note, db):
         "norm": norm,
         "note": note,
     }
+    if clean is None and robust is None:
+        raise ValueError("bench reported set: give at least one of --clean and --robust")
     rep = parse_reported({k: v for k, v in data.items() if v is not None}, "bench reported set")
     store = _store(db)
     with store.session() as s:

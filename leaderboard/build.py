@@ -21,9 +21,7 @@ Layout of the output folder::
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -46,7 +44,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 import bench
-from bench.analysis.reported import Reported, reevaluation_drop, reported_for
+from bench.analysis.export import csv_text
+from bench.analysis.report import missing_parent_evaluation
+from bench.analysis.reported import Reported, reevaluation_drop, reported_numbers
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import POPULATIONS, format_p
 from bench.store import Evaluation, Model, SampleResult, Store
@@ -72,6 +72,10 @@ FLAG_TEXT = {
     "square_beat_white_box": "Square (black-box) broke samples the white-box attacks could not",
     "too_few_classes": "too few classes for the targeted attacks",
     "fmn_beat_autoattack": "FMN found adversarials within eps that AutoAttack missed",
+    "clean_pass_disagreement": (
+        "AutoAttack's own clean pass disagreed with ours on some samples (a randomised or input-dependent "
+        "model); a sample counts as robust only if both passes classified it correctly"
+    ),
 }
 
 # Papers the protocol rests on (cited on the methodology page and in papers.bib).
@@ -167,7 +171,11 @@ class Entry:
     model: Model
     ev: Evaluation
     method: MethodInfo | None
+    # The authors' claim the drop is computed from, and the best other benchmark's re-evaluation.
     reported: Reported | None = None
+    reevaluation: Reported | None = None
+    claims: list[Reported] = field(default_factory=list)
+    reevaluations: list[Reported] = field(default_factory=list)
     reported_error: str | None = None
     drop: float | None = None
     parent_entry: Entry | None = None
@@ -307,28 +315,6 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def csv_text(header: list[str], rows: Iterable[list[Any]]) -> str:
-    """CSV whose text cells cannot start a spreadsheet formula (OWASP: prefix ' to = + - @ tab CR)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(header)
-    for row in rows:
-        writer.writerow([_csv_cell(v) for v in row])
-    return out.getvalue()
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return "" if not math.isfinite(value) else repr(value)
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
-
-
 def _bib_field(text: Any) -> str:
     # Braces and backslashes would end or escape the BibTeX field; nothing else needs care.
     return re.sub(r"[{}\\]", "", str(text)).replace("\n", " ").strip()
@@ -408,13 +394,18 @@ class SiteData:
 
 
 def _attach_reported(entry: Entry) -> None:
-    """The model's reported numbers under this evaluation's threat model, and the drop against AutoAttack."""
+    """The authors' claim under this evaluation's threat model and the drop against our AutoAttack figure, and
+    other benchmarks' re-evaluations beside them."""
     spec = entry.spec
     try:
-        entry.reported = reported_for(entry.model, spec.get("norm"), spec.get("eps_value"))
-    except ValueError as err:  # a malformed ``reported`` column must not stop the build
-        entry.reported_error = str(err)
+        found = reported_numbers(entry.model, spec.get("norm"), spec.get("eps_value"))
+    except Exception as err:  # a malformed ``reported`` column must not stop the build
+        entry.reported_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
         return
+    entry.claims = list(found.claims)
+    entry.reevaluations = list(found.reevaluations)
+    entry.reported = found.claim
+    entry.reevaluation = found.reevaluation
     entry.drop = reevaluation_drop(entry.reported, entry.ev.aa_robust_accuracy)
 
 
@@ -433,13 +424,13 @@ def _link_parent(data: SiteData, entry: Entry) -> None:
     parent_id = entry.model.parent_id
     if parent_id is None or parent_id not in data.by_id:
         return
-    same = [e for e in data.entries.get(parent_id, []) if e.ev.protocol_hash == entry.ev.protocol_hash]
+    parent_entries = data.entries.get(parent_id, [])
+    same = [e for e in parent_entries if e.ev.protocol_hash == entry.ev.protocol_hash]
     if same:
         entry.parent_entry = same[0]
     else:
-        entry.thin_error = (
-            f"the dense parent {data.by_id[parent_id].name} has no complete evaluation under this protocol "
-            f"({entry.ev.protocol_hash[:8]}); evaluate it with the same `bench evaluate` options"
+        entry.thin_error = missing_parent_evaluation(
+            data.by_id[parent_id].name, entry.ev.protocol_hash, [e.ev.protocol_hash for e in parent_entries]
         )
 
 
@@ -509,7 +500,13 @@ def _first_author(ap_key: str) -> str | None:
 
 
 def _taxonomy_items(taxonomy: dict[str, Any]) -> list[tuple[str, str]]:
-    return [(str(k), ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in taxonomy.items()]
+    # A submitted method's training types are nested: {"training": {"pretraining": "AT", "1S/IT": "1S"}}.
+    def text(v: Any) -> str:
+        if isinstance(v, dict):
+            return ", ".join(f"{k}: {text(x)}" for k, x in v.items())
+        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return [(str(k), text(v)) for k, v in taxonomy.items()]
 
 
 def _paper_from_db(model: Model) -> dict[str, Any]:
@@ -631,6 +628,9 @@ def _row_record(table: Table, rank: int, e: Entry) -> dict[str, Any]:
         "reported_attack": getattr(rep, "attack", None),
         "reported_source": getattr(rep, "source", None),
         "drop_points": e.drop,
+        "reevaluation_robust": getattr(e.reevaluation, "robust", None),
+        "reevaluation_attack": getattr(e.reevaluation, "attack", None),
+        "reevaluation_source": getattr(e.reevaluation, "source", None),
         "fmn_median_distance": ev.fmn_median_distance,
         "params": m.params,
         "nonzero_params": m.nonzero_params,
@@ -666,6 +666,8 @@ TABLE_CSV_COLUMNS = [
     "reported_robust",
     "reported_attack",
     "drop_points",
+    "reevaluation_robust",
+    "reevaluation_attack",
     "fmn_median_distance",
     "params",
     "nonzero_params",

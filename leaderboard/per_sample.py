@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from bench.analysis.curves import attack_breakdown, security_curve
+from bench.analysis.curves import ROBUST, attack_breakdown, security_curve
 from bench.analysis.paired import McNemar, mcnemar
-from bench.analysis.records import CSV_COLUMNS, EvaluationRecords, IncomparableError, load_records
+from bench.analysis.records import CSV_COLUMNS, EvaluationRecords, load_records
+from bench.analysis.report import failure
 from bench.analysis.thin_ice import ThinIce, ThinIceError, thin_ice
 from bench.store import Store
 from leaderboard import plots
@@ -44,6 +45,10 @@ class SampleResults:
     thin_error: str | None = None
     paired: list[tuple[str, McNemar]] = field(default_factory=list)
     has_thin_ice_plot: bool = False
+    has_csv: bool = False
+    has_curve: bool = False
+    # One line per analysis that failed on this evaluation's records: shown on the model's page, never fatal.
+    errors: list[str] = field(default_factory=list)
 
 
 def write_text(path: Path, content: str) -> None:
@@ -79,38 +84,57 @@ def breakdown_rows(rec: EvaluationRecords) -> list[dict[str, Any]]:
     n = rec.n
     remaining = n
     rows = []
-    for label, count in attack_breakdown(rec, rec.stages):
-        if label != "robust":
+    stages = rec.stages
+    for label, count in attack_breakdown(rec, stages):
+        if label != ROBUST:
             remaining -= count
         rows.append(
             {
                 "label": label,
+                "stage": label in stages,
                 "count": count,
                 "percent": 100 * count / n if n else math.nan,
-                "after": 100 * remaining / n if n and label != "robust" else None,
+                "after": 100 * remaining / n if n and label != ROBUST else None,
             }
         )
     return rows
 
 
 def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | None, out: Path) -> SampleResults:
-    """Write the CSV and plots of one evaluation under ``out/models`` and return its page results."""
+    """Write the CSV and plots of one evaluation under ``out/models`` and return its page results.
+
+    Each analysis that fails on these records (rows that contradict each other, an unknown AutoAttack version, a
+    degenerate thin-ice pair) leaves a line in ``errors`` for the model's page; the rest of the page and the rest
+    of the site are still built.
+    """
     folder = out / "models"
-    write_text(folder / f"{task.stem}.csv", records_csv(rec))
-    result = SampleResults(breakdown=breakdown_rows(rec))
-    grid, robust = security_curve(rec)
-    write_text(
-        folder / f"{task.stem}-curve.svg",
-        plots.security_curve_svg(
-            grid,
-            robust,
-            norm=rec.norm,
-            nominal_eps=rec.eps,
-            nominal_label=str(rec.spec.get("eps", rec.eps)),
-            autoattack=task.autoattack,
-            best_known=task.best_known,
-        ),
-    )
+    result = SampleResults()
+    try:
+        write_text(folder / f"{task.stem}.csv", records_csv(rec))
+        result.has_csv = True
+    except Exception as err:  # one bad evaluation must not stop the site
+        result.errors.append(failure("the per-sample CSV", err))
+    try:
+        result.breakdown = breakdown_rows(rec)
+    except Exception as err:
+        result.errors.append(failure("the AutoAttack stage breakdown", err))
+    try:
+        grid, robust = security_curve(rec)
+        write_text(
+            folder / f"{task.stem}-curve.svg",
+            plots.security_curve_svg(
+                grid,
+                robust,
+                norm=rec.norm,
+                nominal_eps=rec.eps,
+                nominal_label=str(rec.spec.get("eps", rec.eps)),
+                autoattack=task.autoattack,
+                best_known=task.best_known,
+            ),
+        )
+        result.has_curve = True
+    except Exception as err:
+        result.errors.append(failure("the security curve", err))
     if parent is None:
         return result
     try:
@@ -118,18 +142,26 @@ def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | 
     except ThinIceError as err:
         result.thin_error = str(err)
         return result
-    write_text(
-        folder / f"{task.stem}-thin-ice.svg",
-        plots.thin_ice_svg(thin.eps, thin.margin, thin.population, norm=rec.norm, nominal_eps=rec.eps),
-    )
-    result.has_thin_ice_plot = True
+    except Exception as err:
+        result.thin_error = failure("the thin-ice analysis", err)
+        return result
+    try:
+        write_text(
+            folder / f"{task.stem}-thin-ice.svg",
+            plots.thin_ice_svg(
+                thin.eps, thin.margin, thin.population, norm=rec.norm, nominal_eps=rec.eps, counts=thin.counts
+            ),
+        )
+        result.has_thin_ice_plot = True
+    except Exception as err:
+        result.errors.append(failure("the thin-ice scatter", err))
     empty = np.empty(0)
     result.thin = dataclasses.replace(thin, sample_id=empty, eps=empty, margin=empty, population=empty)
     for flag, label in (("aa_robust", "AutoAttack robust"), ("best_robust", "best-known robust")):
         try:
             result.paired.append((label, mcnemar(rec, parent, flag=flag)))
-        except IncomparableError as err:  # pragma: no cover - thin_ice checked comparability already
-            result.thin_error = str(err)
+        except Exception as err:
+            result.errors.append(failure(f"the paired comparison on {flag}", err))
     return result
 
 
@@ -145,8 +177,21 @@ def run_job(store: Store, tasks: list[EvalTask], out: Path) -> dict[int, SampleR
             return cache[evaluation_id]
 
         for task in tasks:
-            parent = records(task.parent_evaluation_id) if task.parent_evaluation_id is not None else None
-            results[task.evaluation_id] = process(records(task.evaluation_id), task, parent, out)
+            try:
+                rec = records(task.evaluation_id)
+            except Exception as err:  # the page says so; the site is still built
+                results[task.evaluation_id] = SampleResults(errors=[failure("reading the per-sample records", err)])
+                continue
+            parent = None
+            parent_error = None
+            if task.parent_evaluation_id is not None:
+                try:
+                    parent = records(task.parent_evaluation_id)
+                except Exception as err:
+                    parent_error = failure("reading the dense parent's per-sample records", err)
+            results[task.evaluation_id] = process(rec, task, parent, out)
+            if parent_error is not None:
+                results[task.evaluation_id].thin_error = parent_error
     return results
 
 

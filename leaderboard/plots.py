@@ -243,7 +243,7 @@ class _ThinIce:
             1, 0.01, "", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#777777"
         )
 
-    def render(self, eps, margin, population, norm, nominal_eps) -> str:
+    def render(self, eps, margin, population, norm, nominal_eps, counts) -> str:
         shown = np.isfinite(eps) & np.isfinite(margin)
         rasterize = int(shown.sum()) > RASTERIZE_ABOVE
         for key, text in zip(self.ORDER, self.legend.get_texts(), strict=True):
@@ -252,14 +252,17 @@ class _ThinIce:
             self.points[key].set_rasterized(rasterize)
             # Few points: larger markers; thousands: small ones, so the populations stay distinguishable.
             self.points[key].set_sizes([POPULATION_STYLE[key]["size"] * (1.0 if rasterize else 2.5)])
-            text.set_text(f"{POPULATION_STYLE[key]['label']} ({int(sel.sum())})")
+            # The population's size as in the statistics table, drawn or not.
+            text.set_text(f"{POPULATION_STYLE[key]['label']} ({counts[key]})")
         self.nominal.set_xdata([nominal_eps, nominal_eps])
         # Autoscaling ignores set_offsets; the limits of a fresh scatter are the data's with 5 % margins.
         self.ax.set_xlim(*_limits(np.concatenate([eps[shown], [0.0, nominal_eps]])))
         self.ax.set_ylim(*_limits(np.concatenate([margin[shown], [0.0]])))
         self.ax.set_xlabel(f"ε of the dense model (signed FMN distance, {norm_symbol(norm)})")
         missing = int((~shown).sum())
-        self.missing.set_text(f"{missing} sample(s) without an FMN distance not drawn" if missing else "")
+        self.missing.set_text(
+            f"{missing} of {len(eps)} samples not drawn (no FMN distance on the dense model)" if missing else ""
+        )
         return _svg(self.fig)
 
 
@@ -276,6 +279,7 @@ def thin_ice_svg(
     *,
     norm: str,
     nominal_eps: float,
+    counts: dict[str, int] | None = None,
 ) -> str:
     """The thin-ice scatter (Piras et al., Figure 2): the dense model's logit margin against its signed ε.
 
@@ -285,9 +289,13 @@ def thin_ice_svg(
         population: "S00", "S01", "S10" or "S11" per sample.
         norm: "Linf" or "L2", for the axis label.
         nominal_eps: the evaluated budget, drawn as a dashed line.
+        counts: samples per population for the legend, as in the statistics table [default: counted from
+            ``population``]; the samples not drawn are counted in a note on the plot.
     """
     eps = np.asarray(eps, dtype=float)
     margin = np.asarray(margin, dtype=float)
     population = np.asarray(population).astype(str)
+    if counts is None:
+        counts = {key: int((population == key).sum()) for key in POPULATION_STYLE}
     with matplotlib.rc_context(STYLE):
-        return _template(_ThinIce).render(eps, margin, population, norm, nominal_eps)
+        return _template(_ThinIce).render(eps, margin, population, norm, nominal_eps, counts)

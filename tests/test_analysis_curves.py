@@ -8,7 +8,13 @@ import io
 import numpy as np
 import pytest
 
-from bench.analysis.curves import attack_breakdown, default_eps_grid, robust_at, security_curve
+from bench.analysis.curves import (
+    CLEAN_PASS_DISAGREED,
+    attack_breakdown,
+    default_eps_grid,
+    robust_at,
+    security_curve,
+)
 from bench.analysis.records import EvaluationRecords, latest_evaluation, load_records
 from tests.analysis_store import add_evaluation, add_model, digits_spec
 
@@ -85,6 +91,28 @@ def test_attack_breakdown_counts_each_stage_in_run_order():
     assert attack_breakdown(rec) == attack_breakdown(rec, rec.stages)  # the version's stages by default
     with pytest.raises(ValueError, match="broken by square, not among the stages apgd-ce"):
         attack_breakdown(rec, ["apgd-ce", "apgd-t"])
+
+
+def test_attack_breakdown_has_a_bucket_for_autoattack_clean_pass_disagreement():
+    # bench.evaluate: a sample counts AutoAttack-robust only if our clean pass got it right too. Where AutoAttack's
+    # own clean pass disagreed, a sample we classify correctly is neither robust nor broken by a stage (sample 2),
+    # and one we misclassify may still carry a stage AutoAttack broke it with (sample 3) or, in rows stored before
+    # the evaluator's fix, the robust flag (sample 4): both are clean errors. Every sample is counted once.
+    rec = _records(
+        clean_correct=[True, True, True, False, False, True],
+        aa_broken_by=["apgd-ce", None, None, "apgd-ce", None, None],
+        aa_robust=[False, True, False, False, True, False],
+    )
+    out = attack_breakdown(rec, ["apgd-ce", "square"])
+    assert out == [
+        ("clean errors", 2),
+        ("apgd-ce", 1),
+        ("square", 0),
+        (CLEAN_PASS_DISAGREED, 2),
+        ("robust", 1),
+    ]
+    assert sum(count for _, count in out) == rec.n
+    assert CLEAN_PASS_DISAGREED == "AutoAttack's clean pass disagreed"
 
 
 def test_records_load_sorted_and_csv_round_trips(store):

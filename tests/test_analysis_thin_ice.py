@@ -121,7 +121,10 @@ def test_a_failed_fmn_run_ranks_as_farthest_and_is_noted(store):
 def test_small_and_empty_groups_are_flagged(store):
     dense_correct = [True] * 20
     pruned_correct = [True] * 18 + [False] * 2
-    dense_ev, pruned_ev = _pair(store, dict(clean_correct=dense_correct), dict(clean_correct=pruned_correct))
+    eps = [0.1 + 0.01 * i for i in range(20)]
+    dense_ev, pruned_ev = _pair(
+        store, dict(clean_correct=dense_correct, signed_eps=eps), dict(clean_correct=pruned_correct)
+    )
 
     result = _analyse(store, dense_ev, pruned_ev)
 
@@ -131,6 +134,38 @@ def test_small_and_empty_groups_are_flagged(store):
     assert "S10 has 2 samples: too few for AUC(S10 < S11) to mean anything" in result.notes
     assert any(note.startswith("S01 is empty") for note in result.notes)
     assert result.as_table_row()["AUC |ε01|<|ε00| (p)"] == "-"
+
+
+def test_no_auc_when_a_group_has_no_fmn_distance(store):
+    # FMN failed on the dense model for every S10 sample: ranking them all as +inf would give AUC 0 (or ½ against
+    # another all-failed group, p = 1), which says nothing about the distances; no AUC, and a note.
+    dense_correct = [True] * 20 + [False] * 10
+    pruned_correct = [True] * 14 + [False] * 6 + [True] * 5 + [False] * 5
+    eps = [0.1 + 0.01 * i for i in range(14)] + [None] * 6 + [None] * 10
+    dense_ev, pruned_ev = _pair(
+        store, dict(clean_correct=dense_correct, signed_eps=eps), dict(clean_correct=pruned_correct)
+    )
+
+    result = _analyse(store, dense_ev, pruned_ev)
+
+    assert result.counts == {"S00": 5, "S01": 5, "S10": 6, "S11": 14}
+    assert (result.auc_10_11, result.p_10_11, result.auc_01_00, result.p_01_00) == (None, None, None, None)
+    assert "no AUC(S10 < S11): FMN found no distance on the dense model for any S10 sample (6 samples)" in (
+        result.notes
+    )
+    assert any(note.startswith("no AUC(S01 < S00): FMN found no distance") for note in result.notes)
+    assert result.as_table_row()["AUC ε10<ε11 (p)"] == "-"
+
+
+def test_no_auc_when_every_eps_is_tied(store):
+    dense_ev, pruned_ev = _pair(
+        store,
+        dict(clean_correct=[True] * 20, signed_eps=[0.3] * 20),
+        dict(clean_correct=[True] * 12 + [False] * 8),
+    )
+    result = _analyse(store, dense_ev, pruned_ev)
+    assert result.auc_10_11 is None and result.p_10_11 is None
+    assert "no AUC(S10 < S11): every S10 and S11 sample has the same ε" in result.notes
 
 
 def test_different_eps_is_refused_with_the_fix(store):

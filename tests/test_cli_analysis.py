@@ -232,3 +232,103 @@ def test_reported_list_shows_the_shipped_tables():
     assert "thin-ice-t1-admm-resnet18-90" in result.output
     assert "apb-RADMM_Ye2019Adversarial_R18_CIFAR10_S_50" in result.output
     assert "hydra" not in result.output
+
+
+def test_drops_skip_a_model_whose_reported_numbers_are_malformed(db):
+    with db.session() as s:
+        # What bench.zoo stores for a manifest with `attack: null`: accepted, shown without an attack.
+        s.get(Model, 3).reported = {"clean": 0.8, "robust": 0.5, "source": "paper"}
+        s.get(Model, 1).reported = {"robust": 45.3, "attack": "PGD", "source": "paper"}  # a percentage
+    result = CliRunner().invoke(main, ["analyze", "drops", "--format", "csv", "--db", db.url_text])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(
+        "warning: model 'dense-vgg' skipped: model 'dense-vgg' reported numbers: robust 45.3"
+    )
+    rows = {r["model"]: r for r in csv.DictReader(io.StringIO(result.stdout))}
+    assert set(rows) == {"hydra-vgg-90", "other-vgg-90"}
+    assert rows["other-vgg-90"]["reported_attack"] == "" and float(
+        rows["other-vgg-90"]["drop_points"]
+    ) == pytest.approx(10.0)
+    table = _run(db, "analyze", "drops")
+    assert table.exit_code == 0 and "attack not stated — paper" in table.output
+
+
+def test_drops_use_the_claim_and_show_other_reevaluations_beside_it(db):
+    rows = list(csv.DictReader(io.StringIO(_run(db, "analyze", "drops", "--format", "csv").stdout)))
+    hydra = next(r for r in rows if r["model"] == "hydra-vgg-90")
+    # thin-ice Table 1 (the authors' claim, 49.50 %) is subtracted; the APB's AutoAttack figure is not.
+    assert hydra["reported_origin"] == "thin-ice-t1-hydra-vgg16_bn-90"
+    assert float(hydra["drop_points"]) == pytest.approx(100 * (0.495 - float(hydra["measured_robust"])))
+    assert hydra["reevaluation_origin"] == "thin-ice-t1-hydra-vgg16_bn-90:reevaluated"
+    assert float(hydra["reevaluation_robust"]) == 0.467
+
+
+def test_drops_csv_cannot_start_a_spreadsheet_formula(db):
+    with db.session() as s:
+        s.get(Model, 2).name = '=HYPERLINK("http://x","y")'
+        s.get(Model, 3).reported = {"robust": 0.5, "attack": "@SUM(A1)", "source": "-1+2"}
+    out = _run(db, "analyze", "drops", "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    cells = [v for r in rows for k, v in r.items() if k not in ("drop_points",)]
+    assert '\'=HYPERLINK("http://x","y")' in cells and "'@SUM(A1)" in cells and "'-1+2" in cells
+    assert not any(v.startswith(("=", "+", "@")) for v in cells)
+    assert rows[0]["sparsity"] == "0.9" and rows[0]["n"] == "20"
+
+
+def test_report_survives_inconsistent_rows_and_says_why_thin_ice_is_missing(db):
+    from sqlalchemy import select
+
+    from bench.store import Evaluation, SampleResult
+
+    with db.session() as s:
+        # AutoAttack's own clean pass disagreed on sample 5 (correct for us, not attacked, not robust) and a stage
+        # no AutoAttack version has on sample 0 of the other model.
+        row = s.scalars(
+            select(SampleResult).where(SampleResult.evaluation_id == db.ids["pruned"], SampleResult.sample_id == 5)
+        ).one()
+        row.aa_robust = False
+        s.get(Evaluation, db.ids["pruned"]).flags = ["clean_pass_disagreement"]
+        odd = s.scalars(
+            select(SampleResult).where(SampleResult.evaluation_id == db.ids["other"], SampleResult.sample_id == 0)
+        ).one()
+        odd.aa_broken_by = "mystery"
+        s.get(Evaluation, db.ids["dense"]).protocol_hash = "f" * 64
+    result = _run(db, "report", "hydra-vgg-90")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^    AutoAttack's clean pass disagreed +1 ", result.output, re.M)
+    assert (
+        "thin ice vs parent     not computed: the dense parent dense-vgg has no complete evaluation under this "
+        f"protocol ({CIFAR.protocol_hash[:12]}); it was evaluated under ffffffffffff" in result.output
+    )
+    other = _run(db, "report", "other-vgg-90")
+    assert other.exit_code == 0, other.output
+    assert (
+        f"  note: the AutoAttack stage breakdown failed: evaluation #{db.ids['other']} has samples broken by mystery"
+        in (other.output)
+    )
+    assert "security curve (FMN)" in other.output
+
+
+def test_thin_ice_without_dense_picks_an_evaluation_the_parent_shares(db):
+    # The pruned model's newest evaluation is under a protocol its parent lacks; the older one is shared.
+    newer = digits_spec(dataset="cifar10", n_samples=20, eps="8/255", eps_value=8 / 255, seed=5)
+    add_evaluation(db, 2, clean_correct=[True] * 20, spec=newer, finished_offset_s=3600)
+    result = _run(db, "analyze", "thin-ice", "--pruned", "hydra-vgg-90", "--format", "json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert (data["pruned_evaluation"], data["dense_evaluation"]) == (db.ids["pruned"], db.ids["dense"])
+    # Asked for explicitly, the unshared evaluation is refused with the difference.
+    line = _error_line(_run(db, "analyze", "thin-ice", "--pruned", f"eval:{db.ids['other'] + 1}"))
+    assert "different protocols" in line and "seed" in line
+
+
+def test_report_notes_malformed_reported_numbers_and_goes_on(db):
+    with db.session() as s:
+        s.get(Model, 2).reported = {"robust": 45.3, "attack": "PGD", "source": "paper"}
+    result = _run(db, "report", "hydra-vgg-90")
+    assert result.exit_code == 0, result.output
+    assert "  note: reading the reported numbers failed: model 'hydra-vgg-90' reported numbers: robust 45.3" in (
+        result.output
+    )
+    assert "\nnote: reading the reported numbers failed:" in result.output
+    assert "thin ice vs parent     S00 15.00 %" in result.output

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import html as html_module
 import io
 import json
 import re
@@ -29,6 +30,7 @@ from leaderboard.build import MARKER, build_site, model_slug, safe_url
 from leaderboard.per_sample import records_csv
 from leaderboard.synthetic import fill_synthetic, spec_for
 from methods.base import get_method, list_methods
+from tests.analysis_store import add_evaluation, add_model
 
 real_pool = build_module._pool
 XSS = "<script>alert(1)</script>"
@@ -172,7 +174,15 @@ def _poison(store, model_id: int) -> None:
         paper = {"title": f"Paper {XSS}", "authors": [XSS, "B"], "url": "javascript:alert(1)", "venue": XSS}
         external = {"display_name": f"Evil {XSS}", "ap_key": "Evil_Script2024Alert"}
         m.provenance = {"zoo": {"paper": paper, "external_method": external}, "note": XSS}
-        m.reported = {"clean": 0.9, "robust": 0.6, "attack": XSS, "source": XSS, "note": f"note {XSS}"}
+        m.reported = {
+            "clean": 0.9,
+            "robust": 0.6,
+            "attack": XSS,
+            "source": XSS,
+            "note": f"note {XSS}",
+            "source_url": "javascript:alert(1)",
+            "other": [{"robust": 0.4, "attack": XSS, "source": f"other {XSS}", "source_url": "javascript:alert(2)"}],
+        }
         m.layer_sparsity = {XSS: {"numel": 10, "zeros": 5, "sparsity": 0.5}}
         ev = s.scalars(select(Evaluation).where(Evaluation.model_id == model_id)).one()
         ev.flags = [*ev.flags, XSS]
@@ -200,8 +210,11 @@ def test_submitter_strings_are_shown_as_text_everywhere(synthetic, tmp_path):
     for page in (Path("index.html"), Path("methods.html"), Path("downloads.html"), evil_page, method_page):
         assert page in shown_on, page
     evil_html = pages[evil_page]
-    for where in ("Paper " + XSS_ESCAPED, "note " + XSS_ESCAPED, "evil " + XSS_ESCAPED):
+    for where in ("Paper " + XSS_ESCAPED, "note " + XSS_ESCAPED, "evil " + XSS_ESCAPED, "other " + XSS_ESCAPED):
         assert where in evil_html or where in pages[method_page], where
+    # The claim and the other re-evaluation are listed, their javascript: source_url as text, never as a link.
+    assert "<strong>Authors' claim</strong>" in evil_html and "Re-evaluation by another benchmark" in evil_html
+    assert "javascript:alert(1)" in evil_html and 'href="javascript' not in evil_html.lower()
     assert "potentially unreliable" in pages[Path("index.html")]
     # Downloads: JSON round-trips the string but never contains a raw "<"; CSV cells hold it as data and
     # cannot start a spreadsheet formula.
@@ -318,3 +331,137 @@ def test_cli_builds_and_prints_the_index_path(synthetic, tmp_path):
     assert result.output.strip() == str((out / "index.html").resolve())
     refused = CliRunner().invoke(main, ["leaderboard", "build", "--db", store.url, "--out", str(tmp_path)])
     assert refused.exit_code == 1 and "Error: --out" in refused.output
+
+
+def _page(site: Path, name: str) -> str:
+    return next((site / "models").glob(f"*-{name}.html")).read_text()
+
+
+def _text(html: str) -> str:
+    return html_module.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html)))
+
+
+def test_inconsistent_rows_and_failing_analyses_become_notes_not_a_failed_build(synthetic, tmp_path, monkeypatch):
+    store, ids = synthetic
+    with store.session() as s:
+        evaluations = {ev.model_id: ev for ev in s.scalars(select(Evaluation))}
+
+        def first_broken(model_id):
+            return s.scalars(
+                select(SampleResult).where(
+                    SampleResult.evaluation_id == evaluations[model_id].id,
+                    SampleResult.clean_correct.is_(True),
+                    SampleResult.aa_robust.is_(False),
+                )
+            ).first()
+
+        # bench.evaluate since the clean-pass fix: AutoAttack's own clean pass got this sample wrong, so no stage
+        # attacked it and it is not robust (the run is flagged); and a stage name no AutoAttack version has.
+        first_broken(ids[1]).aa_broken_by = None
+        evaluations[ids[1]].flags = ["clean_pass_disagreement"]
+        evaluations[ids[1]].unreliable = True
+        first_broken(ids[2]).aa_broken_by = "mystery"
+        names = {i: s.get(Model, i).name for i in ids}
+    real_curve = plots.security_curve_svg
+
+    def curve(*args, **kw):
+        if kw["autoattack"] == evaluations[ids[3]].aa_robust_accuracy:
+            raise RuntimeError("matplotlib fell over")
+        return real_curve(*args, **kw)
+
+    monkeypatch.setattr(plots, "security_curve_svg", curve)
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+
+    disagreed = _text(_page(site, names[ids[1]]))
+    assert "AutoAttack's clean pass disagreed 1 " in disagreed
+    assert "clean_pass_disagreement AutoAttack's own clean pass disagreed with ours" in disagreed
+    assert "potentially unreliable" in disagreed
+    mystery = _text(_page(site, names[ids[2]]))
+    assert f"Not shown: the AutoAttack stage breakdown failed: evaluation #{evaluations[ids[2]].id} has samples " in (
+        mystery
+    )
+    assert "broken by mystery" in mystery and "Samples on thin ice" in mystery  # the rest of the page is there
+    no_curve = _page(site, names[ids[3]])
+    assert "the security curve failed (RuntimeError): matplotlib fell over" in no_curve
+    assert "-curve.svg" not in no_curve and "No security curve for this evaluation" in no_curve
+    # Every page links only files that exist.
+    for path, text in _html(site).items():
+        for link in re.findall(r'(?:href|src)="([^"]+)"', text):
+            if not link.startswith(("http://", "https://")):
+                assert ((site / path).parent / link.split("#")[0]).exists(), f"{path}: broken link {link}"
+
+
+def test_degenerate_pairs_and_missing_parents_build_and_say_why(store, tmp_path):
+    spec = spec_for(40)
+    cifar = dict(arch="resnet18", dataset="cifar10")
+    # FMN failed on every sample of the dense model: no distance to rank, no AUC (not a meaningless 0.500).
+    dense = add_model(store, "dense-fmnfail", **cifar)
+    add_evaluation(store, dense, clean_correct=[True] * 30 + [False] * 10, signed_eps=[None] * 40, spec=spec)
+    child = add_model(store, "child-fmnfail", parent_id=dense, **cifar)
+    add_evaluation(store, child, clean_correct=[True] * 24 + [False] * 6 + [True] * 4 + [False] * 6, spec=spec)
+    # Every sample misclassified by both.
+    wrong = add_model(store, "dense-allwrong", **cifar)
+    add_evaluation(store, wrong, clean_correct=[False] * 40, spec=spec)
+    wrong_child = add_model(store, "child-allwrong", parent_id=wrong, **cifar)
+    add_evaluation(store, wrong_child, clean_correct=[False] * 40, spec=spec)
+    # A parent never evaluated, and a parent evaluated under another protocol only.
+    bare = add_model(store, "dense-unevaluated", **cifar)
+    orphan = add_model(store, "child-of-unevaluated", parent_id=bare, **cifar)
+    add_evaluation(store, orphan, clean_correct=[True] * 40, spec=spec)
+    other = add_model(store, "dense-other-protocol", **cifar)
+    add_evaluation(store, other, clean_correct=[True] * 40, spec=spec_for(40, version="standard"))
+    stray = add_model(store, "child-other-protocol", parent_id=other, **cifar)
+    add_evaluation(store, stray, clean_correct=[True] * 40, spec=spec)
+
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+
+    fmnfail = _page(site, "child-fmnfail")
+    text = _text(fmnfail)
+    assert "AUC(ε 10 < ε 11 ) – –" in text and "AUC(|ε 01 | < |ε 00 |) – –" in text
+    assert "no AUC(S10 < S11): FMN found no distance on the dense model for any S10 sample (6 samples)" in text
+    svg = next((site / "models").glob("*-child-fmnfail-e*-thin-ice.svg")).read_text()
+    # The legend counts the table's populations, not the points drawn (none: no distance), and says so.
+    assert "S11 both correct (24)" in svg and "S10 dense right, pruned wrong (6)" in svg
+    assert "40 of 40 samples not drawn (no FMN distance on the dense model)" in svg
+    allwrong = _text(_page(site, "child-allwrong"))
+    assert "S 00 both wrong 40 100.00" in allwrong and "S10 is empty: no AUC(S10 < S11)" in allwrong
+    unevaluated = _text(_page(site, "child-of-unevaluated"))
+    assert "No thin-ice analysis: the dense parent dense-unevaluated has no complete evaluation; evaluate the " in (
+        unevaluated
+    )
+    elsewhere = _text(_page(site, "child-other-protocol"))
+    standard = spec_for(40, version="standard").protocol_hash[:12]
+    assert (
+        f"No thin-ice analysis: the dense parent dense-other-protocol has no complete evaluation under this "
+        f"protocol ({spec.protocol_hash[:12]}); it was evaluated under {standard}; evaluate the parent" in elsewhere
+    )
+
+
+def test_claims_drops_and_other_reevaluations_are_separate(synthetic, tmp_path):
+    # The synthetic HYDRA ResNet-18 90 % model matches the APB leaderboard's HYDRA R18 US 90 (an AutoAttack
+    # re-evaluation, no claim); giving it an authors' claim makes the drop claim − measured.
+    store, ids = synthetic
+    with store.session() as s:
+        hydra = s.get(Model, ids[1])
+        name = hydra.name
+        measured = s.scalars(select(Evaluation).where(Evaluation.model_id == ids[1])).one().aa_robust_accuracy
+    build_site(store, tmp_path / "before", workers=1)
+    row = next(
+        r for r in csv.DictReader((tmp_path / "before" / "data" / "leaderboard.csv").open()) if r["model"] == name
+    )
+    assert (row["reported_robust"], row["drop_points"], row["reevaluation_robust"]) == ("", "", "0.4334")
+    with store.session() as s:
+        s.get(Model, ids[1]).reported = {"robust": 0.6, "attack": "PGD-20", "source": "HYDRA paper"}
+    build_site(store, tmp_path / "after", workers=1)
+    row = next(
+        r for r in csv.DictReader((tmp_path / "after" / "data" / "leaderboard.csv").open()) if r["model"] == name
+    )
+    assert float(row["reported_robust"]) == 0.6 and row["reevaluation_robust"] == "0.4334"
+    assert float(row["drop_points"]) == pytest.approx(100 * (0.6 - measured))
+    index = (tmp_path / "after" / "index.html").read_text()
+    assert "Claimed<br>%" in index and "Other<br>AA %" in index
+    page = _text(_page(tmp_path / "after", name))
+    assert "Claimed robust accuracy (the method's authors) 60.00 stored with the model" in page
+    assert "Other benchmark's robust accuracy (APB leaderboard) 43.34 not subtracted" in page

@@ -139,3 +139,16 @@ def test_stages_not_in_the_list_are_ignored_in_the_per_stage_counts():
 def test_aggregate_of_nothing_raises():
     with pytest.raises(ValueError, match="no per-sample records"):
         aggregate([], EPS, STAGES)
+
+
+def test_stage_counts_leave_out_samples_our_clean_pass_got_wrong():
+    # AutoAttack's own clean pass (a randomised model) called sample 1 correct and broke it; ours got it wrong,
+    # so it is a clean error and must not be subtracted a second time after apgd-ce.
+    outcomes = [
+        _o(True, False, "apgd-ce", True, 0.1, False),
+        _o(False, False, "apgd-ce", True, 0.1, False),
+        _o(True, True, None, True, 0.9, True),
+    ]
+    agg = aggregate(outcomes, EPS, ("apgd-ce",))
+    assert agg.broken_by == {"apgd-ce": 1}
+    assert agg.stage_robust_accuracy == pytest.approx({"clean": 2 / 3, "apgd-ce": 1 / 3})

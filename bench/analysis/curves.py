@@ -59,32 +59,44 @@ def robust_at(records: EvaluationRecords, eps: float) -> float:
     return float(security_curve(records, np.array([eps]))[1][0])
 
 
+# A sample our clean pass classified correctly that AutoAttack neither broke nor left robust: AutoAttack's own clean
+# pass misclassified it, so no stage attacked it (a randomised or input-dependent model; the evaluation then
+# carries the flag clean_pass_disagreement). It is not robust: robustness needs both passes right.
+CLEAN_PASS_DISAGREED = "AutoAttack's clean pass disagreed"
+CLEAN_ERRORS = "clean errors"
+ROBUST = "robust"
+
+
 def attack_breakdown(records: EvaluationRecords, stages: Sequence[str] | None = None) -> list[tuple[str, int]]:
     """Where each sample ended: ``("clean errors", n)``, each AutoAttack stage in run order with the number
-    of samples it broke first, then ``("robust", n)``. The counts add up to N.
+    of samples it broke first, ``(CLEAN_PASS_DISAGREED, n)`` when there are any, then ``("robust", n)``.
+
+    The buckets partition the N samples by our clean pass first: a sample we misclassified is a clean error
+    whatever AutoAttack recorded for it; a correctly classified one is robust, broken by a stage, or (neither)
+    left unattacked because AutoAttack's own clean pass got it wrong. The counts always add up to N.
 
     Args:
         records: one evaluation.
         stages: the AutoAttack stages in run order [default: those of the evaluation's version].
 
     Raises:
-        ValueError: a sample was broken by a stage not in ``stages``, or the counts do not add up.
+        ValueError: a sample was broken by a stage not in ``stages`` (or the version is unknown).
     """
     stages = tuple(records.stages if stages is None else stages)
-    broken_by = records.aa_broken_by
+    correct = records.clean_correct
+    robust = correct & records.aa_robust
+    attacked = correct & ~robust
+    broken_by = records.aa_broken_by[attacked]
     unknown = sorted({s for s in broken_by.tolist() if s is not None and s not in stages})
     if unknown:
         raise ValueError(
             f"evaluation #{records.evaluation_id} has samples broken by {', '.join(unknown)}, not among the "
             f"stages {', '.join(stages)}; pass the evaluation's own stages (records.stages)"
         )
-    out = [("clean errors", int((~records.clean_correct).sum()))]
+    out = [(CLEAN_ERRORS, int((~correct).sum()))]
     out += [(stage, int((broken_by == stage).sum())) for stage in stages]
-    out.append(("robust", int(records.aa_robust.sum())))
-    total = sum(count for _, count in out)
-    if total != records.n:
-        raise ValueError(
-            f"evaluation #{records.evaluation_id}: {total} samples accounted for out of {records.n} (a correctly "
-            "classified sample neither robust nor broken by any stage); its per-sample rows are inconsistent"
-        )
+    disagreed = int(sum(s is None for s in broken_by.tolist()))
+    if disagreed:
+        out.append((CLEAN_PASS_DISAGREED, disagreed))
+    out.append((ROBUST, int(robust.sum())))
     return out

@@ -7,14 +7,15 @@ terminal is in :mod:`bench.cli_analysis`, for the site in ``leaderboard/``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bench.analysis.curves import attack_breakdown, robust_at
-from bench.analysis.records import EvaluationRecords, IncomparableError, latest_evaluation, load_records
-from bench.analysis.reported import reevaluation_drop, reported_all
+from bench.analysis.records import EvaluationRecords, latest_evaluation, load_records
+from bench.analysis.reported import reevaluation_drop, reported_all, reported_numbers
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import ThinIce, thin_ice
 from bench.store import Evaluation, Model
@@ -79,6 +80,43 @@ def resolve_evaluation(session: Session, ref: str | int, protocol_hash: str | No
     return ev
 
 
+def resolve_pair(session: Session, a_ref: str | int, b_ref: str | int) -> tuple[Evaluation, Evaluation]:
+    """Two evaluations to compare sample by sample (thin ice, McNemar).
+
+    ``eval:N`` is taken as given, and a model on the other side is resolved under its protocol (see
+    :func:`resolve_evaluation`). When both name models, A's newest complete evaluation under a protocol B also
+    has is taken, with B's newest under it; when they share none, their newest ones are returned and the
+    analysis refuses, naming the difference.
+
+    Raises:
+        ValueError: no such evaluation or model, or a model has no complete evaluation.
+    """
+    a_text, b_text = str(a_ref).strip(), str(b_ref).strip()
+    if a_text.startswith(EVALUATION_PREFIX) or not b_text.startswith(EVALUATION_PREFIX):
+        a_model = None if a_text.startswith(EVALUATION_PREFIX) else resolve_model(session, a_text)
+        b_model = None if b_text.startswith(EVALUATION_PREFIX) else resolve_model(session, b_text)
+        if a_model is not None and b_model is not None:
+            b_protocols = set(
+                session.scalars(
+                    select(Evaluation.protocol_hash).where(
+                        Evaluation.model_id == b_model.id, Evaluation.status == "complete"
+                    )
+                )
+            )
+            a_evaluations = session.scalars(
+                select(Evaluation)
+                .where(Evaluation.model_id == a_model.id, Evaluation.status == "complete")
+                .order_by(Evaluation.finished_at.desc(), Evaluation.id.desc())
+            )
+            shared = next((ev for ev in a_evaluations if ev.protocol_hash in b_protocols), None)
+            if shared is not None:
+                return shared, latest_evaluation(session, b_model.id, shared.protocol_hash)
+        a_ev = resolve_evaluation(session, a_text)
+        return a_ev, resolve_evaluation(session, b_text, a_ev.protocol_hash)
+    b_ev = resolve_evaluation(session, b_text)
+    return resolve_evaluation(session, a_text, b_ev.protocol_hash), b_ev
+
+
 def intervals(ev: Evaluation) -> dict[str, tuple[float, float, float]]:
     """``{name: (accuracy, low, high)}``: the evaluation's stored accuracies with Wilson 95 % intervals."""
     out = {}
@@ -97,23 +135,38 @@ def _threat(ev: Evaluation) -> tuple[str | None, float | None]:
     return spec.get("norm"), (float(eps) if eps is not None else None)
 
 
-def drop_rows(session: Session) -> list[dict[str, Any]]:
-    """One row per complete evaluation of a model that has a reported number under the same threat model.
+def drop_rows(session: Session) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per complete evaluation of a model with a reported number under the same threat model.
 
-    The drop is reported robust − measured AutoAttack robust accuracy, in percentage points (the thin-ice
-    paper's Table 1 "Drop %"); accuracies are fractions.
+    The drop is the authors' claim − measured AutoAttack robust accuracy, in percentage points (the thin-ice
+    paper's Table 1 "Drop %"); another benchmark's re-evaluation is given beside it (``reevaluation_*``), not
+    subtracted. Accuracies are fractions.
+
+    Returns:
+        ``(rows, warnings)``: a model whose own ``reported`` numbers cannot be read is left out, with one warning
+        line naming it and the problem.
     """
     rows = []
+    warnings: list[str] = []
+    broken: set[int] = set()
     evaluations = session.scalars(
         select(Evaluation).where(Evaluation.status == "complete").order_by(Evaluation.model_id, Evaluation.id)
     )
     for ev in evaluations:
         model = ev.model
-        norm, eps = _threat(ev)
-        found = reported_all(model, norm, eps)
-        if not found:
+        if model.id in broken:
             continue
-        rep = found[0]
+        norm, eps = _threat(ev)
+        try:
+            found = reported_numbers(model, norm, eps)
+        except Exception as err:  # one malformed model must not hide every other model's drop
+            broken.add(model.id)
+            text = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+            warnings.append(f"model {model.name!r} skipped: {text}")
+            continue
+        if not found.all():
+            continue
+        claim, other = found.claim, found.reevaluation
         acc = intervals(ev).get("autoattack")
         rows.append(
             {
@@ -128,36 +181,92 @@ def drop_rows(session: Session) -> list[dict[str, Any]]:
                 "norm": norm,
                 "eps": (ev.spec or {}).get("eps"),
                 "n": ev.n_samples,
-                "reported_clean": rep.clean,
-                "reported_robust": rep.robust,
-                "reported_attack": rep.attack,
-                "reported_source": rep.source,
-                "reported_origin": rep.origin,
-                "reported_kind": rep.kind,
+                "reported_clean": getattr(claim, "clean", None),
+                "reported_robust": getattr(claim, "robust", None),
+                "reported_attack": getattr(claim, "attack", None),
+                "reported_source": getattr(claim, "source", None),
+                "reported_origin": getattr(claim, "origin", None),
                 "measured_clean": ev.clean_accuracy,
                 "measured_robust": ev.aa_robust_accuracy,
                 "measured_robust_low": acc[1] if acc else None,
                 "measured_robust_high": acc[2] if acc else None,
-                "drop_points": reevaluation_drop(rep, ev.aa_robust_accuracy),
+                "drop_points": reevaluation_drop(claim, ev.aa_robust_accuracy),
+                "reevaluation_clean": getattr(other, "clean", None),
+                "reevaluation_robust": getattr(other, "robust", None),
+                "reevaluation_attack": getattr(other, "attack", None),
+                "reevaluation_source": getattr(other, "source", None),
+                "reevaluation_origin": getattr(other, "origin", None),
             }
         )
-    return rows
+    return rows, warnings
 
 
-def parent_thin_ice(session: Session, model: Model, records: EvaluationRecords) -> ThinIce | None:
+DROP_COLUMNS = (
+    "model_id",
+    "model",
+    "method",
+    "arch",
+    "dataset",
+    "structure",
+    "sparsity",
+    "evaluation_id",
+    "norm",
+    "eps",
+    "n",
+    "reported_clean",
+    "reported_robust",
+    "reported_attack",
+    "reported_source",
+    "reported_origin",
+    "measured_clean",
+    "measured_robust",
+    "measured_robust_low",
+    "measured_robust_high",
+    "drop_points",
+    "reevaluation_clean",
+    "reevaluation_robust",
+    "reevaluation_attack",
+    "reevaluation_source",
+    "reevaluation_origin",
+)
+
+
+def missing_parent_evaluation(parent_name: str, protocol_hash: str, parent_protocols: Iterable[str]) -> str:
+    """Why a pruned model has no thin-ice analysis when its parent has no evaluation under its protocol."""
+    fix = "evaluate the parent with the same `bench evaluate` options (dataset, --n-samples, --norm, --eps, …)"
+    others = sorted({h[:12] for h in parent_protocols})
+    if not others:
+        return f"the dense parent {parent_name} has no complete evaluation; {fix}"
+    return (
+        f"the dense parent {parent_name} has no complete evaluation under this protocol ({protocol_hash[:12]}); it "
+        f"was evaluated under {', '.join(others)}; {fix}"
+    )
+
+
+def parent_thin_ice(session: Session, model: Model, records: EvaluationRecords) -> tuple[ThinIce | None, str | None]:
     """Thin-ice statistics of ``model`` against its dense parent's newest evaluation under the same protocol.
 
-    None when the model has no parent or the parent has no comparable complete evaluation.
+    Returns:
+        ``(statistics, None)``, or ``(None, why not)`` when the parent has no comparable complete evaluation or
+        the analysis fails, or ``(None, None)`` for a model without a parent.
     """
     if model.parent_id is None:
-        return None
+        return None, None
+    parent = session.get(Model, model.parent_id)
+    if parent is None:
+        return None, f"its dense parent (model #{model.parent_id}) is not in the store"
     dense_ev = latest_evaluation(session, model.parent_id, records.protocol_hash)
     if dense_ev is None:
-        return None
+        protocols = session.scalars(
+            select(Evaluation.protocol_hash).where(
+                Evaluation.model_id == model.parent_id, Evaluation.status == "complete"
+            )
+        ).all()
+        return None, missing_parent_evaluation(parent.name, records.protocol_hash, protocols)
     try:
-        return thin_ice(load_records(session, dense_ev.id), records)
-    except IncomparableError:
-        return None
+        return thin_ice(load_records(session, dense_ev.id), records), None
+    except ValueError as err:  # IncomparableError included
+        return None, str(err)
 
 
 def model_report(session: Session, ref: str | int) -> dict[str, Any]:
@@ -190,22 +299,66 @@ def model_report(session: Session, ref: str | int) -> dict[str, Any]:
             "finished_at": ev.finished_at,
         }
         if ev.status == "complete":
-            records = load_records(session, ev.id)
-            entry["breakdown"] = attack_breakdown(records)
-            entry["curve"] = [(k / 2 * records.eps, robust_at(records, k / 2 * records.eps)) for k in range(7)]
-            norm, eps = _threat(ev)
-            entry["reported"] = [
-                (rep, reevaluation_drop(rep, ev.aa_robust_accuracy)) for rep in reported_all(model, norm, eps)
-            ]
-            entry["thin_ice"] = parent_thin_ice(session, model, records)
+            entry.update(_complete_evaluation(session, model, ev))
         evs.append(entry)
-    return {
+    out = {
         "model": model,
         "parent": parent,
         "children": list(children),
         "evaluations": evs,
-        "reported": reported_all(model),
+        "reported": [],
+        "reported_error": None,
     }
+    try:
+        out["reported"] = reported_all(model)
+    except Exception as err:
+        out["reported_error"] = failure("reading the reported numbers", err)
+    return out
+
+
+def _complete_evaluation(session: Session, model: Model, ev: Evaluation) -> dict[str, Any]:
+    """The per-sample analyses of one complete evaluation; each one that fails leaves a line in ``errors``."""
+    out: dict[str, Any] = {
+        "breakdown": [],
+        "curve": [],
+        "claims": [],
+        "reevaluations": [],
+        "thin_ice": None,
+        "thin_ice_reason": None,
+        "errors": [],
+    }
+    try:
+        records = load_records(session, ev.id)
+    except Exception as err:  # one evaluation's problem must not hide the rest of the report
+        out["errors"].append(failure("reading the per-sample records", err))
+        return out
+    try:
+        out["breakdown"] = attack_breakdown(records)
+    except Exception as err:
+        out["errors"].append(failure("the AutoAttack stage breakdown", err))
+    try:
+        out["curve"] = [(k / 2 * records.eps, robust_at(records, k / 2 * records.eps)) for k in range(7)]
+    except Exception as err:
+        out["errors"].append(failure("the security curve", err))
+    norm, eps = _threat(ev)
+    try:
+        found = reported_numbers(model, norm, eps)
+        measured = ev.aa_robust_accuracy
+        out["claims"] = [(rep, reevaluation_drop(rep, measured)) for rep in found.claims]
+        out["reevaluations"] = [(rep, reevaluation_drop(rep, measured)) for rep in found.reevaluations]
+    except Exception as err:
+        out["errors"].append(failure("reading the reported numbers", err))
+    try:
+        out["thin_ice"], out["thin_ice_reason"] = parent_thin_ice(session, model, records)
+    except Exception as err:
+        out["thin_ice_reason"] = failure("the thin-ice analysis", err)
+    return out
+
+
+def failure(what: str, err: Exception) -> str:
+    """An analysis error as one line for a page or the terminal (the exception's type unless a ValueError)."""
+    text = str(err).strip() or type(err).__name__
+    return f"{what} failed: {text}" if isinstance(err, ValueError) else f"{what} failed ({type(err).__name__}): {text}"
 
 
 def percent(value: float | None, digits: int = 2) -> str:

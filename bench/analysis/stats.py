@@ -78,7 +78,12 @@ def aggregate(outcomes: Sequence[SampleOutcome], eps: float, stages: Sequence[st
     n = len(outcomes)
     if n == 0:
         raise ValueError("no per-sample records to aggregate")
-    broken_by = {stage: sum(o.aa_broken_by == stage for o in outcomes) for stage in stages}
+    # Only samples our clean pass got right: where AutoAttack's own clean pass disagrees (a randomised model) it
+    # may attack, and record as broken, a sample we count as a clean error (bench.evaluate, clean_pass_disagreement).
+    broken_by = {
+        stage: sum(o.clean_correct and not o.aa_robust and o.aa_broken_by == stage for o in outcomes)
+        for stage in stages
+    }
     n_clean = sum(o.clean_correct for o in outcomes)
     stage_acc = {"clean": n_clean / n}
     remaining = n_clean

@@ -17,7 +17,8 @@ For a pruned model P and its dense parent D evaluated on the same samples:
 
 A sample whose FMN run on D failed has no distance; it was not broken within FMN's budget, so it is farther
 from the boundary than any distance found, and it enters the rank statistics as |ε| = +∞ (its scatter
-point is NaN and is left out of the plot). ``notes`` says how many there were.
+point is NaN and is left out of the plot). ``notes`` says how many there were. When every sample of a group
+lacks a distance, or all the ε compared are equal, there is nothing to rank and no AUC is given.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class ThinIce:
         counts: samples per population (keys ``S00``, ``S01``, ``S10``, ``S11``).
         percent: the same in percent of ``n`` (the paper's Table 2 columns iv–vii).
         auc_10_11, p_10_11: AUC(ε10 < ε11) and its two-sided Mann–Whitney p-value; None when S10 or S11 is
-            empty.
-        auc_01_00, p_01_00: AUC(|ε01| < |ε00|) and its p-value; None when S01 or S00 is empty.
+            empty, when FMN found no distance for any sample of one of them, or when all their ε are equal
+            (``notes`` says which).
+        auc_01_00, p_01_00: AUC(|ε01| < |ε00|) and its p-value; None likewise for S01 and S00.
         notes: caveats in words (small groups, FMN failures).
         sample_id, eps, margin, population: one entry per shared sample for the scatter (Figure 2): the dense
             model's signed FMN ε (NaN where FMN failed) and clean logit margin, and the sample's population.
@@ -152,6 +154,18 @@ def thin_ice(dense: EvaluationRecords, pruned: EvaluationRecords, min_group: int
                     f"AUC({low} < {high}) to mean anything"
                 )
         if len(a) == 0 or len(b) == 0:
+            return None, None
+        # An AUC of ½ (p = 1) from a group with no distance at all, or from values all equal, would read as "no
+        # separation" when nothing was measured.
+        for pop, group in ((low, a), (high, b)):
+            if not np.isfinite(group).any():
+                notes.append(
+                    f"no AUC({low} < {high}): FMN found no distance on the dense model for any {pop} sample "
+                    f"({len(group)} sample{'s' if len(group) != 1 else ''})"
+                )
+                return None, None
+        if np.unique(np.concatenate([a, b])).size == 1:
+            notes.append(f"no AUC({low} < {high}): every {low} and {high} sample has the same ε")
             return None, None
         return auc_less(a, b)
 
