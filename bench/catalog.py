@@ -54,15 +54,15 @@ def load_stored_model(row: Model, path: str | Path | None = None) -> torch.nn.Mo
             "the file changed since it was registered"
         )
     provenance = row.provenance or {}
-    model = build_model(row.arch, row.dataset, provenance.get("normalization"))
     fmt = provenance.get("native_format", "plain")
     if fmt != "plain":
-        from methods.convert import load_converted  # methods depends on bench, not the reverse, at import time
+        from methods.convert import load_converted_model  # methods depends on bench, not the reverse, at import time
 
-        state_dict = load_converted(path, fmt, k=provenance.get("k"))
-    else:
-        state_dict = load_state_dict(path)
-    load_weights(model, state_dict)
+        return load_converted_model(
+            path, fmt, row.arch, row.dataset, k=provenance.get("k"), normalization=provenance.get("normalization")
+        )
+    model = build_model(row.arch, row.dataset, provenance.get("normalization"))
+    load_weights(model, load_state_dict(path))
     return model.eval()
 
 

@@ -21,6 +21,7 @@ import click
 import torch
 
 from bench.registry import UnknownNameError
+from bench.zoo.limits import DEFAULT_MAX_SIZE
 
 EPILOG_EVALUATE = """\b
 Examples:
@@ -44,6 +45,17 @@ def friendly_errors(fn: Callable) -> Callable:
             raise click.ClickException(str(err)) from err
 
     return wrapper
+
+
+def _fmt_table(rows: list[dict[str, str]]) -> str:
+    """Left-aligned columns, two spaces apart, headed by the keys of the first row."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
+    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
+    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys).rstrip() for r in rows]
+    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -122,7 +134,7 @@ def _resolve_device(device: str) -> str:
 @click.option(
     "--max-size",
     type=click.IntRange(min=1),
-    default=2 * 1024**3,
+    default=DEFAULT_MAX_SIZE,
     show_default=True,
     help="Largest zoo checkpoint download accepted, in bytes.",
 )
@@ -211,9 +223,7 @@ def evaluate(
     the track's), every matching zoo entry (--zoo), or else the built-in track's dense model.
     """
     from bench.catalog import load_checkpoint_model, register_model
-    from bench.data import get_dataset_info, load_split, parse_eps
     from bench.models import ARCHS
-    from bench.spec import RunSpec
     from bench.store import Store
 
     torch.set_num_threads(threads)
@@ -229,7 +239,7 @@ def evaluate(
             raise ValueError(
                 "--model-id names one zoo entry; --zoo and --method/--sparsity/--dataset/--arch select by filter"
             )
-        from bench.cli_submit import evaluate_zoo, zoo_spec_factory
+        from bench.cli_submit import evaluate_zoo
 
         evaluate_zoo(
             model_id=model_id,
@@ -242,16 +252,20 @@ def evaluate(
             max_size=max_size,
             db=db,
             data_dir=data_dir,
-            make_spec=zoo_spec_factory(
-                n_samples=n_samples,
-                eps=eps,
-                norm=norm,
-                aa_version=aa_version,
-                fmn_steps=fmn_steps,
-                batch_size=batch_size,
-                seed=seed,
-                device=device,
-                data_dir=data_dir,
+            # One spec (and one test split loaded) per dataset, whatever the number of entries.
+            make_spec=functools.cache(
+                functools.partial(
+                    _run_spec,
+                    n_samples=n_samples,
+                    eps=eps,
+                    norm=norm,
+                    aa_version=aa_version,
+                    fmn_steps=fmn_steps,
+                    batch_size=batch_size,
+                    seed=seed,
+                    device=device,
+                    data_dir=data_dir,
+                )
             ),
             run=functools.partial(_evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers),
         )
@@ -273,21 +287,17 @@ def evaluate(
     elif arch is None or dataset is None:
         raise ValueError("--checkpoint needs --arch and --dataset (bench models, bench datasets)")
     ARCHS.get(arch)
-    info = get_dataset_info(dataset)
-    eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
-    eps_value = parse_eps(eps_text)
-    x, y = load_split(dataset, "test", data_dir=data_dir)
-    spec = RunSpec(
-        dataset=dataset,
-        n_samples=n_samples or info.default_n or len(y),
+    spec, x, y = _run_spec(
+        dataset,
+        n_samples=n_samples,
+        eps=eps,
         norm=norm,
-        eps=eps_text,
-        eps_value=eps_value,
-        version=aa_version,
+        aa_version=aa_version,
         fmn_steps=fmn_steps,
-        batch_size=batch_size or info.default_batch_size,
+        batch_size=batch_size,
         seed=seed,
         device=device,
+        data_dir=data_dir,
     )
     if method is not None:
         if checkpoint is not None:
@@ -310,19 +320,12 @@ def evaluate(
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     if ckpt_format != "plain" or k is not None:
-        from methods.convert import load_converted_model, native_normalization
+        from methods.convert import converted_provenance, load_converted_model
 
         if checkpoint is None:
             raise ValueError("--format and --k describe a --checkpoint file; give one")
-        # The authors' own input handling (e.g. HYDRA trains on raw [0, 1] images, MAD with its own mean/std)
-        # is the model's fixed first layer; it is recorded so that the stored model can be rebuilt exactly.
         model = load_converted_model(checkpoint, ckpt_format, arch, dataset, k=k)
-        mean, std = native_normalization(ckpt_format, dataset)
-        register_kw["provenance"] = {
-            "native_format": ckpt_format,
-            "normalization": {"mean": list(mean), "std": list(std)},
-            **({"k": k} if k is not None else {}),
-        }
+        register_kw["provenance"] = converted_provenance(ckpt_format, dataset, k)
     else:
         model = load_checkpoint_model(checkpoint, arch, dataset)
     store = Store(db)
@@ -365,6 +368,33 @@ def _picks_zoo_entry(checkpoint, method, dataset, track) -> bool:
     from bench.track import TRACKS
 
     return track not in TRACKS or dataset != TRACKS[track].dataset
+
+
+def _run_spec(dataset, *, n_samples, eps, norm, aa_version, fmn_steps, batch_size, seed, device, data_dir):
+    """``(RunSpec, x, y)``: the command's options over ``dataset``'s defaults, and its test split.
+
+    Unset options take the dataset's protocol values: eps (0.5 under L2), N (else the whole split), batch size.
+    """
+    from bench.data import get_dataset_info, load_split, parse_eps
+    from bench.spec import RunSpec
+
+    info = get_dataset_info(dataset)
+    eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
+    eps_value = parse_eps(eps_text)
+    x, y = load_split(dataset, "test", data_dir=data_dir)
+    spec = RunSpec(
+        dataset=dataset,
+        n_samples=n_samples or info.default_n or len(y),
+        norm=norm,
+        eps=eps_text,
+        eps_value=eps_value,
+        version=aa_version,
+        fmn_steps=fmn_steps,
+        batch_size=batch_size or info.default_batch_size,
+        seed=seed,
+        device=device,
+    )
+    return spec, x, y
 
 
 def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers):
@@ -670,6 +700,7 @@ def db_upgrade(db):
 
     store = Store(db)
     click.echo(f"{store.url} is at the newest schema")
+
 
 # Command groups living in their own modules register themselves on ``main`` when imported.
 from bench import cli_analysis  # noqa: E402,F401  (registers analyze/report commands)

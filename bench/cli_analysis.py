@@ -11,7 +11,7 @@ import math
 
 import click
 
-from bench.cli import _db_option, friendly_errors, main
+from bench.cli import _db_option, _fmt_table, friendly_errors, main
 
 EPILOG_ANALYZE = """\b
 Examples:
@@ -21,17 +21,6 @@ Examples:
   bench analyze drops --format csv
   bench analyze curve eval:4
 """
-
-
-def _fmt_table(rows: list[dict[str, str]]) -> str:
-    """Left-aligned columns, two spaces apart, headed by the keys of the first row."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
-    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys).rstrip() for r in rows]
-    return "\n".join(lines)
 
 
 def _interval(value: float, low: float, high: float) -> str:
@@ -200,7 +189,7 @@ def drops_command(fmt, db):
     our AutoAttack robust accuracy, in points, with another benchmark's AutoAttack figure beside it (accuracies as
     fractions in csv/json). A model whose reported numbers cannot be read is skipped with a warning on stderr."""
     from bench.analysis.export import csv_text
-    from bench.analysis.report import DROP_COLUMNS, drop_rows
+    from bench.analysis.report import DROP_COLUMNS, drop_rows, percent
 
     store = _store(db)
     with store.session() as s:
@@ -227,20 +216,16 @@ def drops_command(fmt, db):
                 "eval": str(r["evaluation_id"]),
                 "model": r["model"],
                 "sparsity": f"{100 * r['sparsity']:.2f} %",
-                "claimed robust": _pct(r["reported_robust"]),
+                "claimed robust": percent(r["reported_robust"]),
                 "measured AA robust [95 %]": _interval(
                     r["measured_robust"], r["measured_robust_low"], r["measured_robust_high"]
                 ),
                 "drop": "-" if r["drop_points"] is None else f"{r['drop_points']:+.2f}",
-                "other AA": _pct(r["reevaluation_robust"]),
+                "other AA": percent(r["reevaluation_robust"]),
                 "claim: attack — source": "-" if r["reported_source"] is None else f"{claim} — {r['reported_source']}",
             }
         )
     click.echo(_fmt_table(shown))
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
 
 
 @analyze.command("curve")

@@ -7,14 +7,13 @@ zoo) is :func:`evaluate_zoo`, called from there.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from bench.cli import _db_option, friendly_errors, main
+from bench.cli import _db_option, _fmt_table, friendly_errors, main
 
 EPILOG_SUBMIT = """\b
 Examples:
@@ -204,11 +203,7 @@ def zoo_list(method, dataset, arch, submissions):
     if not rows:
         click.echo(f"no zoo entries match in {z.root}")
     else:
-        keys = list(rows[0])
-        widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
-        click.echo("  ".join(k.ljust(widths[k]) for k in keys).rstrip())
-        for r in rows:
-            click.echo("  ".join(r[k].ljust(widths[k]) for k in keys).rstrip())
+        click.echo(_fmt_table(rows))
     if z.invalid:
         click.echo(f"{len(z.invalid)} invalid manifest(s) left out; see bench submit validate --offline {z.root}")
 
@@ -425,30 +420,3 @@ def _complete_evaluation(db: str | None, sha256: str, spec) -> int | None:
             ).first()
     finally:
         store.dispose()
-
-
-def zoo_spec_factory(*, n_samples, eps, norm, aa_version, fmn_steps, batch_size, seed, device, data_dir):
-    """``make_spec(dataset)`` for :func:`evaluate_zoo`: the command's options with each dataset's defaults."""
-    from bench.data import get_dataset_info, load_split, parse_eps
-    from bench.spec import RunSpec
-
-    @functools.cache
-    def make(dataset: str):
-        info = get_dataset_info(dataset)
-        eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
-        x, y = load_split(dataset, "test", data_dir=data_dir)
-        spec = RunSpec(
-            dataset=dataset,
-            n_samples=n_samples or info.default_n or len(y),
-            norm=norm,
-            eps=eps_text,
-            eps_value=parse_eps(eps_text),
-            version=aa_version,
-            fmn_steps=fmn_steps,
-            batch_size=batch_size or info.default_batch_size,
-            seed=seed,
-            device=device,
-        )
-        return spec, x, y
-
-    return make

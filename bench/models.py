@@ -599,6 +599,11 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
+# Keys of the ``sub_block1`` that TRADES's WideResNet (RobustBench's, HYDRA's, PwoA's) defines but never calls in
+# forward; :class:`WideResNet` leaves it out, so converters drop these keys.
+WRN_UNUSED_PREFIXES = ("sub_block1.",)
+
+
 class WideResNet(nn.Module):
     """WRN-depth-k: ``conv1``, ``block1..3``, ``bn1``, ``fc``.
 

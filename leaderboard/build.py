@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -50,8 +49,9 @@ from bench.analysis.reported import Reported, reevaluation_drop, reported_number
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import POPULATIONS, format_p
 from bench.store import Evaluation, Model, SampleResult, Store
+from bench.zoo.manifest import check_link_url
 from leaderboard import plots
-from leaderboard.per_sample import EvalTask, SampleResults, run_job, worker_init, worker_job
+from leaderboard.per_sample import EvalTask, SampleResults, run_job, worker_init, worker_job, write_text
 
 # Written into every site folder: a later build may replace a folder only if it finds this file there.
 MARKER = ".apbench-site"
@@ -245,15 +245,16 @@ def model_slug(model: Model) -> str:
 
 
 def safe_url(url: Any) -> str | None:
-    """``url`` if it is an absolute http(s) URL, else None (a ``javascript:`` link must never reach an href)."""
+    """``url`` if it is a link a manifest could carry (:func:`check_link_url`), else None.
+
+    A ``javascript:`` link, a ``user:password@`` host or a control character must never reach an href.
+    """
     if not isinstance(url, str):
         return None
-    url = url.strip()
     try:
-        parsed = urlparse(url)
+        return check_link_url(url.strip())
     except ValueError:
         return None
-    return url if parsed.scheme in ("http", "https") and parsed.netloc and not re.search(r"\s", url) else None
 
 
 def pct(value: Any, digits: int = 2) -> str:
@@ -711,10 +712,7 @@ class _Writer:
         self.out = out
 
     def text(self, rel: str, content: str) -> None:
-        path = self.out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write(content)
+        write_text(self.out / rel, content)
 
 
 def _prepare(out: Path) -> None:

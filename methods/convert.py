@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
+from bench.catalog import build_model
 from bench.checkpoints import CheckpointMismatchError, load_state_dict, load_weights
 from bench.data import get_dataset_info
-from bench.models import NormalizedModel, create_model
+from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel
 from bench.registry import Registry
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
@@ -204,10 +206,7 @@ def load_converted(path: str | Path, fmt: str = "plain", *, k: float | None = No
     state_dict = spec.load(Path(path), k=k)
     # TRADES's WideResNet (used by HYDRA's WRN-28-4 and PwoA's WRN-34-10 releases) defines a ``sub_block1`` that
     # its forward never calls; our WideResNet leaves it out, so its weights are dropped.
-    return {key: v for key, v in state_dict.items() if not key.startswith(_UNUSED_PREFIXES)}
-
-
-_UNUSED_PREFIXES = ("sub_block1.",)
+    return {key: v for key, v in state_dict.items() if not key.startswith(WRN_UNUSED_PREFIXES)}
 
 
 def native_normalization(fmt: str, dataset: str) -> MeanStd:
@@ -228,8 +227,28 @@ def native_normalization(fmt: str, dataset: str) -> MeanStd:
     return tuple(info.mean), tuple(info.std)
 
 
+def converted_provenance(fmt: str, dataset: str, k: float | None = None) -> dict[str, Any]:
+    """What the store records about a converted model, so that it can be rebuilt exactly.
+
+    The authors' own input handling (e.g. HYDRA trains on raw [0, 1] images, MAD with its own mean/std) is the
+    model's fixed first layer: ``{"native_format", "normalization": {"mean", "std"}}`` plus ``k`` when given.
+    """
+    mean, std = native_normalization(fmt, dataset)
+    return {
+        "native_format": fmt,
+        "normalization": {"mean": list(mean), "std": list(std)},
+        **({"k": k} if k is not None else {}),
+    }
+
+
 def load_converted_model(
-    path: str | Path, fmt: str, arch: str, dataset: str, *, k: float | None = None
+    path: str | Path,
+    fmt: str,
+    arch: str,
+    dataset: str,
+    *,
+    k: float | None = None,
+    normalization: Mapping[str, Any] | None = None,
 ) -> NormalizedModel:
     """Convert ``path`` and load it into ``arch`` behind the authors' input normalisation, in eval mode.
 
@@ -242,6 +261,8 @@ def load_converted_model(
         arch: a registered architecture; the format's ``archs`` are the ones its authors' files fit.
         dataset: a registered dataset (its class count sizes the classifier).
         k: HYDRA's kept fraction, for ``hydra-subnet`` only.
+        normalization: ``{"mean", "std"}`` recorded in a stored model's provenance; replaces the format's
+            constants, so a stored model is rebuilt as it was registered.
 
     Returns:
         A :class:`bench.models.NormalizedModel`.
@@ -252,8 +273,7 @@ def load_converted_model(
     """
     spec = FORMATS.get(fmt)
     state_dict = load_converted(path, fmt, k=k)
-    mean, std = native_normalization(fmt, dataset)
-    model = create_model(arch, num_classes=get_dataset_info(dataset).num_classes, mean=mean, std=std)
+    model = build_model(arch, dataset, normalization or converted_provenance(fmt, dataset)["normalization"])
     try:
         load_weights(model, state_dict)
     except CheckpointMismatchError as e:

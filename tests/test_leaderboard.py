@@ -249,6 +249,11 @@ def test_safe_url_allows_only_absolute_http_links():
         assert safe_url(bad) is None, bad
 
 
+def test_safe_url_refuses_credentials_and_control_characters():
+    for bad in ("https://user:pw@example.org", "https://example.org/a\x07b", "https://exa\u200bmple.org/"):
+        assert safe_url(bad) is None, repr(bad)
+
+
 def test_empty_store_builds_a_site_that_says_so(store, tmp_path):
     index = build_site(store, tmp_path / "site")
     text = index.read_text()

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -37,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from bench.checkpoints import sha256_file
 from bench.provenance import utcnow
+from bench.zoo.limits import DEFAULT_MAX_SIZE
 from bench.zoo.manifest import FILE_NAME_PATTERN, check_download_url, printable, refused_address
 
-DEFAULT_MAX_SIZE = 2 * 1024**3  # 2 GiB: the largest CIFAR WideResNets are a few hundred MB
 RECORDS_FILE = "records.json"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60
@@ -167,7 +167,7 @@ def fetch_checkpoint(
     target, expected, verified_by, limit = _prepare(key, file_name, url, sha256, size, max_size, root)
     with _locked(target.parent):
         if target.is_file():
-            digest = _file_digest(target).hexdigest()
+            digest = sha256_file(target)
             if expected is None or digest == expected:
                 _finish(key, url, target, digest, verified_by, root)
                 return FetchResult(target, digest, target.stat().st_size, verified_by, downloaded=False)
@@ -218,7 +218,7 @@ def import_local_file(
     with _locked(target.parent):
         part = target.with_name(target.name + ".part")
         shutil.copyfile(source, part)
-        digest = _file_digest(part).hexdigest()
+        digest = sha256_file(part)
         _check_complete(part, digest, part.stat().st_size, expected, size, verified_by, str(source))
         os.replace(part, target)
         _finish(key, f"file:{source.name}", target, digest, verified_by, root)
@@ -237,7 +237,7 @@ def verify_cached(
     if not target.is_file():
         raise FetchError(f"{key} has not been fetched: nothing at {target}")
     with _locked(target.parent):
-        digest = _file_digest(target).hexdigest()
+        digest = sha256_file(target)
         received = target.stat().st_size
         _check_complete(target, digest, received, expected, size, verified_by, str(target))
         _finish(key, f"file:{file_name}", target, digest, verified_by, root)
@@ -563,6 +563,8 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_record(key: str, url: str, target: Path, digest: str, root: Path | None) -> None:
+    from bench.track import atomic_write  # the track module pulls in training; only this writer needs it
+
     folder = zoo_cache_dir(root)
     path = folder / RECORDS_FILE
     with _locked(folder):
@@ -574,11 +576,5 @@ def _write_record(key: str, url: str, target: Path, digest: str, root: Path | No
             "file_name": target.name,
             "recorded_at": utcnow().isoformat(),
         }
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{RECORDS_FILE}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": 1, "entries": entries}, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        text = json.dumps({"version": 1, "entries": entries}, indent=1, sort_keys=True)
+        atomic_write(path, lambda f: f.write(text.encode()))

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 SCHEMA_VERSION = 1
-SCHEMA_ID = "urn:apbench:submission-manifest:1"
+SCHEMA_ID = f"urn:apbench:submission-manifest:{SCHEMA_VERSION}"
 
 # <ShortName>_<Author><Year><Word>_<Arch>_<Dataset>_<US|S>_<sparsity>[_<tag>] (protocol section 7, the APB's keys).
 _MODEL_ID_PARTS = (
@@ -373,7 +373,7 @@ class Manifest(_Strict):
         json_schema_extra={"$id": SCHEMA_ID, "$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
 
-    schema_version: Literal[1] = Field(description="Version of this schema.")
+    schema_version: Literal[SCHEMA_VERSION] = Field(description="Version of this schema.")
     model_id: Annotated[str, StringConstraints(pattern=MODEL_ID_PATTERN, max_length=MODEL_ID_MAX_LENGTH)] = Field(
         description="<ShortName>_<Author><Year><Word>_<Arch>_<Dataset>_<US|S>_<sparsity>[_<tag>], equal to the file "
         "name without .yaml."

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.models import WRN_UNUSED_PREFIXES
 from bench.zoo.manifest import ROBUSTBENCH_NAME_PATTERN
 
 ROBUSTBENCH_PREFIX = "robustbench:"
@@ -46,8 +47,6 @@ ARCH_NAMES = {
     "wrn34_10": "WideResNet-34-10",
     "mobilenetv2": "MobileNetV2",
 }
-# Keys of modules that RobustBench's (TRADES's) WideResNet defines but never calls in forward.
-_UNUSED_PREFIXES = ("sub_block1.",)
 _NORMALISATION_KEYS = (("mu", "sigma"), ("mean", "std"))
 
 
@@ -240,7 +239,7 @@ def match_architecture(
     """
     from bench.models import ARCHS
 
-    weights = {k: v for k, v in state_dict.items() if not k.startswith(_UNUSED_PREFIXES)}
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(WRN_UNUSED_PREFIXES)}
     normalization = None
     for mean_key, std_key in _NORMALISATION_KEYS:
         if mean_key in weights and std_key in weights:
@@ -319,7 +318,7 @@ def import_robustbench(
                 "dataset": dataset,
                 "threat_model": threat_model,
                 "package_version": package_version("robustbench"),
-                "dropped_keys": sorted(k for k in state if k.startswith(_UNUSED_PREFIXES)),
+                "dropped_keys": sorted(k for k in state if k.startswith(WRN_UNUSED_PREFIXES)),
             },
         },
     )

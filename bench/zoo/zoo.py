@@ -11,7 +11,6 @@ provenance (manifest id, manifest sha256, checkpoint URL and sha256).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.checkpoints import sha256_file
 from bench.registry import UnknownNameError
 from bench.zoo.fetch import DEFAULT_MAX_SIZE, FetchResult, fetch_checkpoint, read_records
 from bench.zoo.manifest import DENSE, Manifest, arch_token, printable
@@ -213,18 +213,15 @@ def load_model(entry: ZooEntry, path: Path):
 
 def entry_provenance(entry: ZooEntry, fetched: FetchResult) -> dict[str, Any]:
     """What the store keeps about where a zoo model came from (text fields verbatim)."""
-    from methods.convert import native_normalization
+    from methods.convert import converted_provenance
 
     m = entry.manifest
-    mean, std = native_normalization(m.checkpoint.format, m.model.dataset)
     return {
-        "native_format": m.checkpoint.format,
-        "normalization": {"mean": list(mean), "std": list(std)},
-        **({"k": m.checkpoint.k} if m.checkpoint.k is not None else {}),
+        **converted_provenance(m.checkpoint.format, m.model.dataset, m.checkpoint.k),
         "zoo": {
             "model_id": m.model_id,
             "manifest": entry.path.name,
-            "manifest_sha256": hashlib.sha256(entry.path.read_bytes()).hexdigest(),
+            "manifest_sha256": sha256_file(entry.path),
             "url": m.checkpoint.url,
             "checkpoint_sha256": fetched.sha256,
             "sha256_verified_by": fetched.verified_by,
