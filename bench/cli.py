@@ -230,6 +230,19 @@ def evaluate(
     device = _resolve_device(device)
     if workers is None:
         workers = (os.cpu_count() or 1) if device == "cpu" else 1
+    # The run spec (and the test split) for a dataset, from the options; the zoo path builds one per dataset.
+    run_spec = functools.partial(
+        _run_spec,
+        n_samples=n_samples,
+        eps=eps,
+        norm=norm,
+        aa_version=aa_version,
+        fmn_steps=fmn_steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        data_dir=data_dir,
+    )
     if model_id is not None or zoo_all or _picks_zoo_entry(checkpoint, method, dataset, track):
         if checkpoint is not None or ckpt_format != "plain" or k is not None or name is not None:
             raise ValueError(
@@ -253,20 +266,7 @@ def evaluate(
             db=db,
             data_dir=data_dir,
             # One spec (and one test split loaded) per dataset, whatever the number of entries.
-            make_spec=functools.cache(
-                functools.partial(
-                    _run_spec,
-                    n_samples=n_samples,
-                    eps=eps,
-                    norm=norm,
-                    aa_version=aa_version,
-                    fmn_steps=fmn_steps,
-                    batch_size=batch_size,
-                    seed=seed,
-                    device=device,
-                    data_dir=data_dir,
-                )
-            ),
+            make_spec=functools.cache(run_spec),
             run=functools.partial(_evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers),
         )
         return
@@ -287,18 +287,7 @@ def evaluate(
     elif arch is None or dataset is None:
         raise ValueError("--checkpoint needs --arch and --dataset (bench models, bench datasets)")
     ARCHS.get(arch)
-    spec, x, y = _run_spec(
-        dataset,
-        n_samples=n_samples,
-        eps=eps,
-        norm=norm,
-        aa_version=aa_version,
-        fmn_steps=fmn_steps,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        data_dir=data_dir,
-    )
+    spec, x, y = run_spec(dataset)
     if method is not None:
         if checkpoint is not None:
             raise ValueError(
