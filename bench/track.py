@@ -19,6 +19,7 @@ import torch
 
 from bench.catalog import build_model
 from bench.data import get_dataset_info, load_split, parse_eps
+from bench.provenance import cpu_info
 from methods.training import AdversarialTrainingConfig, adversarial_training
 
 ENV_CACHE_DIR = "BENCH_CACHE_DIR"
@@ -93,11 +94,22 @@ def dense_checkpoint(
         f"(eps {track.eps}, {track.training.epochs} epochs; once, then cached in {folder})"
     )
     x, y = load_split(track.dataset, "train")
-    # Seed the initial weights as well as training, so the same recipe gives the same checkpoint bytes anywhere.
+    # Seeding the initial weights as well as training makes the checkpoint bytes a function of the recipe, the torch
+    # version, the torch thread count and the CPU's float kernels (recorded below): two machines that agree on all
+    # of these train the same bytes (checked on this project's machines). A CPU with other vector units (say AVX2
+    # instead of AVX-512) rounds some sums differently, and its bytes, though not its accuracy, can differ.
     torch.manual_seed(track.training.seed)
     model = build_model(track.arch, track.dataset)
     record = adversarial_training(model, x, y, track.training, log=log)
-    record = {"track": track.name, "training": track.training.to_dict(), "recipe_key": track.key, **record}
+    record = {
+        "track": track.name,
+        "training": track.training.to_dict(),
+        "recipe_key": track.key,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_info(),
+        **record,
+    }
     # Write both files under temporary names and rename: an interrupted run leaves no half checkpoint.
     atomic_write(path, lambda f: torch.save(model.state_dict(), f))
     atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
