@@ -1,8 +1,8 @@
 """The submission manifest: one YAML file per checkpoint, ``submissions/<method>/<model_id>.yaml``.
 
 People write these files by hand and send them by pull request, so this is the trust boundary where pydantic
-belongs (STYLE.md): every field is typed, unknown fields are refused, and :func:`manifest_json_schema` publishes
-the schema (``submissions/schema.json``, ``bench submit schema``).
+belongs (pydantic at the edge, plain dataclasses inside): every field is typed, unknown fields are refused, and
+:func:`manifest_json_schema` publishes the schema (``submissions/schema.json``, ``bench submit schema``).
 
 What the schema alone cannot say is checked in :mod:`bench.zoo.validate`: the model id against the fields, the
 registries (methods, architectures, datasets, checkpoint formats), the seeded-entry rules, the file's place.

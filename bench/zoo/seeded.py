@@ -1,7 +1,8 @@
 """The seeded zoo entries, pinned: the only manifests that may say ``verified: false`` (no sha256 yet).
 
-These are the public checkpoints known from the project's specs (``../shared/specs``): the Adversarial Pruning
-Benchmark's MAD, PwoA, RAP-ADMM and HYDRA files, HYDRA's own releases and RobustBench's ``Sehwag2020Hydra``.
+These are the public checkpoints their authors and the Adversarial Pruning Benchmark (APB,
+https://github.com/pralab/AdversarialPruningBenchmark) list: the APB's MAD, PwoA, RAP-ADMM and HYDRA files, HYDRA's
+own releases (https://github.com/inspire-group/hydra) and RobustBench's ``Sehwag2020Hydra``.
 Nobody could compute their sha256 when they were added, so they are trusted on first download
 (:mod:`bench.zoo.fetch` records the hash). Pinning each one's URL here, in code, means a pull request that only
 edits ``submissions/`` can neither add an unverified entry nor point a seeded one at another file: either change
