@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# The CPU build's index: pip prefers its 2.13.0+cpu over PyPI's CUDA build of the same version. Where the index
+# cannot be reached (an offline mirror with a local +cpu wheel), pip retries a few seconds and goes on.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.apbench-installed
 
 .PHONY: demo test lint format clean-venv chromium
@@ -11,7 +14,7 @@ STAMP := $(VENV)/.apbench-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) --extra-index-url $(TORCH_INDEX)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
