@@ -12,9 +12,12 @@ compression constraint. Starting from a dense PGD-AT model (the code's ``--raw_t
    over *all* Conv2d/Linear weights together (first conv and classifier included) and zeroes the rest
    (:func:`methods.common.project_global`). The mask is dynamic: a pruned weight can come back.
 2. **Factorised stage** (``--abc_special``; off unless ``factorize=True``, as the flag is off in the code): every
-   layer's weight, flattened to out × (in·k·k), is re-parameterised as ``W = (B + I)·A + C`` when
-   rank = min(in·k·k, out) equals out, else ``W = B·(A + I) + C``; the dense (already sparse) weight goes into A
-   (resp. B) and the other factors start at zero, so the function is unchanged. The same global l0 projection
+   layer becomes the code's ``Conv2dsp_v2`` / ``Linearsp_v2`` with rank = min(in·k·k, out) (``get_ranks``):
+   A is rank × in × kh × kw (rank × in for a linear layer), B is out × rank × 1 × 1 (out × rank), C has the
+   weight's shape, and on the flat views A (rank × in·k·k) and B (out × rank) the weight is
+   ``W = B·(A + I) + C`` when rank = in·k·k, else (rank = out) ``W = (B + I)·A + C``. As in ``raw_weights``, the
+   dense (already sparse) weight goes into B in the first case and into A in the second, the other factors start
+   at zero, so the function is unchanged (:func:`reconstruct_weight`). The same global l0 projection
    then runs jointly over {A, B, C} with the budget of the dense weight count. Products of sparse factors fill
    in, so at the end of the stage the reconstructed W is projected once more onto ``int(κ·N)`` nonzeros
    (a deviation: the code counts nnz(A)+nnz(B)+nnz(C) and never re-projects W; without it the harness's
@@ -41,11 +44,19 @@ Differences from the released code, each deliberate:
 - No model selection on the test set (the code keeps the best adversarial *test* accuracy or the Z closest to
   W); the last epoch is returned. The mixed-bit knapsack (``model_size_*``) and the pure low-rank baseline
   (``--lr_special``) are not offered.
+
+Checkpoints (``bench evaluate --format atmc``, :func:`convert_atmc_checkpoint`): the code saves the bare model's
+``state_dict()``. Dense files (``--raw_train``, the l0proj stage) load as they are; factor-form files
+(``--abc_special``, ``cifar/resnet/resnet_abcv2.py``) hold per layer ``weightA`` (rank × in × kh × kw),
+``weightB`` (out × rank × 1 × 1), ``weightC`` (out × in × kh × kw) and the ``eye_const`` identity (rank × rank),
+the linear layer the same with 2-D factors, and each layer's weight is rebuilt as the forward above computes it.
+Factor shapes the code never writes are refused rather than guessed at.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,7 +72,15 @@ from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, conf
 from methods.common import eval_mode, global_masks, prunable_layers
 from methods.training import pgd_linf
 
-__all__ = ["ATMC", "atmc_loss", "convert_atmc_checkpoint", "kmeans_quantize", "l0_project", "reconstruct_weight"]
+__all__ = [
+    "ATMC",
+    "atmc_loss",
+    "check_factor_layout",
+    "convert_atmc_checkpoint",
+    "kmeans_quantize",
+    "l0_project",
+    "reconstruct_weight",
+]
 
 _FACTOR_SUFFIXES = ("weightA", "weightB", "weightC", "eye_const")
 
@@ -136,38 +155,100 @@ def kmeans_quantize(w: Tensor, bits: int, *, iters: int = 20, support: Tensor | 
     return out
 
 
-def reconstruct_weight(a: Tensor, b: Tensor, c: Tensor, eye: Tensor | None = None) -> Tensor:
-    """ATMC's factor form back to the dense weight: ``(B + I)·A + C`` if rank = out, else ``B·(A + I) + C``.
+def reconstruct_weight(a: Tensor, b: Tensor, c: Tensor, eye: Tensor | None = None, *, layer: str = "layer") -> Tensor:
+    """The dense weight of one ``Conv2dsp_v2`` / ``Linearsp_v2`` layer, computed as the code's forward does.
 
-    A is rank × (in·k·k), B is out × rank, C has the weight's full shape; ``eye`` is the stored rank × rank
-    identity (built when absent).
+    On the flat views A (rank × in·k·k) and B (out × rank): ``B·(A + I) + C`` when rank = in·k·k (in for a
+    linear layer), else ``(B + I)·A + C``. The identity is rank × rank and rank = min(in·k·k, out), so it is never
+    larger than A (first case) or B (second case), and nothing larger than the weight is built.
+
+    Args:
+        a, b, c: ``weightA`` (rank × in × kh × kw, or rank × in), ``weightB`` (out × rank × 1 × 1, or out × rank)
+            and ``weightC`` (the weight's shape), as :func:`check_factor_layout` accepts them.
+        eye: the layer's stored ``eye_const`` (rank × rank; the code's forward adds this buffer); the identity when
+            None.
+        layer: the layer's name, for error messages.
+
+    Returns:
+        A tensor of ``c``'s shape.
     """
-    rank = a.shape[0]
+    rank, fan_in, out = check_factor_layout(layer, a, b, c, eye)
     if eye is None:
         eye = torch.eye(rank, dtype=a.dtype, device=a.device)
-    out = c.shape[0]
-    flat = (b + eye) @ a if rank == out else b @ (a.reshape(rank, -1) + eye)
+    flat_a, flat_b = a.reshape(rank, fan_in), b.reshape(out, rank)
+    flat = flat_b @ (flat_a + eye) if rank == fan_in else (flat_b + eye) @ flat_a
     return flat.reshape(c.shape) + c
 
 
+_LAYOUT = (
+    "VITA-Group/ATMC writes Conv2dsp_v2 factors as weightA rank×in×kh×kw, weightB out×rank×1×1, weightC "
+    "out×in×kh×kw and Linearsp_v2 factors as rank×in, out×rank, out×in, with rank = min(in·kh·kw, out)"
+)
+
+
+def check_factor_layout(layer: str, a: Tensor, b: Tensor, c: Tensor, eye: Tensor | None = None) -> tuple[int, int, int]:
+    """Check that ``(weightA, weightB, weightC[, eye_const])`` is a layout the authors' code writes.
+
+    Returns:
+        ``(rank, fan_in, out)`` with fan_in = in·kh·kw (in for a linear layer).
+
+    Raises:
+        ValueError: one line naming the layer, the shapes found and the layout expected, for any other shapes
+            (e.g. conv factors flattened to two dimensions), a rank other than min(in·k·k, out) (the code's
+            forward is undefined for it) or an ``eye_const`` that is not rank × rank.
+    """
+    shapes = f"weightA {tuple(a.shape)}, weightB {tuple(b.shape)}, weightC {tuple(c.shape)}"
+    if c.dim() == 4:
+        layout_ok = a.dim() == 4 and b.dim() == 4 and tuple(b.shape[1:]) == (a.shape[0], 1, 1)
+    elif c.dim() == 2:
+        layout_ok = a.dim() == 2 and b.dim() == 2 and b.shape[1] == a.shape[0]
+    else:
+        layout_ok = False
+    if not layout_ok or tuple(c.shape) != (b.shape[0], *a.shape[1:]):
+        raise ValueError(
+            f"ATMC layer {layer!r} has {shapes}, not the authors' factor layout: {_LAYOUT}; "
+            "convert a file saved from those modules' state_dict()"
+        )
+    rank, out = a.shape[0], b.shape[0]
+    fan_in = math.prod(a.shape[1:])
+    if rank != min(fan_in, out):
+        raise ValueError(
+            f"ATMC layer {layer!r} has rank {rank} ({shapes}), but the authors' forward is defined only for "
+            f"rank = min(in·k·k, out) = {min(fan_in, out)}; this file was not written by Conv2dsp_v2/Linearsp_v2"
+        )
+    if eye is not None and tuple(eye.shape) != (rank, rank):
+        raise ValueError(
+            f"ATMC layer {layer!r} has eye_const of shape {tuple(eye.shape)}, expected the {rank}×{rank} identity "
+            f"buffer of a rank-{rank} Conv2dsp_v2/Linearsp_v2 layer"
+        )
+    return rank, fan_in, out
+
+
 class _Factorised(nn.Module):
-    """``model`` with the listed layers' weights given by ATMC factors {A, B, C} (functional re-parameterisation)."""
+    """``model`` with the listed layers' weights given by ATMC factors {A, B, C} (functional re-parameterisation).
+
+    The factors have the shapes of the code's ``Conv2dsp_v2`` / ``Linearsp_v2`` parameters and start as its
+    ``raw_weights`` does, so :meth:`factor_state_dict` is what the code's factor model would save.
+    """
 
     def __init__(self, model: nn.Module, prefix: str, layers: list[tuple[str, nn.Module]]) -> None:
         super().__init__()
         self.model = model
-        self.keys = [f"{prefix}{name}.weight" for name, _ in layers]
+        self.names = [name for name, _ in layers]
+        self.keys = [f"{prefix}{name}.weight" for name in self.names]
         self.A, self.B, self.C = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
         self.eyes: list[Tensor] = []
         for _, module in layers:
             w = module.weight.detach()
-            out, m = w.shape[0], w[0].numel()
-            rank = min(out, m)
-            flat = w.reshape(out, m)
-            if rank == out:  # W = (B + I)·A + C, A = W
-                a, b = flat.clone(), torch.zeros(out, rank, dtype=w.dtype, device=w.device)
-            else:  # W = B·(A + I) + C, B = W
-                a, b = torch.zeros(rank, m, dtype=w.dtype, device=w.device), flat.clone()
+            out, fan_in = w.shape[0], w[0].numel()
+            rank = min(out, fan_in)
+            tail = (1, 1) if w.dim() == 4 else ()
+            a = torch.zeros(rank, *w.shape[1:], dtype=w.dtype, device=w.device)
+            b = torch.zeros(out, rank, *tail, dtype=w.dtype, device=w.device)
+            if rank == fan_in:  # W = B·(A + I) + C, B = W (the code's precedence when fan_in = out too)
+                b.view(out, rank).copy_(w.reshape(out, fan_in))
+            else:  # W = (B + I)·A + C, A = W
+                a.view(rank, fan_in).copy_(w.reshape(out, fan_in))
             self.A.append(nn.Parameter(a))
             self.B.append(nn.Parameter(b))
             self.C.append(nn.Parameter(torch.zeros_like(w)))
@@ -179,9 +260,18 @@ class _Factorised(nn.Module):
             out[f"{key}A"], out[f"{key}B"], out[f"{key}C"] = self.A[i], self.B[i], self.C[i]
         return out
 
+    def factor_state_dict(self) -> dict[str, Tensor]:
+        """The factor layers' entries of the code's ``state_dict()``: ``<layer>.weightA/B/C`` and ``eye_const``."""
+        out = {}
+        for i, name in enumerate(self.names):
+            for suffix, t in zip(_FACTOR_SUFFIXES, (self.A[i], self.B[i], self.C[i], self.eyes[i]), strict=True):
+                out[f"{name}.{suffix}"] = t.detach().clone()
+        return out
+
     def weights(self) -> dict[str, Tensor]:
         return {
-            key: reconstruct_weight(self.A[i], self.B[i], self.C[i], self.eyes[i]) for i, key in enumerate(self.keys)
+            key: reconstruct_weight(self.A[i], self.B[i], self.C[i], self.eyes[i], layer=key)
+            for i, key in enumerate(self.keys)
         }
 
     def forward(self, x: Tensor) -> Tensor:
@@ -220,7 +310,8 @@ class ATMC(PruningMethod):
         Attributes:
             sparse_epochs, sparse_lr, sparse_milestones: l0-projection stage (200 epochs, lr 0.01, ×``lr_gamma``
                 at 30/60/90/120).
-            factorize: run the factorised ``W = (B + I)A + C`` stage (``--abc_special``, off by default).
+            factorize: run the factorised stage, ``W = B(A + I) + C`` or ``(B + I)A + C`` (``--abc_special``, off
+                by default).
             factor_epochs, factor_lr, factor_milestones: that stage (200 epochs, lr 0.005, decays at 60/80/120).
             bits: quantisation bits per surviving weight (``--quantize_bits``: 8); None skips quantisation.
             quant_epochs, quant_lr, quant_milestones: quantisation stage (150 epochs; lr 0.005 and decays at
@@ -454,11 +545,20 @@ def _epoch(model, data, config, gen, opt, *, lr, step_size, project, admm=None) 
 def convert_atmc_checkpoint(state_dict: Mapping[str, object]) -> dict[str, Tensor]:
     """An ATMC checkpoint as a dense state dict (``<layer>.weight``); dense checkpoints pass through.
 
-    Factor-form layers (``Conv2dsp_v2``/``Linearsp_v2``) store ``<layer>.weightA`` (rank × in·k·k),
-    ``<layer>.weightB`` (out × rank), ``<layer>.weightC`` (the weight's shape) and the identity buffer
-    ``<layer>.eye_const``; each is rebuilt by :func:`reconstruct_weight` and the factor keys are dropped. A
-    DataParallel ``module.`` prefix and a ``{"state_dict": ...}`` container are removed; non-tensors are dropped.
-    Quantised files need nothing more: their weights are already snapped to the centres.
+    ``train_proj_admm_quant.py`` saves the bare model's ``state_dict()`` (``utee/misc.py`` ``model_snapshot``). In
+    the factor form (``--abc_special``: ``Conv2dsp_v2`` / ``Linearsp_v2`` layers) every layer stores
+    ``<layer>.weightA`` (rank × in × kh × kw; rank × in for a linear layer), ``<layer>.weightB``
+    (out × rank × 1 × 1; out × rank), ``<layer>.weightC`` (the weight's shape) and the rank × rank identity buffer
+    ``<layer>.eye_const``, with rank = min(in·kh·kw, out); :func:`reconstruct_weight` rebuilds the weight exactly
+    as the code's forward does and the factor keys are dropped. Biases, batch-norm entries and layers that are
+    not factorised pass through. A DataParallel ``module.`` prefix and a ``{"state_dict": ...}`` container are
+    removed; non-tensors are dropped. Quantised files (the ``quant_`` checkpoints) need nothing more: their
+    factors are already snapped to the centres.
+
+    Raises:
+        ValueError: no tensors; a factor layer without all of weightA, weightB, weightC and eye_const (without
+            ``eye_const`` it is not the code's v2 layer, whose forward adds it); factor shapes the code never
+            writes (:func:`check_factor_layout`).
     """
     sd: Mapping[str, object] = state_dict
     inner = sd.get("state_dict")
@@ -470,13 +570,17 @@ def convert_atmc_checkpoint(state_dict: Mapping[str, object]) -> dict[str, Tenso
     if not tensors:
         raise ValueError("no weight tensors in this ATMC checkpoint")
     out: dict[str, Tensor] = {}
-    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weightA")})
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.rsplit(".", 1)[-1] in _FACTOR_SUFFIXES})
     for layer in layers:
         try:
-            a, b, c = (tensors[f"{layer}.weight{s}"] for s in "ABC")
+            a, b, c, eye = (tensors[f"{layer}.{suffix}"] for suffix in _FACTOR_SUFFIXES)
         except KeyError as err:
-            raise ValueError(f"ATMC layer {layer!r} lacks factor {err.args[0]!r}") from None
-        out[f"{layer}.weight"] = reconstruct_weight(a, b, c, tensors.get(f"{layer}.eye_const"))
+            raise ValueError(
+                f"ATMC layer {layer!r} lacks {err.args[0]!r}: the authors' Conv2dsp_v2/Linearsp_v2 layers save "
+                "weightA, weightB, weightC and eye_const; pass the file as the training script saved it"
+            ) from None
+        with torch.no_grad():
+            out[f"{layer}.weight"] = reconstruct_weight(a, b, c, eye, layer=layer)
     for key, value in tensors.items():
         prefix, _, last = key.rpartition(".")
         if last in _FACTOR_SUFFIXES and prefix in layers:

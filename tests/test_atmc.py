@@ -6,14 +6,16 @@ Every run is tiny: a freshly initialised small CNN, a few dozen digits images, o
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods.atmc as atmc_module
 from bench.catalog import build_model
-from bench.checkpoints import load_weights, measure_sparsity
+from bench.checkpoints import load_state_dict, load_weights, measure_sparsity
 from bench.models import unwrap
 from methods.atmc import (
     ATMC,
@@ -27,6 +29,7 @@ from methods.atmc import (
 )
 from methods.base import PruneData, get_method
 from methods.common import prunable_layers
+from tests import atmc_upstream as upstream
 
 N_TRAIN = 48
 EPS = 0.2
@@ -232,63 +235,188 @@ def test_factorised_model_matches_dense_at_init(dense, data):
     fact = _Factorised(model, "net.", prunable_layers(unwrap(model)))
     with torch.no_grad():
         assert torch.allclose(fact(data.x[:10]), model(data.x[:10]), atol=1e-6)
-    # Both branches of the rule: rank = in·k·k for the first conv (9 < 32 filters), rank = out for the others.
-    ranks = [(a.shape[0], b.shape[0], a.shape[1]) for a, b in zip(fact.A, fact.B, strict=True)]
-    assert any(r == out for r, out, _ in ranks) and any(r == m for r, _, m in ranks)
+    # Both branches of the rule: rank = in·k·k for the first conv (9 < 16 filters), rank = out for the others.
+    ranks = [(a.shape[0], b.shape[0], a[0].numel()) for a, b in zip(fact.A, fact.B, strict=True)]
+    assert any(r == out < m for r, out, m in ranks) and any(r == m < out for r, out, m in ranks)
 
 
-def test_reconstruct_weight_matches_manual_matmul():
-    torch.manual_seed(0)
-    # rank = out = 4 < in·k·k = 18
-    a, b, c = torch.randn(4, 18), torch.randn(4, 4), torch.randn(4, 2, 3, 3)
-    manual = ((b + torch.eye(4)) @ a).reshape(4, 2, 3, 3) + c
-    assert torch.allclose(reconstruct_weight(a, b, c, torch.eye(4)), manual)
-    # rank = in = 5 < out = 7 (linear)
-    a, b, c = torch.randn(5, 5), torch.randn(7, 5), torch.randn(7, 5)
-    assert torch.allclose(reconstruct_weight(a, b, c), b @ (a + torch.eye(5)) + c)
+# ------------------------------------------------------------------------------------------------------
+# Files in the authors' factor layout (tests/atmc_upstream.py mirrors their Conv2dsp_v2 / Linearsp_v2).
+
+_FACTOR_KEYS = ("weightA", "weightB", "weightC", "eye_const")
 
 
-def _factor_checkpoint(model):
-    """A synthetic ATMC factor-form state dict whose reconstruction is loaded into ``model`` (returned)."""
-    torch.manual_seed(1)
-    net = unwrap(model)
-    sd = {k: v.clone() for k, v in net.state_dict().items()}
+def _upstream_small_cnn(dense_net):
+    """small_cnn's module tree with the code's factor layers, built from ``dense_net`` as --abc_special does."""
+    ranks = upstream.get_ranks(dense_net)
+    (c1, c2, c3), (l1, l2) = (
+        [m for m in dense_net.features if isinstance(m, torch.nn.Conv2d)],
+        [m for m in dense_net.classifier if isinstance(m, torch.nn.Linear)],
+    )
+
+    def conv(m, rank):
+        return upstream.Conv2dsp_v2(m.in_channels, m.out_channels, 3, rank, padding=1)
+
+    native = torch.nn.Sequential()
+    native.features = torch.nn.Sequential(
+        conv(c1, ranks[0]),
+        torch.nn.ReLU(),
+        conv(c2, ranks[1]),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        conv(c3, ranks[2]),
+        torch.nn.ReLU(),
+    )
+    native.classifier = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        upstream.Linearsp_v2(l1.in_features, l1.out_features, ranks[3]),
+        torch.nn.ReLU(),
+        upstream.Linearsp_v2(l2.in_features, l2.out_features, ranks[4]),
+    )
+    upstream.set_weights(native, upstream.raw_weights(dense_net, ranks))
+    native.load_state_dict(dense_net.state_dict(), strict=False)
+    return native.eval()
+
+
+def _move_factors(model, seed=1):
+    """Sparse random changes to every A, B and C, as training leaves them (all three nonzero, off the start)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, module in prunable_layers(net):
-            w = module.weight
-            out, m = w.shape[0], w[0].numel()
-            rank = min(out, m)
-            a = 0.1 * torch.randn(rank, m) * (torch.rand(rank, m) > 0.5)
-            b = 0.1 * torch.randn(out, rank) * (torch.rand(out, rank) > 0.5)
-            c = 0.1 * torch.randn_like(w) * (torch.rand_like(w) > 0.8)
-            eye = torch.eye(rank)
-            flat = (b + eye) @ a if rank == out else b @ (a + eye)
-            w.copy_(flat.reshape(w.shape) + c)
-            del sd[f"{name}.weight"]
-            sd.update(
-                {
-                    f"module.{name}.weightA": a,
-                    f"module.{name}.weightB": b,
-                    f"module.{name}.weightC": c,
-                    f"module.{name}.eye_const": eye,
-                }
-            )
-    sd = {(k if k.startswith("module.") else f"module.{k}"): v for k, v in sd.items()}
-    return sd
+        for m in model.modules():
+            if isinstance(m, upstream.FACTOR_LAYERS):
+                for p in (m.weightA, m.weightB, m.weightC):
+                    keep = torch.rand(p.shape, generator=gen) > 0.5
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen) * keep)
+    return model
 
 
-def test_converter_reproduces_logits(dense, data):
-    native = copy.deepcopy(dense)
-    ckpt = _factor_checkpoint(native)
-    converted = convert_atmc_checkpoint(ckpt)
-    assert not any(k.endswith(("weightA", "weightB", "weightC", "eye_const")) for k in converted)
+def test_factorised_stage_uses_the_authors_layout_and_start(dense):
+    # The factors are the parameters of the code's Conv2dsp_v2/Linearsp_v2 layers, started as raw_weights does.
+    net = unwrap(copy.deepcopy(dense))
+    fact = _Factorised(net, "", prunable_layers(net))
+    native = _upstream_small_cnn(net)
+    expected = {k: v for k, v in native.state_dict().items() if k.rpartition(".")[2] in _FACTOR_KEYS}
+    ours = fact.factor_state_dict()
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key].shape == value.shape and torch.equal(ours[key], value), key
+    # After training moves every factor, the code's layers compute the weights this stage trains through.
+    with torch.no_grad():
+        for p in [*fact.A, *fact.B, *fact.C]:
+            p.add_(0.1 * torch.randn_like(p))
+    native.load_state_dict({**native.state_dict(), **fact.factor_state_dict()})
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fact(x), native(x), atol=1e-5, rtol=0)
+
+
+def test_converter_reproduces_the_authors_forward(dense, data, tmp_path):
+    net = unwrap(copy.deepcopy(dense))
+    native = _upstream_small_cnn(net)
+    x = data.x[:16]
+    with torch.no_grad():
+        assert torch.equal(native(x), net(x)), "raw_weights start: same function as the dense model"
+    _move_factors(native)
+    path = tmp_path / "quant_closest_digits_atmc.pth"
+    upstream.model_snapshot(native, path)
+    converted = convert_atmc_checkpoint(load_state_dict(path))
+    assert not any(k.endswith(_FACTOR_KEYS) for k in converted)
     fresh = build_model("small_cnn", "digits").eval()
     load_weights(fresh, converted)
     with torch.no_grad():
-        assert torch.allclose(fresh(data.x[:16]), native(data.x[:16]), atol=1e-5)
-    # Dense checkpoints pass through (prefix and container removed).
-    plain = unwrap(dense).state_dict()
+        expected = native(x)
+        torch.testing.assert_close(fresh.net(x), expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(expected, net(x), atol=1e-2), "the factors moved the function"
+    # A DataParallel prefix and a {"state_dict": ...} container are removed.
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in native.state_dict().items()}, "epoch": 3}
+    again = convert_atmc_checkpoint(wrapped)
+    assert again.keys() == converted.keys() and all(torch.equal(again[k], converted[k]) for k in converted)
+    # Dense checkpoints pass through.
+    plain = net.state_dict()
     out = convert_atmc_checkpoint({"state_dict": {f"module.{k}": v for k, v in plain.items()}})
     assert out.keys() == plain.keys() and all(torch.equal(out[k], plain[k]) for k in plain)
-    with pytest.raises(ValueError, match="lacks factor"):
+
+
+_LAYER_CASES = {
+    "conv rank = in·k·k < out: B(A + I) + C": lambda: upstream.Conv2dsp_v2(3, 32, 3, 27, padding=1),
+    "conv rank = out < in·k·k: (B + I)A + C": lambda: upstream.Conv2dsp_v2(8, 12, 3, 12, padding=1, bias=False),
+    "conv rank = in·k·k = out: the code takes B(A + I) + C": lambda: upstream.Conv2dsp_v2(6, 6, 1, 6),
+    "linear rank = in < out": lambda: upstream.Linearsp_v2(5, 7, 5),
+    "linear rank = out < in": lambda: upstream.Linearsp_v2(9, 4, 4),
+    "linear rank = in = out": lambda: upstream.Linearsp_v2(6, 6, 6),
+}
+
+
+@pytest.mark.parametrize("case", list(_LAYER_CASES))
+def test_reconstruct_weight_is_the_authors_forward(case):
+    torch.manual_seed(0)
+    module = _move_factors(_LAYER_CASES[case]())
+    sd = module.state_dict()
+    w = reconstruct_weight(sd["weightA"], sd["weightB"], sd["weightC"], sd["eye_const"])
+    is_conv = isinstance(module, upstream.Conv2dsp_v2)
+    x = torch.randn(2, module.in_channels, 5, 5) if is_conv else torch.randn(3, module.in_features)
+    with torch.no_grad():
+        ours = F.conv2d(x, w, module.bias, padding=module.padding) if is_conv else F.linear(x, w, module.bias)
+        torch.testing.assert_close(ours, module(x), atol=1e-5, rtol=0, msg=case)
+    # Without the stored buffer the identity is built.
+    assert torch.equal(reconstruct_weight(sd["weightA"], sd["weightB"], sd["weightC"]), w)
+
+
+def test_layouts_the_authors_never_write_are_refused():
+    a, b, c = torch.zeros(4, 18), torch.zeros(4, 4), torch.zeros(4, 2, 3, 3)
+    # Conv factors flattened to two dimensions (this project's layout before it followed the code).
+    flat = {"conv.weightA": a, "conv.weightB": b, "conv.weightC": c, "conv.eye_const": torch.eye(4)}
+    with pytest.raises(ValueError, match=r"'conv' has weightA \(4, 18\).*not the authors' factor layout") as err:
+        convert_atmc_checkpoint(flat)
+    assert "\n" not in str(err.value) and "Conv2dsp_v2" in str(err.value)
+    # A rank below min(in·k·k, out): the code's forward cannot add the identity.
+    low = {"l.weightA": torch.zeros(3, 6), "l.weightB": torch.zeros(5, 3), "l.weightC": torch.zeros(5, 6)}
+    with pytest.raises(ValueError, match=r"rank 3 .* min\(in·k·k, out\) = 5"):
+        convert_atmc_checkpoint({**low, "l.eye_const": torch.eye(3)})
+    ok = {"l.weightA": torch.zeros(5, 6), "l.weightB": torch.zeros(5, 5), "l.weightC": torch.zeros(5, 6)}
+    with pytest.raises(ValueError, match=r"eye_const of shape \(6, 6\), expected the 5×5"):
+        convert_atmc_checkpoint({**ok, "l.eye_const": torch.eye(6)})
+    with pytest.raises(ValueError, match="lacks 'l.eye_const'"):
+        convert_atmc_checkpoint(ok)
+    with pytest.raises(ValueError, match="lacks 'l.weightB'"):
         convert_atmc_checkpoint({"l.weightA": torch.zeros(2, 2), "l.weightC": torch.zeros(2, 2)})
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any operation produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_a_512_channel_layer_converts_without_a_large_intermediate():
+    # ResNet-18's layer4 3x3 conv (rank = out = 512; the former broadcast asked for 512^4 floats, 256 GiB) and its
+    # 1x1 projection shortcut (rank = in = 256), as the code saves them.
+    torch.manual_seed(0)
+    block = torch.nn.Sequential()
+    block.conv2 = upstream.Conv2dsp_v2(512, 512, 3, 512, padding=1, bias=False)
+    block.shortcut = upstream.Conv2dsp_v2(256, 512, 1, 256, stride=2, bias=False)
+    sd = _move_factors(block).state_dict()
+    biggest_input = max(t.numel() for t in sd.values())
+    start = time.perf_counter()
+    with _LargestTensor() as probe:
+        converted = convert_atmc_checkpoint(sd)
+    elapsed = time.perf_counter() - start
+    assert probe.largest <= biggest_input, "no tensor larger than the layer's own weight is built"
+    assert elapsed < 10.0, f"{elapsed:.1f} s for two layers (about 0.1 s on one core)"
+    x = torch.randn(1, 512, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            F.conv2d(x, converted["conv2.weight"], padding=1), block.conv2(x), atol=1e-4, rtol=1e-5
+        )
+    xs = torch.randn(1, 256, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(F.conv2d(xs, converted["shortcut.weight"], stride=2), block.shortcut(xs))
