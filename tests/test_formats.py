@@ -358,6 +358,35 @@ def test_apb_pwoa_vgg16_converts_to_vgg16_pwoa(tmp_path, images):
         _assert_native_logits(model(images), native(images)[0])
 
 
+def test_atmc_resnet18_factor_file_converts_to_resnet18(tmp_path, images):
+    # ATMC's --abc_special stage (cifar/train_proj_admm_quant.py): the dense ResNet-18 becomes resnet_abcv2's
+    # Conv2dsp_v2/Linearsp_v2 model, training moves all factors, model_snapshot saves it (tests/atmc_upstream.py).
+    from tests import atmc_upstream as upstream
+
+    torch.manual_seed(0)
+    dense = upstream.resnet18_dense().eval()
+    native = upstream.factor_model_from_dense(dense).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(native(images), dense(images), atol=1e-5, rtol=0)
+    layers = [m for m in native.modules() if isinstance(m, upstream.FACTOR_LAYERS)]
+    # Both of the forward's cases occur: rank = in·k·k (stem 27 < 64, 1x1 shortcuts) and rank = out (the rest).
+    fan_in = [m.weightA[0].numel() for m in layers]
+    assert {m.rank == f for m, f in zip(layers, fan_in, strict=True)} == {True, False}
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in layers:
+            for p in (m.weightA, m.weightB, m.weightC):
+                p.add_(0.05 * torch.randn(p.shape, generator=gen) * (torch.rand(p.shape, generator=gen) > 0.5))
+    native = _perturb(native)
+    path = tmp_path / "quant_closest_cifar10_pgd_4_atmc_0.005_8bit.pth"
+    upstream.model_snapshot(native, path)
+
+    model = load_converted_model(path, "atmc", "resnet18", "cifar10")
+    with torch.no_grad():
+        _assert_native_logits(model(images), native(images))
+    assert model.normalize.std.flatten().tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_format_names_its_architectures_when_the_arch_is_wrong(tmp_path):
     path = tmp_path / "mad.t7"
     first_conv = {"feature.0.weight": torch.ones(64, 3, 3, 3), "feature.0.mask_weight": torch.zeros(64, 3, 3, 3)}
