@@ -8,12 +8,15 @@ An adapter turns a dense model into a pruned one with its paper's losses, schedu
 ``sparsity`` is always the canonical one (exactly-zero entries over Conv2d/Linear weights, or for structured
 methods the fraction of parameters removed); each adapter converts it to its native knob (HYDRA's kept
 fraction k, ATMC's budget) at this boundary and records the native value in :class:`PruneResult`.
+
+An adapter is found by its registration alone: its module applies ``@register_method`` on import, and
+``methods/__init__.py`` imports every adapter module (timm's ``timm/models/__init__.py`` does the same for
+models), so importing anything from ``methods`` fills :data:`METHODS`. Adding a method touches its own file plus
+one import line there.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -174,29 +177,11 @@ def register_method(key: str):
     return decorator
 
 
-_NOT_ADAPTERS = {"base", "training", "common", "convert", "pipeline"}
-_discovered = False
-
-
-def discover() -> None:
-    """Import every adapter module in ``methods/`` so that each registers itself (mteb/HELM style)."""
-    global _discovered
-    if _discovered:
-        return
-    import methods
-
-    for info in pkgutil.iter_modules(methods.__path__):
-        if info.name not in _NOT_ADAPTERS and not info.name.startswith("_"):
-            importlib.import_module(f"methods.{info.name}")
-    _discovered = True
-
-
 def get_method(key: str) -> PruningMethod:
     """An instance of the adapter registered as ``key`` (did-you-mean on unknown names)."""
-    discover()
     return METHODS.get(key)()
 
 
 def list_methods(pattern: str = "*") -> list[str]:
-    discover()
+    """Registered method keys matching a shell-style wildcard, sorted."""
     return METHODS.list(pattern)
