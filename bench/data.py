@@ -33,6 +33,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from bench.download import DownloadTooSlowError, TransferGuard
 from bench.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,8 @@ class CifarArchive:
         test_members: batch file names of the test split, in canonical order.
         label_key: pickle key holding the labels (CIFAR-100 uses its 100 fine labels).
         num_classes: label range, checked on load.
+        member_md5: published md5 of each batch file (an extracted folder is checked against them).
+        split_sizes: images in the train and the test split, checked on load.
     """
 
     title: str
@@ -298,9 +301,14 @@ class CifarArchive:
     test_members: tuple[str, ...]
     label_key: bytes
     num_classes: int
+    member_md5: tuple[tuple[str, str], ...]
+    split_sizes: tuple[int, int]
 
     def members(self, split: str) -> tuple[str, ...]:
         return self.train_members if split == "train" else self.test_members
+
+    def split_size(self, split: str) -> int:
+        return self.split_sizes[0] if split == "train" else self.split_sizes[1]
 
 
 CIFAR_ARCHIVES: dict[str, CifarArchive] = {
@@ -314,6 +322,16 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
         test_members=("test_batch",),
         label_key=b"labels",
         num_classes=10,
+        # The batch files' md5s as torchvision's CIFAR10 lists them.
+        member_md5=(
+            ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+            ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+            ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+            ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+            ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+            ("test_batch", "40351d587109b95175f43aff81a1287e"),
+        ),
+        split_sizes=(50000, 10000),
     ),
     "cifar100": CifarArchive(
         title="CIFAR-100",
@@ -325,6 +343,8 @@ CIFAR_ARCHIVES: dict[str, CifarArchive] = {
         test_members=("test",),
         label_key=b"fine_labels",
         num_classes=100,
+        member_md5=(("train", "16019d7e3df5f24257cddd939b257f8d"), ("test", "f0ef6b0ae62326f3e7ffdfab6717acfc")),
+        split_sizes=(50000, 10000),
     ),
 }
 
@@ -408,13 +428,18 @@ def _missing_message(spec: CifarArchive, root: Path, reason: str | None = None) 
 
 
 def _download(spec: CifarArchive, root: Path) -> Path:
-    """Fetch ``spec.url`` into ``root/spec.filename``, verifying the md5 before the file appears there."""
+    """Fetch ``spec.url`` into ``root/spec.filename``, verifying the md5 before the file appears there.
+
+    The transfer has a total deadline and a minimum average rate (:mod:`bench.download`): a stalled or dripping
+    server ends it with a message, not a download that never finishes.
+    """
     target = root / spec.filename
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DatasetNotFoundError(_missing_message(spec, root, f"cannot create {root}: {error}")) from error
     log.info("downloading %s from %s to %s", spec.title, spec.url, target)
+    guard = TransferGuard(spec.url, fix=f"put {spec.filename} (md5 {spec.md5}) into {root} by hand")
     # The partial file lives next to the target so the final rename is atomic (same file system).
     fd, tmp_name = tempfile.mkstemp(dir=root, prefix=f".{spec.filename}.", suffix=".part")
     tmp = Path(tmp_name)
@@ -424,11 +449,15 @@ def _download(spec: CifarArchive, root: Path) -> Path:
         try:
             with (
                 os.fdopen(fd, "wb") as out,
-                urllib.request.urlopen(spec.url, timeout=_DOWNLOAD_TIMEOUT_S) as resp,
+                urllib.request.urlopen(spec.url, timeout=guard.socket_timeout(_DOWNLOAD_TIMEOUT_S)) as resp,
             ):
-                while chunk := resp.read(_CHUNK):
+                # read1 returns what has arrived (at most a chunk), so a dripping server is judged as it drips.
+                while chunk := resp.read1(_CHUNK):
                     md5.update(chunk)
                     out.write(chunk)
+                    guard.update(len(chunk))
+        except DownloadTooSlowError as error:
+            raise DatasetNotFoundError(str(error)) from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
             if isinstance(error, urllib.error.HTTPError):
                 reason = f"HTTP {error.code} {error.reason}"
@@ -442,11 +471,53 @@ def _download(spec: CifarArchive, root: Path) -> Path:
                 "the partial file was deleted. Try again, or fetch the file by hand and check its md5."
             )
         os.replace(tmp, target)
+        _VERIFIED.add(_file_key(target))
         kept = True
     finally:
         if not kept:
             tmp.unlink(missing_ok=True)
     return target
+
+
+# Files whose md5 was checked in this process, by (path, size, mtime): hashing 170 MB once per process is enough.
+_VERIFIED: set[tuple] = set()
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _md5_file(path: Path) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _verify_checksums(spec: CifarArchive, source: Path, split: str) -> None:
+    """The archive (or the split's batch files of an extracted folder) must have the published md5.
+
+    A file found on disk is checked like a download: a truncated, tampered or look-alike archive (say 100 random
+    images named cifar-10-python.tar.gz) would otherwise be evaluated and stored as CIFAR.
+    """
+    expected = dict(spec.member_md5)
+    files = [(source, spec.md5)] if source.is_file() else [(source / n, expected.get(n)) for n in spec.members(split)]
+    for path, md5 in files:
+        if md5 is None or not path.is_file():
+            continue  # a missing batch file is reported by the reader, with the names it expects
+        key = _file_key(path)
+        if key in _VERIFIED:
+            continue
+        got = _md5_file(path)
+        if got != md5:
+            what = f"the official {spec.title} archive" if path == source else f"{spec.title}'s {path.name}"
+            raise DatasetChecksumError(
+                f"{path} has md5 {got}, but {what} has {md5}: it is not the published file (truncated, tampered "
+                f"or another file). Delete it and put the archive from {spec.url} there (or let bench download it)"
+            )
+        _VERIFIED.add(key)
 
 
 def _locate(spec: CifarArchive, root: Path, download: bool) -> Path:
@@ -517,7 +588,13 @@ def _load_cifar(key: str, split: str, root: Path, download: bool) -> tuple[torch
         _CIFAR_CACHE.move_to_end(cache_key)
         raw = _CIFAR_CACHE[cache_key]
     else:
+        _verify_checksums(spec, source, split)
         raw = _read_cifar(spec, source, split)
+        if len(raw[1]) != spec.split_size(split):
+            raise DatasetFormatError(
+                f"{source}: the {split} split has {len(raw[1])} images, but {spec.title}'s has "
+                f"{spec.split_size(split)}; delete it and put the archive from {spec.url} there"
+            )
         _CIFAR_CACHE[cache_key] = raw
         while len(_CIFAR_CACHE) > _CIFAR_CACHE_SIZE:
             _CIFAR_CACHE.popitem(last=False)

@@ -101,7 +101,7 @@ def rows(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 @pytest.fixture
-def cifar10_tiny(tmp_path: Path) -> tuple[Path, dict]:
+def cifar10_tiny(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     """A cifar-10-python.tar.gz with batches of 2, 3, 1, 2, 2 train and 4 test images."""
     rng = np.random.default_rng(10)
     sizes = [2, 3, 1, 2, 2]
@@ -116,6 +116,7 @@ def cifar10_tiny(tmp_path: Path) -> tuple[Path, dict]:
     root = tmp_path / "data"
     root.mkdir()
     archive = write_tar_gz(root / "cifar-10-python.tar.gz", members)
+    trust(monkeypatch, "cifar10", archive, (10, 4))
     expected = {
         "train": (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
         "test": (test[0], np.array(test[1])),
@@ -124,7 +125,7 @@ def cifar10_tiny(tmp_path: Path) -> tuple[Path, dict]:
 
 
 @pytest.fixture
-def cifar100_tiny(tmp_path: Path) -> tuple[Path, dict]:
+def cifar100_tiny(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
     rng = np.random.default_rng(100)
     train = (rows(rng, 5), [99, 0, 42, 7, 13], [19, 0, 4, 1, 2])
     test = (rows(rng, 3), [55, 1, 98], [3, 3, 3])
@@ -136,6 +137,7 @@ def cifar100_tiny(tmp_path: Path) -> tuple[Path, dict]:
     root = tmp_path / "data"
     root.mkdir()
     archive = write_tar_gz(root / "cifar-100-python.tar.gz", members)
+    trust(monkeypatch, "cifar100", archive, (5, 3))
     expected = {"train": (train[0], np.array(train[1])), "test": (test[0], np.array(test[1]))}
     return archive, expected
 
@@ -149,6 +151,27 @@ def _fresh_cache():
 
 def md5_of(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def trust(monkeypatch, key: str, source: Path, sizes: tuple[int, int]) -> None:
+    """Make the registered spec describe this tiny archive (or extracted folder): its md5s and split sizes.
+
+    The tiny files are in the real format but are not the published ones, so without this every load would
+    (rightly) stop at the checksum; with it, a test exercises the reader's other checks. The checksum and size
+    checks themselves are tested below against the real specs.
+    """
+    spec = data.CIFAR_ARCHIVES[key]
+    if source.is_file():
+        with tarfile.open(source) as tar:
+            members = {Path(m.name).name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        archive_md5 = md5_of(source)
+    else:
+        folder = source / spec.folder if (source / spec.folder).is_dir() else source
+        members = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+        archive_md5 = spec.md5
+    member_md5 = tuple((name, hashlib.md5(raw).hexdigest()) for name, raw in sorted(members.items()))
+    described = dataclasses.replace(spec, md5=archive_md5, member_md5=member_md5, split_sizes=sizes)
+    monkeypatch.setitem(data.CIFAR_ARCHIVES, key, described)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -303,13 +326,17 @@ def test_cifar_data_dir_from_environment(cifar10_tiny, monkeypatch):
     check_cifar(x, y, *expected["test"])
 
 
-def test_cifar_cache_sees_a_rewritten_batch_file(cifar10_tiny, tmp_path):
+def test_cifar_cache_sees_a_rewritten_batch_file(cifar10_tiny, tmp_path, monkeypatch):
     archive, expected = cifar10_tiny
     extract(archive, tmp_path / "x")
     folder = tmp_path / "x" / "cifar-10-batches-py"
     assert data.load_split("cifar10", "test", data_dir=folder)[1].tolist() == expected["test"][1].tolist()
     batch = py2_pickle(cifar10_batch(rows(np.random.default_rng(1), 1), [5], "testing batch 1 of 1"))
     (folder / "test_batch").write_bytes(batch)
+    # The rewritten file is checked again (its md5 no longer matches), not served from the cache.
+    with pytest.raises(data.DatasetChecksumError, match="test_batch"):
+        data.load_split("cifar10", "test", data_dir=folder)
+    trust(monkeypatch, "cifar10", folder, (10, 1))
     assert data.load_split("cifar10", "test", data_dir=folder)[1].tolist() == [5]
 
 
@@ -335,34 +362,55 @@ def test_cifar_missing_without_download(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_cifar_corrupt_archive_is_reported(cifar100_tiny, damage):
+def test_cifar_corrupt_archive_is_reported(cifar100_tiny, damage, monkeypatch):
     archive, _ = cifar100_tiny
     whole = archive.read_bytes()
     archive.write_bytes(b"\x1f\x8b\x08 not really gzip" if damage == "garbage" else whole[: len(whole) // 2])
+    with pytest.raises(data.DatasetChecksumError, match="cifar-100-python.tar.gz"):
+        data.load_split("cifar100", "train", data_dir=archive.parent, download=False)
+    # Even with a checksum that matches it, the reader names the file it cannot read.
+    monkeypatch.setitem(
+        data.CIFAR_ARCHIVES, "cifar100", dataclasses.replace(data.CIFAR_ARCHIVES["cifar100"], md5=md5_of(archive))
+    )
     with pytest.raises(data.DatasetFormatError, match="cifar-100-python.tar.gz"):
         data.load_split("cifar100", "train", data_dir=archive.parent, download=False)
 
 
-def test_cifar_archive_missing_a_batch(tmp_path):
+def test_cifar_archive_missing_a_batch(tmp_path, monkeypatch):
     batch = py2_pickle(cifar10_batch(rows(np.random.default_rng(0), 1), [1], "testing batch 1 of 1"))
-    write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch})
+    trust(
+        monkeypatch,
+        "cifar10",
+        write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch}),
+        (1, 1),
+    )
     assert data.load_split("cifar10", "test", data_dir=tmp_path)[1].tolist() == [1]
     with pytest.raises(data.DatasetFormatError, match="data_batch_1"):
         data.load_split("cifar10", "train", data_dir=tmp_path, download=False)
 
 
-def test_cifar_label_out_of_range(tmp_path):
+def test_cifar_label_out_of_range(tmp_path, monkeypatch):
     batch = py2_pickle(cifar10_batch(rows(np.random.default_rng(0), 2), [1, 10], "testing batch 1 of 1"))
-    write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch})
+    trust(
+        monkeypatch,
+        "cifar10",
+        write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch}),
+        (0, 2),
+    )
     with pytest.raises(data.DatasetFormatError, match="labels outside"):
         data.load_split("cifar10", "test", data_dir=tmp_path)
 
 
-def test_python3_written_pickle_is_not_the_cifar_format(tmp_path):
+def test_python3_written_pickle_is_not_the_cifar_format(tmp_path, monkeypatch):
     # A Python 3 protocol-2 pickle of bytes needs _codecs.encode, which the real files never reference.
     batch = pickle.dumps(cifar10_batch(rows(np.random.default_rng(0), 1), [1], "b"), protocol=2)
     assert b"_codecs" in batch
-    write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch})
+    trust(
+        monkeypatch,
+        "cifar10",
+        write_tar_gz(tmp_path / "cifar-10-python.tar.gz", {"cifar-10-batches-py/test_batch": batch}),
+        (0, 1),
+    )
     with pytest.raises(data.UnsafePickleError, match="_codecs.encode"):
         data.load_split("cifar10", "test", data_dir=tmp_path)
 
@@ -390,7 +438,7 @@ def _evil_payloads(marker: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("kind", ["os.system", "builtins.open", "numpy.save", "builtins.exec"])
 @pytest.mark.parametrize("layout", ["archive", "extracted"])
-def test_malicious_pickle_is_refused(tmp_path, kind, layout):
+def test_malicious_pickle_is_refused(tmp_path, kind, layout, monkeypatch):
     marker = tmp_path / "pwned.npy"  # np.save would append .npy to any other name
     payload = _evil_payloads(marker)[kind]
     root = tmp_path / "data"
@@ -400,6 +448,8 @@ def test_malicious_pickle_is_refused(tmp_path, kind, layout):
     else:
         (root / "cifar-10-batches-py").mkdir(parents=True)
         (root / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
+    # Matching checksums, so the unpickler's own refusal is what stops it.
+    trust(monkeypatch, "cifar10", root / "cifar-10-python.tar.gz" if layout == "archive" else root, (0, 1))
     with pytest.raises(data.UnsafePickleError, match="refusing to load global") as raised:
         data.load_split("cifar10", "test", data_dir=root, download=False)
     assert "test_batch" in str(raised.value)
@@ -529,3 +579,116 @@ def test_parse_eps_invalid(text, why):
     with pytest.raises(ValueError, match="invalid eps") as raised:
         data.parse_eps(text)
     assert why in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Archives found on disk are checked like downloads: checksum, then the split's size
+
+
+def _fake_cifar10(root: Path, n_test: int = 100) -> Path:
+    """A cifar-10-python.tar.gz in the real format holding ``n_test`` random test images (and one per batch)."""
+    rng = np.random.default_rng(7)
+    members = {
+        f"cifar-10-batches-py/data_batch_{i}": py2_pickle(cifar10_batch(rows(rng, 1), [0], f"batch {i}"))
+        for i in range(1, 6)
+    }
+    labels = rng.integers(0, 10, n_test).tolist()
+    members["cifar-10-batches-py/test_batch"] = py2_pickle(cifar10_batch(rows(rng, n_test), labels, "test"))
+    root.mkdir(parents=True, exist_ok=True)
+    return write_tar_gz(root / "cifar-10-python.tar.gz", members)
+
+
+def test_a_look_alike_archive_on_disk_is_refused_by_checksum(tmp_path):
+    archive = _fake_cifar10(tmp_path / "data")
+    with pytest.raises(data.DatasetChecksumError) as raised:
+        data.load_split("cifar10", "test", data_dir=archive.parent, download=False)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert str(archive) in message and "c58f30108f718f92721af3b95e74349a" in message and md5_of(archive) in message
+    assert "Delete it" in message and data.CIFAR_ARCHIVES["cifar10"].url in message
+
+
+def test_an_extracted_folder_is_checked_batch_by_batch(tmp_path):
+    archive = _fake_cifar10(tmp_path / "data")
+    extract(archive, tmp_path / "x")
+    with pytest.raises(data.DatasetChecksumError, match="test_batch has md5") as raised:
+        data.load_split("cifar10", "test", data_dir=tmp_path / "x", download=False)
+    assert "40351d587109b95175f43aff81a1287e" in str(raised.value)
+
+
+def test_an_archive_with_the_wrong_number_of_images_is_refused(tmp_path, monkeypatch):
+    # Checksums that match (as a tampered spec or a hash collision would give): the split's size still must.
+    archive = _fake_cifar10(tmp_path / "data")
+    trust(monkeypatch, "cifar10", archive, data.CIFAR_ARCHIVES["cifar10"].split_sizes)
+    with pytest.raises(data.DatasetFormatError, match="the test split has 100 images, but CIFAR-10's has 10000"):
+        data.load_split("cifar10", "test", data_dir=archive.parent, download=False)
+
+
+def test_the_real_specs_list_every_batch_and_both_split_sizes():
+    for spec in data.CIFAR_ARCHIVES.values():
+        assert {name for name, _ in spec.member_md5} == set(spec.train_members + spec.test_members)
+        assert all(len(md5) == 32 for _, md5 in spec.member_md5)
+        assert spec.split_sizes == (50000, 10000)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Downloads have a deadline and a minimum rate
+
+
+class _DripHandler(http.server.BaseHTTPRequestHandler):
+    """Announces a large file, then sends one byte every 0.2 s."""
+
+    def do_GET(self):  # noqa: N802 - the base class's name
+        self.send_response(200)
+        self.send_header("Content-Length", str(1 << 20))
+        self.end_headers()
+        try:
+            for _ in range(200):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                threading.Event().wait(0.2)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, format, *args):  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def drip_url():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _DripHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/cifar-10-python.tar.gz"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_dripping_download_is_stopped_by_the_minimum_rate(drip_url, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("BENCH_DOWNLOAD_GRACE_S", "1")
+    monkeypatch.setenv("BENCH_DOWNLOAD_MIN_RATE", "1024")
+    monkeypatch.setitem(
+        data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(data.CIFAR_ARCHIVES["cifar10"], url=drip_url)
+    )
+    start = time.monotonic()
+    with pytest.raises(data.DatasetNotFoundError) as raised:
+        data.load_split("cifar10", "test", data_dir=tmp_path / "dest")
+    assert time.monotonic() - start < 10
+    message = str(raised.value)
+    assert "too slow" in message and drip_url in message and "BENCH_DOWNLOAD_MIN_RATE" in message
+    assert "\n" not in message
+    assert list((tmp_path / "dest").iterdir()) == []  # no partial file left behind
+
+
+def test_a_download_past_its_deadline_is_stopped(drip_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_DOWNLOAD_DEADLINE_S", "1.5")
+    monkeypatch.setitem(
+        data.CIFAR_ARCHIVES, "cifar10", dataclasses.replace(data.CIFAR_ARCHIVES["cifar10"], url=drip_url)
+    )
+    with pytest.raises(data.DatasetNotFoundError, match="deadline"):
+        data.load_split("cifar10", "test", data_dir=tmp_path / "dest")
