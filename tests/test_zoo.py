@@ -286,6 +286,21 @@ def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path):
     assert first == second == "/ckpt.pt" and resumed_at == f"bytes={len(data) // 2}-"
 
 
+def test_a_dripping_server_is_stopped_by_the_minimum_rate(server, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("BENCH_DOWNLOAD_GRACE_S", "1")
+    monkeypatch.setenv("BENCH_DOWNLOAD_MIN_RATE", "1024")
+    server.drip["/ckpt.pt"] = 0.2
+    data = server.files["/ckpt.pt"]
+    start = time.monotonic()
+    with pytest.raises(DownloadFailed, match="too slow") as raised:
+        fetch_checkpoint("E9", server.url("/ckpt.pt"), "ckpt.pt", sha256=sha256(data), root=tmp_path, backoff_s=0)
+    assert time.monotonic() - start < 10
+    assert "--from FILE" in str(raised.value) and "\n" not in str(raised.value)
+    assert not (tmp_path / "E9" / "ckpt.pt").exists()
+
+
 def test_a_download_interrupted_for_good_keeps_its_part_and_the_next_run_resumes(server, tmp_path):
     data = server.files["/ckpt.pt"]
     server.drop_once.add("/ckpt.pt")

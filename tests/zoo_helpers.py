@@ -7,6 +7,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,6 +35,8 @@ class CheckpointServer:
         self.files: dict[str, bytes] = {}
         self.content_types: dict[str, str] = {}
         self.drop_once: set[str] = set()
+        # path -> seconds between bytes: a server that drips its file one byte at a time.
+        self.drip: dict[str, float] = {}
         self.redirects: dict[str, str] = {}
         self.ranges = True
         self.lengths: dict[str, str | None] = {}
@@ -99,6 +102,16 @@ class CheckpointServer:
                     self.wfile.flush()
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                if self.path in server.drip:
+                    try:
+                        for i in range(min(len(body), 100)):
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(server.drip[self.path])
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    self.close_connection = True
                     return
                 self.wfile.write(body)
 

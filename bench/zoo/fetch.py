@@ -37,6 +37,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from bench.checkpoints import sha256_file
+from bench.download import DownloadTooSlowError, TransferGuard
 from bench.provenance import utcnow
 from bench.zoo.limits import DEFAULT_MAX_SIZE
 from bench.zoo.manifest import FILE_NAME_PATTERN, check_download_url, printable, refused_address
@@ -441,6 +442,8 @@ def _download(
 ) -> tuple[str, int]:
     opener = _opener()
     failures = 0
+    # One guard over every attempt: resuming a dripping server must not restart its clock.
+    guard = TransferGuard(url, fix="download the file by hand and use --from FILE")
     while True:
         offset = part.stat().st_size if part.is_file() else 0
         if offset > limit:
@@ -453,7 +456,8 @@ def _download(
         received = offset
         try:
             check_resolved(url)
-            with opener.open(urllib.request.Request(url, headers=headers), timeout=timeout_s) as resp:
+            request = urllib.request.Request(url, headers=headers)
+            with opener.open(request, timeout=guard.socket_timeout(timeout_s)) as resp:
                 content_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
                 if content_type in _HTML_TYPES:
                     raise NotACheckpoint(
@@ -470,7 +474,9 @@ def _download(
                     raise CheckpointTooLarge(_too_large_message(total, limit, declared, max_size, url))
                 digest = _file_digest(part) if resumed else hashlib.sha256()
                 with open(part, "ab" if resumed else "wb") as out:
-                    while chunk := resp.read(_CHUNK):
+                    # read1 returns what has arrived, so a dripping server is judged as it drips.
+                    while chunk := resp.read1(_CHUNK):
+                        guard.update(len(chunk))
                         received += len(chunk)
                         if received > limit:
                             out.close()
@@ -485,6 +491,9 @@ def _download(
                 return digest.hexdigest(), received
         except FetchError:
             raise
+        except DownloadTooSlowError as err:
+            kept = f"; {received:,} bytes are kept in {part}" if received else ""
+            raise DownloadFailed(f"{err}{kept}") from None
         except urllib.error.HTTPError as err:
             if err.code == 416 and offset:
                 # The part is not a prefix the server can continue (e.g. the file changed): start over once.
