@@ -358,14 +358,27 @@ def evaluate_zoo(
     else:
         entries = [z.resolve(method=method, sparsity=sparsity, dataset=dataset, arch=arch)]
     store = None  # opened once something is ready to store, so a failed lookup leaves no results.db behind
-    failures: list[str] = []
+    # reason -> the entries it stopped. A missing dataset or an unreachable host stops many entries the same way:
+    # it is reported once, with their ids, not once per entry.
+    failures: dict[str, list[str]] = {}
+    unusable_datasets: dict[str, str] = {}
     for i, entry in enumerate(entries):
         m = entry.manifest
+        if all_entries and m.model.dataset in unusable_datasets:
+            failures[unusable_datasets[m.model.dataset]].append(m.model_id)
+            continue
         if i:
             click.echo("")
         try:
             if all_entries:
-                spec, _x, _y = make_spec(m.model.dataset)
+                try:
+                    spec, _x, _y = make_spec(m.model.dataset)
+                except (ValueError, RuntimeError, OSError) as err:
+                    reason = _reason(err)
+                    unusable_datasets[m.model.dataset] = reason
+                    failures.setdefault(reason, []).append(m.model_id)
+                    click.echo(f"FAILED {m.model_id} (and every other {m.model.dataset} entry): {reason}")
+                    continue
                 sha = known_sha256(entry)
                 done = _complete_evaluation(db, sha, spec) if sha is not None else None
                 if done is not None:
@@ -388,12 +401,26 @@ def evaluate_zoo(
         except (ValueError, RuntimeError, OSError, KeyError) as err:
             if not all_entries:
                 raise
-            plain_key_error = type(err) is KeyError  # str() of a bare KeyError is only the quoted key
-            reason = printable(f"missing key {err}" if plain_key_error else str(err))
-            failures.append(f"{m.model_id}: {reason}")
+            reason = _reason(err)
+            failures.setdefault(reason, []).append(m.model_id)
             click.echo(f"FAILED {m.model_id}: {reason}")
     if failures:
-        raise click.ClickException(f"{len(failures)} of {len(entries)} zoo entries failed:\n  " + "\n  ".join(failures))
+        n_failed = sum(len(ids) for ids in failures.values())
+        lines = []
+        for reason, ids in failures.items():
+            shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+            head = f"{len(ids)} entr{'y' if len(ids) == 1 else 'ies'} ({shown}):"
+            lines.append(head + "\n    " + reason.replace("\n", "\n    "))
+        raise click.ClickException(f"{n_failed} of {len(entries)} zoo entries failed:\n  " + "\n  ".join(lines))
+
+
+def _reason(err: BaseException) -> str:
+    """An error's message for the terminal: its own line breaks kept, control characters in each line escaped
+    (a server's or a file's words may be in it)."""
+    from bench.zoo.manifest import printable
+
+    text = f"missing key {err}" if type(err) is KeyError else str(err)  # str() of a bare KeyError is only the key
+    return "\n".join(printable(line) for line in text.splitlines() or [""])
 
 
 def _complete_evaluation(db: str | None, sha256: str, spec) -> int | None:

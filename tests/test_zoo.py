@@ -551,3 +551,37 @@ def test_a_part_file_larger_than_the_cap_is_discarded_not_resumed(server, tmp_pa
     )
     assert result.path.read_bytes() == data and not part.exists()
     assert server.requests == [("/ckpt.pt", None)]  # started over: no Range request
+
+
+def test_evaluate_zoo_without_data_reports_the_missing_dataset_once(tmp_path):
+    repo = Path(__file__).resolve().parent.parent / "submissions"
+    root = tmp_path / "submissions"
+    ids = [
+        "MAD_Lee2022Masking_R18_CIFAR10_US_90",
+        "MAD_Lee2022Masking_R18_CIFAR10_US_95",
+        "MAD_Lee2022Masking_V16_CIFAR10_US_90",
+    ]
+    (root / "mad").mkdir(parents=True)
+    for entry_id in ids:
+        (root / "mad" / f"{entry_id}.yaml").write_bytes((repo / "mad" / f"{entry_id}.yaml").read_bytes())
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    result = _invoke("evaluate", "--zoo", "--submissions", root, "--data-dir", empty, "--db", tmp_path / "r.db")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "\\n" not in result.output  # real line breaks, not escaped ones
+    # Once where it happened and once in the summary, not once per entry.
+    assert result.output.count("CIFAR-10 not found in") == 2, result.output
+    assert "3 of 3 zoo entries failed" in result.output and "3 entries (" in result.output
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_the_default_submissions_folder_is_the_one_where_the_user_stands(tmp_path, monkeypatch):
+    from bench.zoo.zoo import _REPO_SUBMISSIONS, ENV_SUBMISSIONS_DIR, submissions_dir
+
+    monkeypatch.delenv(ENV_SUBMISSIONS_DIR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert submissions_dir() == _REPO_SUBMISSIONS  # no ./submissions here: the installed checkout's
+    (tmp_path / "submissions").mkdir()
+    assert submissions_dir() == tmp_path / "submissions"  # a clone's own manifests, not the installed ones
+    monkeypatch.setenv(ENV_SUBMISSIONS_DIR, str(_REPO_SUBMISSIONS))
+    assert submissions_dir() == _REPO_SUBMISSIONS

@@ -29,13 +29,15 @@ _REPO_SUBMISSIONS = Path(__file__).resolve().parent.parent.parent / "submissions
 
 
 def submissions_dir(option: str | os.PathLike[str] | None = None) -> Path:
-    """The folder holding ``<method>/<model_id>.yaml``: ``option``, ``$BENCH_SUBMISSIONS_DIR`` or the repo's.
+    """The folder holding ``<method>/<model_id>.yaml``: ``option``, ``$BENCH_SUBMISSIONS_DIR``, ``./submissions``
+    where the user stands (their own clone, with the manifests they are writing), else the installed checkout's.
 
     Raises:
         FileNotFoundError: the folder does not exist; the message says how to name one.
     """
     chosen = option or os.environ.get(ENV_SUBMISSIONS_DIR)
-    path = Path(chosen).expanduser() if chosen else _REPO_SUBMISSIONS
+    here = Path.cwd() / "submissions"
+    path = Path(chosen).expanduser() if chosen else (here if here.is_dir() else _REPO_SUBMISSIONS)
     if not path.is_dir():
         origin = "--submissions" if option else (f"${ENV_SUBMISSIONS_DIR}" if chosen else "the default")
         hint = (
