@@ -17,14 +17,14 @@ import pickle
 import re
 import tarfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from bench.models import NormalizedModel
+from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -33,6 +33,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_torch_archive",
     "count_flops",
+    "drop_unused_keys",
     "load_state_dict",
     "load_weights",
     "measure_sparsity",
@@ -296,6 +297,22 @@ def _preview(keys: list[str]) -> str:
     return shown + more
 
 
+def drop_unused_keys(state_dict: Mapping[str, Tensor], expected: Collection[str] = ()) -> dict[str, Tensor]:
+    """``state_dict`` without the weights of modules that their authors' forward never calls.
+
+    TRADES's WideResNet (RobustBench's, HYDRA's WRN-28-4, PwoA's WRN-34-10) defines a ``sub_block1`` that its
+    forward never calls, and saves it; our :class:`bench.models.WideResNet` leaves it out. Every loading path (a
+    plain checkpoint, a converted author file, a stored model) goes through here, so one file loads the same way
+    whichever path reads it. Keys in ``expected`` are kept: a model that does have such a module gets its weights.
+    """
+    keep = set(expected)
+    return {
+        k: v
+        for k, v in state_dict.items()
+        if k in keep or not k.removeprefix(_NET_PREFIX).startswith(WRN_UNUSED_PREFIXES)
+    }
+
+
 def load_weights(
     model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True
 ) -> torch.nn.modules.module._IncompatibleKeys:
@@ -303,7 +320,8 @@ def load_weights(
 
     An architecture's own keys (``conv1.weight``) are accepted for a :class:`NormalizedModel`, whose keys
     are ``net.conv1.weight``. A missing BatchNorm ``num_batches_tracked`` counter is not an error
-    (checkpoints from before PyTorch 0.4 lack it; PyTorch fills it in).
+    (checkpoints from before PyTorch 0.4 lack it; PyTorch fills it in), and the weights of modules the authors'
+    forward never calls are dropped (:func:`drop_unused_keys`).
 
     Args:
         model: the model to load into.
@@ -320,6 +338,7 @@ def load_weights(
     if isinstance(model, NormalizedModel) and not any(k.startswith(_NET_PREFIX) for k in sd):
         sd = {_NET_PREFIX + k: v for k, v in sd.items()}
     expected = model.state_dict()
+    sd = drop_unused_keys(sd, expected)
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
     mismatched = [

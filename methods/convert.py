@@ -33,9 +33,9 @@ from typing import Any
 from torch import Tensor
 
 from bench.catalog import build_model
-from bench.checkpoints import CheckpointMismatchError, load_state_dict, load_weights
+from bench.checkpoints import CheckpointMismatchError, drop_unused_keys, load_state_dict, load_weights
 from bench.data import get_dataset_info
-from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel
+from bench.models import NormalizedModel
 from bench.registry import Registry
 
 MeanStd = tuple[tuple[float, ...], tuple[float, ...]]
@@ -203,10 +203,8 @@ def load_converted(path: str | Path, fmt: str = "plain", *, k: float | None = No
     spec = FORMATS.get(fmt)
     if k is not None and not spec.needs_k:
         raise ValueError(f"--k is only used with --format hydra-subnet, not {fmt!r}")
-    state_dict = spec.load(Path(path), k=k)
-    # TRADES's WideResNet (used by HYDRA's WRN-28-4 and PwoA's WRN-34-10 releases) defines a ``sub_block1`` that
-    # its forward never calls; our WideResNet leaves it out, so its weights are dropped.
-    return {key: v for key, v in state_dict.items() if not key.startswith(WRN_UNUSED_PREFIXES)}
+    # TRADES's unused ``sub_block1`` (HYDRA's WRN-28-4, PwoA's WRN-34-10) is dropped as for a plain checkpoint.
+    return drop_unused_keys(spec.load(Path(path), k=k))
 
 
 def native_normalization(fmt: str, dataset: str) -> MeanStd:

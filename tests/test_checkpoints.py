@@ -17,6 +17,7 @@ from bench.checkpoints import (
     CheckpointMismatchError,
     UnsafeCheckpointError,
     count_flops,
+    drop_unused_keys,
     load_state_dict,
     load_weights,
     measure_sparsity,
@@ -206,6 +207,51 @@ def test_old_checkpoint_without_num_batches_tracked_loads() -> None:
     source = make()
     state = {k: v for k, v in unwrap(source).state_dict().items() if not k.endswith("num_batches_tracked")}
     load_weights(make(), state)
+
+
+def _trades_wrn_file(tmp_path: Path) -> tuple[Path, nn.Module]:
+    """A WRN-28-4 state dict as TRADES's class saves it: with the ``sub_block1`` its forward never calls."""
+    torch.manual_seed(0)
+    net = create_model("wrn28_4", num_classes=10, mean=[0.5] * 3, std=[0.25] * 3).net.eval()
+    state = dict(net.state_dict())
+    block1 = {k.removeprefix("block1."): v for k, v in state.items() if k.startswith("block1.")}
+    state |= {f"sub_block1.{k}": torch.randn_like(v) if v.is_floating_point() else v for k, v in block1.items()}
+    path = tmp_path / "trades_wrn.pt"
+    torch.save(state, path)
+    return path, net
+
+
+def test_plain_and_converter_paths_drop_trades_sub_block1_alike(tmp_path: Path) -> None:
+    from bench.catalog import load_checkpoint_model
+    from methods.convert import load_converted_model
+
+    path, net = _trades_wrn_file(tmp_path)
+    plain = load_checkpoint_model(path, "wrn28_4", "cifar10")  # was refused: 'unexpected sub_block1.*'
+    converted = load_converted_model(path, "hydra-dense", "wrn28_4", "cifar10")
+    assert not any("sub_block1" in k for k in plain.state_dict())
+    for key, value in converted.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.net(x), net(x), atol=1e-6, rtol=0)
+
+
+def test_only_the_unused_module_is_dropped() -> None:
+    # A model that does have a sub_block1 gets its weights; any other unknown key is still refused.
+    class WithSubBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sub_block1 = nn.Linear(2, 2)
+
+    source = WithSubBlock()
+    target = WithSubBlock()
+    load_weights(target, source.state_dict())
+    assert torch.equal(target.sub_block1.weight, source.sub_block1.weight)
+    state = {**_author_keys(_small()), "sub_block1.weight": torch.zeros(1), "extra.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointMismatchError) as info:
+        load_weights(_small(), state)
+    assert info.value.unexpected == ["net.extra.weight"]
+    assert drop_unused_keys({"sub_block1.w": torch.zeros(1), "net.sub_block1.w": torch.zeros(1)}) == {}
 
 
 def _tiny() -> nn.Sequential:
