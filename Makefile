@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.apbench-installed
 
-.PHONY: demo test lint format clean-venv chromium
+.PHONY: demo test lint format clean-venv chromium postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,18 @@ chromium:
 		|| echo "warning: could not install chromium; tests/test_browser.py will be skipped (see its reason)"; \
 	fi
 
-test: $(STAMP) chromium
+# The store's tests also run on a real PostgreSQL server that they start themselves in a temporary folder
+# (tests/pg_cluster.py); they need the server's programs, initdb and postgres. Without them those tests fail
+# with the reason, unless APBENCH_NO_POSTGRES=1 is set.
+postgres:
+	@if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		&& command -v apt-get >/dev/null 2>&1; then \
+		echo "installing the PostgreSQL server for the store tests (apt-get)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+		|| echo "warning: could not install postgresql; the PostgreSQL store tests will fail (see their reason)"; \
+	fi
+
+test: $(STAMP) chromium postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -rs
 

@@ -470,7 +470,7 @@ def _results_frame(db: str | None):
 
     from bench.store import Evaluation, Store
 
-    store = Store(db)
+    store = Store(db, read_only=True)
     with store.session() as s:
         rows = []
         for ev in s.scalars(select(Evaluation).order_by(Evaluation.id)):

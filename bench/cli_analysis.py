@@ -47,10 +47,10 @@ def resolve_evaluation_model(session, ref: str):
     return resolve_model(session, ref)
 
 
-def _store(db):
+def _store(db, *, read_only: bool = False):
     from bench.store import Store
 
-    return Store(db)
+    return Store(db, read_only=read_only)
 
 
 @main.group(epilog=EPILOG_ANALYZE)
@@ -79,7 +79,7 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
     from bench.analysis.report import resolve_model, resolve_pair
     from bench.analysis.thin_ice import thin_ice
 
-    store = _store(db)
+    store = _store(db, read_only=True)
     with store.session() as s:
         if dense_ref is None:
             pruned_model = resolve_evaluation_model(s, pruned_ref)
@@ -151,7 +151,7 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
     from bench.analysis.report import resolve_pair
     from bench.analysis.stats import wilson_interval
 
-    store = _store(db)
+    store = _store(db, read_only=True)
     with store.session() as s:
         a_ev, b_ev = resolve_pair(s, a_ref, b_ref)
         result = mcnemar(load_records(s, a_ev.id), load_records(s, b_ev.id), flag=flag)
@@ -191,7 +191,7 @@ def drops_command(fmt, db):
     from bench.analysis.export import csv_text
     from bench.analysis.report import DROP_COLUMNS, drop_rows, percent
 
-    store = _store(db)
+    store = _store(db, read_only=True)
     with store.session() as s:
         rows, warnings = drop_rows(s)
     for warning in warnings:
@@ -243,7 +243,7 @@ def curve_command(ref, points, db):
 
     if points < 2:
         raise ValueError("--points must be at least 2")
-    store = _store(db)
+    store = _store(db, read_only=True)
     with store.session() as s:
         ev = resolve_evaluation(s, ref)
         records = load_records(s, ev.id)
@@ -269,7 +269,7 @@ def report_command(ref, db):
     curve, reported numbers and drops, thin ice against its parent, provenance."""
     from bench.analysis.report import model_report, percent
 
-    store = _store(db)
+    store = _store(db, read_only=True)
     with store.session() as s:
         rep = model_report(s, ref)
     m = rep["model"]

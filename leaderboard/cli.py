@@ -37,9 +37,15 @@ def leaderboard() -> None:
 @friendly_errors
 def build(db, out, workers):
     """Render the store as a static website (open the printed index.html from file://; no network needed)."""
+    from bench.store import Store
     from leaderboard.build import build_site
 
     if workers is not None and workers < 1:
         raise click.BadParameter("must be at least 1", param_hint="--workers")
-    index = build_site(db, out, workers=workers)
+    # Read-only: a missing store is reported, never created empty, and the build never writes to it.
+    store = Store(db, read_only=True)
+    try:
+        index = build_site(store, out, workers=workers)
+    finally:
+        store.dispose()
     click.echo(str(index.resolve()))

@@ -1,6 +1,13 @@
-"""Shared fixtures: small real models trained on the built-in digits data, and a temporary store."""
+"""Shared fixtures: small real models trained on the built-in digits data, and temporary stores.
+
+``store_url`` runs a test on SQLite and on a real PostgreSQL server (a throwaway cluster that the first test
+needing it starts, see tests/pg_cluster.py). Where PostgreSQL cannot be started the PostgreSQL tests fail, with
+the reason; a developer without PostgreSQL may set APBENCH_NO_POSTGRES=1 to skip them instead (CI never does).
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -82,5 +89,56 @@ def digits_cnn_checkpoint(digits, tmp_path_factory):
 @pytest.fixture
 def store(tmp_path):
     s = Store(f"sqlite:///{tmp_path / 'results.db'}")
+    yield s
+    s.dispose()
+
+
+NO_POSTGRES_ENV = "APBENCH_NO_POSTGRES"
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL server for the whole run, stopped (by its pid) and removed at the end."""
+    if os.environ.get(NO_POSTGRES_ENV) == "1":
+        pytest.skip(f"{NO_POSTGRES_ENV}=1: PostgreSQL store tests skipped on this machine")
+    from tests.pg_cluster import PostgresUnavailable, start_cluster
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.fail(
+            "the PostgreSQL store tests need psycopg 3: pip install -e '.[test]' (or set "
+            f"{NO_POSTGRES_ENV}=1 to skip them)",
+            pytrace=False,
+        )
+    try:
+        cluster = start_cluster()
+    except PostgresUnavailable as err:
+        reason = f"cannot start a PostgreSQL server for the store tests: {err} (or set {NO_POSTGRES_ENV}=1 to skip)"
+        pytest.fail(reason, pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """The URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh, empty store URL on each database the store runs on (the test runs once per database)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def any_store(store_url):
+    """A store migrated to head on each database (see ``store_url``)."""
+    s = Store(store_url)
     yield s
     s.dispose()

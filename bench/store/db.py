@@ -1,8 +1,16 @@
-"""Opening the store: URL resolution, SQLite pragmas, migrations to head, sessions."""
+"""Opening the store: URL resolution, SQLite pragmas, read-only opening, migrations to head, sessions.
+
+The store runs on SQLite (one machine) or PostgreSQL (a server every worker of a cluster reaches, through the
+psycopg 3 driver: ``pip install 'apbench[postgres]'``). Anything that stops a store from opening (a missing
+driver or file, a stopped server, a schema newer than this code) raises :class:`StoreError` with one line that
+names the problem and the fix.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,32 +20,67 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_DB_URL = "sqlite:///results.db"
 MIGRATIONS = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+# Seconds to wait for a PostgreSQL server before reporting it unreachable (psycopg waits forever by default).
+PG_CONNECT_TIMEOUT_S = 30
+SUPPORTED = "SQLite (sqlite:///results.db or a file path) or PostgreSQL (postgresql://user@host/db)"
+POSTGRES_INSTALL = "pip install 'apbench[postgres]'"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used as asked; the message is one line naming the problem and the fix."""
+
+
+class InvalidDatabaseURL(StoreError, ValueError):
+    """``--db`` / ``$BENCH_DB`` is not a URL of a database the store runs on."""
+
+
+def _invalid(url: str, why: str) -> InvalidDatabaseURL:
+    return InvalidDatabaseURL(
+        f"invalid database URL {url!r}: {why}; use a SQLAlchemy URL such as sqlite:///results.db "
+        "or postgresql://user@host/db (option --db or $BENCH_DB)"
+    )
 
 
 def resolve_db_url(db: str | None = None) -> str:
     """The store's SQLAlchemy URL: ``--db``, else ``$BENCH_DB``, else ``sqlite:///results.db``.
 
-    A bare file path is accepted and turned into a SQLite URL.
+    A bare file path is accepted and turned into a SQLite URL; an empty ``$BENCH_DB`` counts as unset.
+    ``postgresql://`` (and ``postgres://``) select the psycopg 3 driver, ``postgresql+psycopg://``.
+
+    Raises:
+        InvalidDatabaseURL: an empty ``db``, a malformed URL, or a database other than SQLite and PostgreSQL.
     """
-    url = db or os.environ.get("BENCH_DB") or DEFAULT_DB_URL
+    if db is not None and not db.strip():
+        raise _invalid(db, "it is empty")
+    url = db or os.environ.get("BENCH_DB", "").strip() or DEFAULT_DB_URL
     if "://" not in url:
         url = f"sqlite:///{url}"
+    # SQLAlchemy's bare postgresql:// means psycopg2, which apbench does not install.
+    url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
     try:
+        parsed = make_url(url)
         # get_dialect() also rejects unknown database kinds (NoSuchModuleError is an ArgumentError).
-        make_url(url).get_dialect()
+        parsed.get_dialect()
     except (ArgumentError, ValueError) as err:
-        raise ValueError(
-            f"invalid database URL {url!r}: {err}; use a SQLAlchemy URL such as sqlite:///results.db "
-            "or postgresql://user@host/db (option --db or $BENCH_DB)"
-        ) from None
+        raise _invalid(url, str(err)) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise _invalid(url, f"the store runs on {SUPPORTED}, not {parsed.get_backend_name()}")
     return url
+
+
+def shown_url(url: str | URL) -> str:
+    """The URL with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return str(url)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -50,11 +93,46 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+def _sqlite_read_only_pragmas(dbapi_connection, _record) -> None:
+    # No journal_mode here: setting it writes to the file, which a read-only store must never see.
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA query_only=ON")
+    cursor.close()
+
+
 def alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    cfg.set_main_option("sqlalchemy.url", url)
+    # ConfigParser interpolation would read a %-escaped password in the URL as a reference.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite URL; None for an in-memory database or a URL that is already a sqlite3 URI."""
+    database = url.database
+    if not database or database == ":memory:" or url.query.get("uri") or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _can_write(path: Path) -> bool:
+    # The folder too: SQLite writes its -wal, -shm and journal files next to the store.
+    # os.access also answers False on a read-only file system (EROFS), even for root.
+    folder = path.parent if str(path.parent) else Path(".")
+    return (os.access(path, os.W_OK) or not path.exists()) and os.access(folder, os.W_OK)
+
+
+def _read_only_uri(path: Path) -> str:
+    uri = path.resolve().as_uri() + "?mode=ro"
+    # A WAL store in a folder we cannot write has no -shm we could create; without a -wal file everything is
+    # in the main file, so SQLite may read it as immutable (sqlite.org/wal.html, "Read-Only Databases").
+    folder_writable = os.access(path.resolve().parent, os.W_OK)
+    if not folder_writable and not Path(f"{path}-wal").exists():
+        uri += "&immutable=1"
+    return uri
 
 
 class Store:
@@ -63,29 +141,126 @@ class Store:
     Args:
         db: SQLAlchemy URL or SQLite file path; see :func:`resolve_db_url`.
         migrate: upgrade the schema to head (Alembic) on open.
+        read_only: for commands that only read: the store must already exist at the newest schema, is never
+            created, migrated or written (SQLite opens the file read-only; PostgreSQL sessions are read-only).
+            A SQLite file or folder this process cannot write is opened read-only whatever this says.
+
+    Raises:
+        StoreError: the store cannot be opened as asked (see the module doc).
     """
 
-    def __init__(self, db: str | None = None, *, migrate: bool = True) -> None:
+    def __init__(self, db: str | None = None, *, migrate: bool = True, read_only: bool = False) -> None:
         self.url = resolve_db_url(db)
-        kwargs = {}
-        if self.url.startswith("sqlite"):
+        parsed = make_url(self.url)
+        kwargs: dict = {}
+        pragmas = _sqlite_pragmas
+        self.read_only = read_only
+        if parsed.get_backend_name() == "sqlite":
+            path = _sqlite_file(parsed)
+            if path is not None:
+                self._check_sqlite_path(path)
+                self.read_only = read_only or not _can_write(path)
             kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
-        self.engine: Engine = create_engine(self.url, **kwargs)
+            if self.read_only and path is not None:
+                uri = _read_only_uri(path)
+                kwargs["creator"] = lambda: sqlite3.connect(
+                    uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+                )
+            if self.read_only:
+                pragmas = _sqlite_read_only_pragmas
+        else:
+            args: dict = {}
+            if "connect_timeout" not in parsed.query:
+                args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
+            if read_only:
+                args["options"] = "-c default_transaction_read_only=on"
+            kwargs["connect_args"] = args
+            kwargs["pool_pre_ping"] = True
+        try:
+            self.engine: Engine = create_engine(self.url, **kwargs)
+        except ImportError as err:
+            raise self._missing_driver(parsed, err) from None
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        if migrate:
-            self.upgrade()
+        if migrate or self.read_only:
+            try:
+                self._check_revision(upgrade=migrate and not self.read_only)
+            except BaseException:
+                self.engine.dispose()
+                raise
+
+    def _check_sqlite_path(self, path: Path) -> None:
+        if path.is_dir():
+            raise StoreError(f"{path} is a folder, not a store; give a file such as {path / 'results.db'}")
+        if path.exists():
+            return
+        if self.read_only:
+            raise StoreError(f"no store at {path}; create one with bench db upgrade --db {path} or run bench evaluate")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise StoreError(f"cannot create the store {path}: folder {folder} does not exist; create it first")
+
+    @staticmethod
+    def _missing_driver(url: URL, err: ImportError) -> StoreError:
+        if url.get_backend_name() == "postgresql":
+            return StoreError(
+                f"the PostgreSQL driver {url.get_driver_name()} is not installed ({err}); "
+                f"install it with {POSTGRES_INSTALL} and use a postgresql:// URL"
+            )
+        return StoreError(f"the database driver for {url.drivername} is not installed ({err})")
+
+    def _unreachable(self, err: DBAPIError) -> StoreError:
+        reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err)
+        if self.engine.dialect.name == "sqlite":
+            path = _sqlite_file(make_url(self.url))
+            where = path if path is not None else self.url
+            if "file is not a database" in reason:
+                return StoreError(f"{where} is not a SQLite database ({reason}); give a results store or a new file")
+            return StoreError(f"cannot open the store {where}: {reason}")
+        return StoreError(
+            f"cannot connect to the store {shown_url(self.url)}: {reason}; "
+            "check that the server runs and that the URL's host, port, user and database are right"
+        )
+
+    def _check_revision(self, *, upgrade: bool) -> None:
+        """Refuse a schema this code does not know; migrate to head when ``upgrade``, else require head."""
+        cfg = alembic_config(self.url)
+        script = ScriptDirectory.from_config(cfg)
+        head = script.get_current_head()
+        try:
+            # Connecting and reading alembic_version is where a stopped server, a wrong database name, a file
+            # that is not SQLite or an unreadable one shows up.
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        except DBAPIError as err:
+            raise self._unreachable(err) from None
+        if current == head:
+            return
+        if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+            raise StoreError(
+                f"the store {shown_url(self.url)} is at schema revision {current}, which this apbench does not "
+                "know (written by a newer version?); upgrade apbench, or use another --db"
+            )
+        if not upgrade:
+            if current is None:
+                raise StoreError(
+                    f"no store at {shown_url(self.url)}; create one with bench db upgrade --db "
+                    f"{shown_url(self.url)} or run bench evaluate"
+                )
+            raise StoreError(
+                f"the store {shown_url(self.url)} is at schema revision {current}, older than this apbench's "
+                f"{head}; upgrade it with bench db upgrade --db {shown_url(self.url)}"
+            )
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision (no-op when already there)."""
-        cfg = alembic_config(self.url)
-        head = ScriptDirectory.from_config(cfg).get_current_head()
-        with self.engine.begin() as conn:
-            if MigrationContext.configure(conn).get_current_revision() == head:
-                return
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        if self.read_only:
+            raise StoreError(f"the store {shown_url(self.url)} is open read-only; it cannot be migrated")
+        self._check_revision(upgrade=True)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
