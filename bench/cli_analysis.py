@@ -316,7 +316,14 @@ def report_command(ref, db):
         }
         for key, label in labels.items():
             if key in ev["intervals"]:
-                echo(f"  {label:<22} {_interval(*ev['intervals'][key])}  (Wilson 95 %)")
+                seeds = ev["replicates"].get(key)
+                across = (
+                    f"; seeds {','.join(map(str, seeds.seeds))}: mean {100 * seeds.mean:.2f} %, "
+                    f"range {100 * seeds.min:.2f}–{100 * seeds.max:.2f} %"
+                    if seeds
+                    else ""
+                )
+                echo(f"  {label:<22} {_interval(*ev['intervals'][key])}  (Wilson 95 %{across})")
         if ev["fmn_median_distance"] is not None:
             echo(f"  FMN median distance    {ev['fmn_median_distance']:.5f}")
         if ev["flags"]:

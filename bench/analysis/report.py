@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from bench.analysis.curves import attack_breakdown, robust_at
 from bench.analysis.records import EvaluationRecords, latest_evaluation, load_records
+from bench.analysis.replicates import ReplicateSummary, setting_key, summarize_evaluations
 from bench.analysis.reported import reevaluation_drop, reported_all, reported_numbers
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import ThinIce, thin_ice
@@ -269,10 +270,40 @@ def parent_thin_ice(session: Session, model: Model, records: EvaluationRecords) 
         return None, str(err)
 
 
+def replicate_evaluations(session: Session, model: Model, protocol_hash: str) -> list[Evaluation]:
+    """The newest complete evaluation under ``protocol_hash`` of each replicate of ``model`` (the models of its
+    setting, :func:`bench.analysis.replicates.setting_key`, itself included), by seed; empty for a model without
+    a setting (dense, zoo)."""
+    key = setting_key(model)
+    if key is None:
+        return []
+    candidates = session.scalars(
+        select(Model).where(
+            Model.parent_id == model.parent_id, Model.method == model.method, Model.structure == model.structure
+        )
+    )
+    out = []
+    for other in candidates:
+        if setting_key(other) != key:
+            continue
+        ev = latest_evaluation(session, other.id, protocol_hash)
+        if ev is not None:
+            out.append(ev)
+    return sorted(out, key=lambda ev: ev.model.provenance["seed"])
+
+
+def replicate_summaries(session: Session, model: Model, protocol_hash: str) -> dict[str, ReplicateSummary]:
+    """``{"clean"|"autoattack"|"fmn"|"best_known": summary across seeds}`` when ``model`` has at least one other
+    replicate evaluated under ``protocol_hash``, else ``{}``."""
+    evaluations = replicate_evaluations(session, model, protocol_hash)
+    return summarize_evaluations(evaluations) if len(evaluations) > 1 else {}
+
+
 def model_report(session: Session, ref: str | int) -> dict[str, Any]:
     """Everything known about one model: its figures, every evaluation (with intervals, the per-stage
-    breakdown and security-curve points), the reported numbers and drops, thin ice against its parent, and
-    the provenance of the model and of each evaluation.
+    breakdown and security-curve points, and for a complete one the mean and range across the model's seed
+    replicates under the same protocol, ``"replicates"``), the reported numbers and drops, thin ice against its
+    parent, and the provenance of the model and of each evaluation.
     """
     model = resolve_model(session, ref)
     parent = session.get(Model, model.parent_id) if model.parent_id is not None else None
@@ -325,8 +356,13 @@ def _complete_evaluation(session: Session, model: Model, ev: Evaluation) -> dict
         "reevaluations": [],
         "thin_ice": None,
         "thin_ice_reason": None,
+        "replicates": {},
         "errors": [],
     }
+    try:
+        out["replicates"] = replicate_summaries(session, model, ev.protocol_hash)
+    except Exception as err:
+        out["errors"].append(failure("the summary across seeds", err))
     try:
         records = load_records(session, ev.id)
     except Exception as err:  # one evaluation's problem must not hide the rest of the report
