@@ -105,6 +105,14 @@ def _resolve_device(device: str) -> str:
     help="Native format of --checkpoint: plain, hydra-subnet, hydra-dense, admm, mad, pwoa, atmc (bench formats).",
 )
 @click.option("--k", type=float, default=None, help="HYDRA's kept fraction, for --format hydra-subnet.")
+@click.option(
+    "--normalization",
+    default=None,
+    metavar="dataset|none|MEAN/STD",
+    help="Input standardisation --checkpoint was trained behind: dataset (its mean/std, bench datasets), none (raw "
+    "[0, 1] inputs) or per-channel MEAN/STD, e.g. 0.4914,0.4822,0.4465/0.2471,0.2435,0.2616 [default: dataset; "
+    "with --format, its authors' own]. Part of the model's identity.",
+)
 @click.option("--dataset", default=None, help="Dataset (bench datasets). Required with --checkpoint.")
 @click.option("--track", default="digits", show_default=True, help="Built-in track used when no --checkpoint is given.")
 @click.option("--name", default=None, help="Name to store the model under [default: file stem + hash].")
@@ -112,7 +120,18 @@ def _resolve_device(device: str) -> str:
     "--method", default=None, help="Pruning method (bench methods): prune the track's dense model and evaluate both."
 )
 @click.option("--sparsity", type=float, default=None, help="Target sparsity for --method (fraction of zero weights).")
-@click.option("--prune-seed", type=int, default=0, show_default=True, help="Seed of the pruning run (--method).")
+@click.option(
+    "--prune-seed", type=click.IntRange(min=0), default=None, help="Seed of the pruning run (--method) [default: 0]."
+)
+@click.option(
+    "--seeds",
+    "--prune-seeds",
+    "prune_seeds",
+    default=None,
+    metavar="LIST",
+    help="Pruning seeds for --method, e.g. 0,1,2 or 0-4: one pruned model per seed, each evaluated, then their "
+    "mean and range (--seed is the attacks' seed).",
+)
 @click.option(
     "--model-id",
     default=None,
@@ -192,12 +211,14 @@ def evaluate(
     arch,
     ckpt_format,
     k,
+    normalization,
     dataset,
     track,
     name,
     method,
     sparsity,
     prune_seed,
+    prune_seeds,
     model_id,
     zoo_all,
     submissions,
@@ -244,9 +265,10 @@ def evaluate(
         data_dir=data_dir,
     )
     if model_id is not None or zoo_all or _picks_zoo_entry(checkpoint, method, dataset, track):
-        if checkpoint is not None or ckpt_format != "plain" or k is not None or name is not None:
+        if checkpoint is not None or ckpt_format != "plain" or {k, name, normalization} != {None}:
             raise ValueError(
-                "a zoo entry brings its own checkpoint, format and name; drop --checkpoint/--format/--k/--name"
+                "a zoo entry brings its own checkpoint, format, normalisation and name; "
+                "drop --checkpoint/--format/--k/--normalization/--name"
             )
         if model_id is not None and (zoo_all or method or sparsity is not None or dataset or arch):
             raise ValueError(
@@ -278,6 +300,8 @@ def evaluate(
         if track not in TRACKS:
             raise ValueError(f"unknown track {track!r}; known: {', '.join(TRACKS)}")
         tr = TRACKS[track]
+        if normalization is not None:
+            raise ValueError("--normalization describes a --checkpoint file; the track's models use the dataset's")
         if arch not in (None, tr.arch) or dataset not in (None, tr.dataset):
             raise ValueError(
                 "--arch/--dataset need --checkpoint (or --method M --sparsity S to pick a zoo entry, or --model-id); "
@@ -287,6 +311,10 @@ def evaluate(
     elif arch is None or dataset is None:
         raise ValueError("--checkpoint needs --arch and --dataset (bench models, bench datasets)")
     ARCHS.get(arch)
+    if normalization is not None:
+        from bench.catalog import parse_normalization
+
+        normalization = parse_normalization(normalization, dataset)
     spec, x, y = run_spec(dataset)
     if method is not None:
         if checkpoint is not None:
@@ -300,12 +328,18 @@ def evaluate(
         from methods.base import get_method
 
         get_method(method).check_sparsity(sparsity)
+        seed_list = _seed_list(prune_seed, prune_seeds, "--prune-seed")
     elif sparsity is not None:
         raise ValueError("--sparsity needs --method (bench methods lists them)")
+    elif prune_seed is not None or prune_seeds is not None:
+        raise ValueError("--prune-seed/--seeds pick the pruning runs of --method M --sparsity S; give those too")
     run = functools.partial(
         _evaluate_row, x=x, y=y, spec=spec, overwrite=overwrite, progress=not no_progress, workers=workers
     )
     if checkpoint is None:
+        if name is not None:
+            # The dense model is trained once and cached; a taken --name is refused before that work.
+            _check_chosen_name(Store(db), name, recipe_key=tr.key)
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     if ckpt_format != "plain" or k is not None:
@@ -313,33 +347,54 @@ def evaluate(
 
         if checkpoint is None:
             raise ValueError("--format and --k describe a --checkpoint file; give one")
-        model = load_converted_model(checkpoint, ckpt_format, arch, dataset, k=k)
-        register_kw["provenance"] = converted_provenance(ckpt_format, dataset, k)
+        model = load_converted_model(checkpoint, ckpt_format, arch, dataset, k=k, normalization=normalization)
+        register_kw["provenance"] = converted_provenance(ckpt_format, dataset, k, normalization=normalization)
     else:
-        model = load_checkpoint_model(checkpoint, arch, dataset)
+        model = load_checkpoint_model(checkpoint, arch, dataset, normalization=normalization)
+        if normalization is not None:
+            register_kw["provenance"] = {"normalization": normalization}
     store = Store(db)
+    # The normalisation register_model will key the model on (a converted author model brings its own).
+    stored_normalization = (register_kw.get("provenance") or {}).get("normalization")
+    register_kw["name"] = _store_name(
+        store,
+        checkpoint,
+        register_kw.get("name"),
+        chosen=name is not None,
+        dataset=dataset,
+        normalization=stored_normalization,
+    )
     row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, **register_kw)
+    if name is not None and row.name != name:
+        click.echo(f"note: this checkpoint is already stored as model {row.name!r}; --name {name!r} not applied")
     dense_summary = run(store, row, model)
     if method is None:
         return
     from methods.pipeline import prune_checkpoint
 
+    pruned_runs = []
+    for one_seed in seed_list:
+        click.echo("")
+        pruned = prune_checkpoint(
+            store,
+            method,
+            sparsity,
+            dense_path=Path(checkpoint),
+            dense_row=row,
+            eps=tr.training.eps,
+            default_eps=tr.training.eps,
+            seed=one_seed,
+            track=True,
+            data_dir=data_dir,
+            log=click.echo,
+        )
+        pruned_model = load_checkpoint_model(pruned.path, arch, dataset)
+        pruned_runs.append((one_seed, pruned.row, run(store, pruned.row, pruned_model)))
     click.echo("")
-    pruned = prune_checkpoint(
-        store,
-        method,
-        sparsity,
-        dense_path=Path(checkpoint),
-        dense_row=row,
-        eps=tr.training.eps,
-        seed=prune_seed,
-        track=True,
-        data_dir=data_dir,
-        log=click.echo,
-    )
-    pruned_model = load_checkpoint_model(pruned.path, arch, dataset)
-    pruned_summary = run(store, pruned.row, pruned_model)
-    click.echo("")
+    if len(pruned_runs) > 1:
+        _print_seed_table(row, dense_summary, pruned_runs)
+        return
+    ((_, pruned_row, pruned_summary),) = pruned_runs
     click.echo(f"{'':26}{'dense':>10}{'pruned':>10}")
     for label, attr in [
         ("clean accuracy", "clean_accuracy"),
@@ -347,7 +402,77 @@ def evaluate(
         ("best-known robust", "best_robust_accuracy"),
     ]:
         click.echo(f"  {label:<24}{getattr(dense_summary, attr):>10.2%}{getattr(pruned_summary, attr):>10.2%}")
-    click.echo(f"  {'sparsity (measured)':<24}{row.measured_sparsity:>10.2%}{pruned.row.measured_sparsity:>10.2%}")
+    click.echo(f"  {'sparsity (measured)':<24}{row.measured_sparsity:>10.2%}{pruned_row.measured_sparsity:>10.2%}")
+
+
+def _check_chosen_name(
+    store, name: str, *, sha: str | None = None, normalization: str = "dataset", recipe_key: str | None = None
+) -> None:
+    """Refuse a --name another model holds (the same sha256 and normalisation, or the same track recipe, is the
+    same model)."""
+    from methods.pipeline import is_same_model, name_holder, taken_name_error
+
+    with store.session() as s:
+        holder = name_holder(s, name)
+        if holder is None or (sha is not None and is_same_model(holder, sha, normalization)):
+            return
+        if recipe_key is not None and (holder.provenance or {}).get("recipe_key") == recipe_key:
+            return
+        raise taken_name_error("--name", name, holder)
+
+
+def _store_name(store, checkpoint, name: str | None, *, chosen: bool, dataset: str, normalization=None) -> str | None:
+    """The name to register ``checkpoint`` under: a chosen --name if no other model holds it (else refused), a
+    derived one (``digits-dense``) or, when another model holds that, the same with the checkpoint's hash appended.
+    """
+    from bench.catalog import normalization_key
+    from bench.checkpoints import sha256_file
+    from methods.pipeline import available_name
+
+    if name is None:
+        return None
+    sha = sha256_file(checkpoint)
+    key = normalization_key(dataset, normalization)
+    if chosen:
+        _check_chosen_name(store, name, sha=sha, normalization=key)
+        return name
+    with store.session() as s:
+        return available_name(s, [name], sha, key)
+
+
+def _print_seed_table(dense_row, dense_summary, pruned_runs) -> None:
+    """Each seed's figures beside the dense parent's, then their mean and range across seeds."""
+    from bench.analysis.replicates import summarize
+    from bench.analysis.stats import wilson_interval
+
+    columns = [
+        ("clean", "clean_accuracy"),
+        ("AutoAttack robust", "aa_robust_accuracy"),
+        ("best-known robust", "best_robust_accuracy"),
+    ]
+
+    def figures(label, model_row, summary):
+        out = {"": label}
+        out.update({title: f"{getattr(summary, attr):.2%}" for title, attr in columns})
+        out["sparsity"] = f"{model_row.measured_sparsity:.2%}"
+        out["model"] = model_row.name
+        return out
+
+    rows = [figures("dense", dense_row, dense_summary)]
+    rows += [figures(f"seed {seed}", model_row, summary) for seed, model_row, summary in pruned_runs]
+    across = {title: summarize({seed: getattr(sm, attr) for seed, _, sm in pruned_runs}) for title, attr in columns}
+    across["sparsity"] = summarize({seed: model_row.measured_sparsity for seed, model_row, _ in pruned_runs})
+    rows.append({"": f"mean of {len(pruned_runs)} seeds", **{t: f"{s.mean:.2%}" for t, s in across.items()}})
+    rows.append({"": "range (min–max)", **{t: f"{s.min:.2%}–{s.max:.2%}" for t, s in across.items()}})
+    click.echo(_fmt_table(rows))
+    aa = across["AutoAttack robust"]
+    n = dense_summary.n
+    low, high = wilson_interval(round(aa.mean * n), n)
+    click.echo(
+        f"AutoAttack robust accuracy spans {100 * aa.range:.2f} points across seeds; one evaluation's Wilson 95 % "
+        f"interval at the mean is {100 * (high - low):.2f} points wide (N={n}): the seed spread is the pruning "
+        "run's, the interval only the test samples'"
+    )
 
 
 def _picks_zoo_entry(checkpoint, method, dataset, track) -> bool:
@@ -449,6 +574,8 @@ RESULT_COLUMNS = [
     "method",
     "arch",
     "dataset",
+    # The model's input normalisation as --normalization spells it: dataset, none or MEAN/STD.
+    "inputs",
     "sparsity",
     "norm",
     "eps",
@@ -461,20 +588,72 @@ RESULT_COLUMNS = [
     "best_known",
     "fmn_median",
     "flags",
+    # Wilson 95 % interval of the AutoAttack robust accuracy (the test samples drawn).
+    "autoattack_low",
+    "autoattack_high",
+    # The pruning seed, and for a model with replicates (same setting, other seeds) evaluated under the same
+    # protocol: how many, and the AutoAttack robust accuracy's mean and range across them (this model included).
+    "seed",
+    "replicates",
+    "autoattack_seeds_mean",
+    "autoattack_seeds_min",
+    "autoattack_seeds_max",
 ]
+METRIC_NAMES = ("clean", "autoattack", "fmn", "best_known")
+SETTING_COLUMNS = [
+    "setting",
+    "method",
+    "arch",
+    "dataset",
+    "structure",
+    "target_sparsity",
+    "sparsity",
+    "protocol",
+    "norm",
+    "eps",
+    "version",
+    "n",
+    "n_seeds",
+    "seeds",
+    *(f"{metric}_{stat}" for metric in METRIC_NAMES for stat in ("mean", "min", "max", "std")),
+    "autoattack_wilson_low",
+    "autoattack_wilson_high",
+    "models",
+]
+
+
+def _replicate_groups(evaluations) -> dict:
+    """``{(model id, protocol hash): the replicate group's evaluations}`` for models with two replicates or more."""
+    from bench.analysis.replicates import group_replicates
+
+    out = {}
+    for (key, protocol), group in group_replicates(evaluations).items():
+        if not key.startswith("model:") and len(group) > 1:
+            out.update({(ev.model.id, protocol): group for ev in group})
+    return out
 
 
 def _results_frame(db: str | None):
     import pandas as pd
     from sqlalchemy import select
 
+    from bench.analysis.replicates import seed_of, summarize_evaluations
+    from bench.analysis.stats import wilson_interval
+    from bench.catalog import normalization_label
     from bench.store import Evaluation, Store
 
     store = Store(db, read_only=True)
     with store.session() as s:
         rows = []
-        for ev in s.scalars(select(Evaluation).order_by(Evaluation.id)):
+        evaluations = s.scalars(select(Evaluation).order_by(Evaluation.id)).all()
+        replicates = _replicate_groups(evaluations)
+        for ev in evaluations:
             m = ev.model
+            low, high = (None, None)
+            if ev.aa_robust_accuracy is not None and ev.n_samples:
+                low, high = wilson_interval(round(ev.aa_robust_accuracy * ev.n_samples), ev.n_samples)
+            group = replicates.get((m.id, ev.protocol_hash)) if ev.status == "complete" else None
+            across = summarize_evaluations(group).get("autoattack") if group else None
             rows.append(
                 {
                     "evaluation": ev.id,
@@ -482,6 +661,7 @@ def _results_frame(db: str | None):
                     "method": m.method,
                     "arch": m.arch,
                     "dataset": m.dataset,
+                    "inputs": normalization_label(m.normalization),
                     "sparsity": m.measured_sparsity,
                     "norm": ev.spec["norm"],
                     "eps": ev.spec["eps"],
@@ -494,18 +674,123 @@ def _results_frame(db: str | None):
                     "best_known": ev.best_robust_accuracy,
                     "fmn_median": ev.fmn_median_distance,
                     "flags": ",".join(ev.flags),
+                    "autoattack_low": low,
+                    "autoattack_high": high,
+                    "seed": seed_of(m),
+                    "replicates": across.n if across else None,
+                    "autoattack_seeds_mean": across.mean if across else None,
+                    "autoattack_seeds_min": across.min if across else None,
+                    "autoattack_seeds_max": across.max if across else None,
                 }
             )
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"seed": "Int64", "replicates": "Int64"})
+
+
+def _settings_frame(db: str | None):
+    """One row per setting and protocol: replicates (models differing only in their pruning seed) aggregated;
+    any other model is a setting of its own."""
+    import pandas as pd
+    from sqlalchemy import select
+
+    from bench.analysis.replicates import METRICS, group_replicates, seed_of, setting_label, summarize
+    from bench.analysis.stats import wilson_interval
+    from bench.store import Evaluation, Store
+
+    store = Store(db, read_only=True)
+    rows = []
+    with store.session() as s:
+        groups = group_replicates(s.scalars(select(Evaluation).order_by(Evaluation.id)).all())
+        for (key, protocol), group in sorted(groups.items(), key=lambda item: item[1][0].model.id):
+            first, m = group[0], group[0].model
+            # Index by position for a model without a seed (a setting of its own): one value, no seed to show.
+            seeds = [seed_of(ev.model) for ev in group]
+            row = {
+                "setting": m.name if key.startswith("model:") else setting_label(m.name),
+                "method": m.method,
+                "arch": m.arch,
+                "dataset": m.dataset,
+                "structure": m.structure,
+                "target_sparsity": m.target_sparsity,
+                "sparsity": sum(ev.model.measured_sparsity for ev in group) / len(group),
+                "protocol": protocol[:12],
+                "norm": first.spec["norm"],
+                "eps": first.spec["eps"],
+                "version": first.spec["version"],
+                "n": first.n_samples,
+                "n_seeds": len(group),
+                "seeds": ",".join(str(seed) for seed in seeds if seed is not None),
+                "models": ",".join(ev.model.name for ev in group),
+            }
+            for metric, attr in METRICS:
+                summary = summarize({i: getattr(ev, attr) for i, ev in enumerate(group)})
+                for stat in ("mean", "min", "max", "std"):
+                    row[f"{metric}_{stat}"] = getattr(summary, stat) if summary else None
+            mean = row["autoattack_mean"]
+            if mean is not None and first.n_samples:
+                row["autoattack_wilson_low"], row["autoattack_wilson_high"] = wilson_interval(
+                    round(mean * first.n_samples), first.n_samples
+                )
+            rows.append(row)
+    return pd.DataFrame(rows, columns=SETTING_COLUMNS)
+
+
+def _missing(v) -> bool:
+    import pandas as pd
+
+    return v is None or bool(pd.isna(v))
+
+
+def _percent(v) -> str:
+    return "-" if _missing(v) else f"{v:.2%}"
+
+
+def _settings_table(df) -> str:
+    """The --by-setting table: each accuracy as mean (min–max) across seeds, the Wilson interval beside."""
+
+    def across(row, metric: str) -> str:
+        mean, low, high = (row[f"{metric}_{stat}"] for stat in ("mean", "min", "max"))
+        if _missing(mean):
+            return "-"
+        return f"{mean:.2%}" if row["n_seeds"] < 2 else f"{mean:.2%} ({low:.2%}–{high:.2%})"
+
+    rows = []
+    for _, row in df.iterrows():
+        wilson = (
+            "-"
+            if _missing(row["autoattack_wilson_low"])
+            else f"[{row['autoattack_wilson_low']:.2%}, {row['autoattack_wilson_high']:.2%}]"
+        )
+        rows.append(
+            {
+                "setting": row["setting"],
+                "target": _percent(row["target_sparsity"]),
+                "protocol": row["protocol"],
+                "n": str(row["n"]),
+                "seeds": row["seeds"] or "-",
+                **{metric: across(row, metric) for metric in METRIC_NAMES},
+                "autoattack 95 % (one evaluation at the mean)": wilson,
+            }
+        )
+    return _fmt_table(rows)
 
 
 @main.command()
 @_db_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option(
+    "--by-setting",
+    is_flag=True,
+    help="One row per setting and protocol: models that differ only in their pruning seed aggregated "
+    "(number of seeds, mean, min–max, std of each accuracy).",
+)
 @friendly_errors
-def results(db, fmt):
-    """List stored evaluations (one row each; accuracies as fractions in csv/json)."""
-    df = _results_frame(db)
+def results(db, fmt, by_setting):
+    """List stored evaluations (one row each; accuracies as fractions in csv/json).
+
+    A pruned model with replicates (other seeds of its setting, evaluated under the same protocol) shows the
+    AutoAttack robust accuracy's mean and range across seeds beside its Wilson 95 % interval.
+    """
+    df = _settings_frame(db) if by_setting else _results_frame(db)
     if fmt == "csv":
         click.echo(df.to_csv(index=False), nl=False)
         return
@@ -516,12 +801,32 @@ def results(db, fmt):
     if df.empty:
         click.echo("no evaluations stored yet; run `bench evaluate`")
         return
+    if by_setting:
+        click.echo(_settings_table(df))
+        return
     shown = df.copy()
     for col in ("sparsity", "clean", "autoattack", "fmn", "best_known"):
-        shown[col] = shown[col].map(
-            lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2%}"
-        )
+        shown[col] = shown[col].map(_percent)
     shown["fmn_median"] = shown["fmn_median"].map(lambda v: "-" if v is None or math.isnan(v) else f"{v:.4f}")
+    shown["autoattack 95 %"] = [
+        "-" if _missing(low) else f"[{low:.2%}, {high:.2%}]"
+        for low, high in zip(df.autoattack_low, df.autoattack_high, strict=True)
+    ]
+    shown["seed"] = df["seed"].map(lambda v: "-" if _missing(v) else str(v))
+    shown["across seeds"] = [
+        "-" if _missing(n) else f"{mean:.2%} ({low:.2%}–{high:.2%}), {n} seeds"
+        for n, mean, low, high in zip(
+            df.replicates, df.autoattack_seeds_mean, df.autoattack_seeds_min, df.autoattack_seeds_max, strict=True
+        )
+    ]
+    at = RESULT_COLUMNS.index("autoattack") + 1
+    columns = [*RESULT_COLUMNS[:at], "autoattack 95 %", *RESULT_COLUMNS[at : RESULT_COLUMNS.index("flags") + 1]]
+    shown = shown[[*columns, "seed", "across seeds"]]
+    for col in ("seed", "across seeds"):  # shown once some model has a pruning seed, or replicates
+        if (shown[col] == "-").all():
+            shown = shown.drop(columns=col)
+    if (shown["inputs"] == "dataset").all():  # the column only says something when a model differs
+        shown = shown.drop(columns="inputs")
     click.echo(shown.to_string(index=False))
 
 
@@ -566,6 +871,17 @@ def methods_command(pattern):
         click.echo(f"{'':11} native sparsity: {card.native_sparsity}")
 
 
+def _seed_list(seed: int | None, seeds: str | None, seed_option: str) -> list[int]:
+    """The pruning seeds: ``--seeds`` (a list with ranges), else the single-seed option, else seed 0."""
+    from bench.analysis.replicates import parse_seeds
+
+    if seeds is None:
+        return [0 if seed is None else seed]
+    if seed is not None:
+        raise ValueError(f"give {seed_option} N for one seed or --seeds LIST for several, not both")
+    return parse_seeds(seeds)
+
+
 def _parse_settings(settings: tuple[str, ...]) -> dict:
     out = {}
     for item in settings:
@@ -592,7 +908,13 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 @click.option("--arch", default=None, help="Architecture of --dense (bench models).")
 @click.option("--dataset", default=None, help="Dataset of --dense (bench datasets).")
 @click.option("--eps", default=None, help="Training L∞ eps [default: the track's, or the dataset's].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Seed of the pruning run [default: 0].")
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="LIST",
+    help="Prune once per seed, e.g. 0,1,2 or 0-4: replicates of one setting, summarised across seeds.",
+)
 @click.option(
     "--set",
     "settings",
@@ -610,15 +932,19 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 @_db_option
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @friendly_errors
-def prune(method, sparsity, track, dense, arch, dataset, eps, seed, settings, out, threads, db, data_dir):
-    """Prune a dense model with a registered method, write the checkpoint and register it in the store."""
-    from bench.catalog import load_checkpoint_model, register_model
+def prune(method, sparsity, track, dense, arch, dataset, eps, seed, seeds, settings, out, threads, db, data_dir):
+    """Prune a dense model with a registered method, write the checkpoint and register it in the store.
+
+    The dense parent and each pruned model are stored only once the pruned checkpoint exists.
+    """
+    from bench.catalog import load_checkpoint_model
     from bench.data import get_dataset_info, parse_eps
     from bench.store import Store
     from methods.base import get_method
-    from methods.pipeline import prune_checkpoint
+    from methods.pipeline import DenseParent, prune_checkpoint
 
     torch.set_num_threads(threads)
+    seed_list = _seed_list(seed, seeds, "--seed")
     overrides = _parse_settings(settings)
     m = get_method(method)
     m.check_sparsity(sparsity)
@@ -634,36 +960,54 @@ def prune(method, sparsity, track, dense, arch, dataset, eps, seed, settings, ou
         tr = TRACKS[track]
         arch, dataset = tr.arch, tr.dataset
         eps_value = parse_eps(eps) if eps else tr.training.eps
+        default_eps = tr.training.eps
         dense, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     else:
         if arch is None or dataset is None:
             raise ValueError("--dense needs --arch and --dataset (bench models, bench datasets)")
-        eps_value = parse_eps(eps or get_dataset_info(dataset).default_eps)
-    dense_model = load_checkpoint_model(dense, arch, dataset)
-    store = Store(db)
-    dense_row = register_model(store, dense, dense_model, arch=arch, dataset=dataset, **register_kw)
-    result = prune_checkpoint(
-        store,
-        method,
-        sparsity,
-        dense_path=Path(dense),
-        dense_row=dense_row,
-        eps=eps_value,
-        seed=seed,
-        track=track is not None,
-        overrides=overrides,
-        data_dir=data_dir,
-        out_dir=Path(out) if out else None,
-        log=click.echo,
-    )
-    row = result.row
-    click.echo(
-        f"model {row.name}: measured sparsity {row.measured_sparsity:.2%} (target {sparsity:.2%}), "
-        f"{row.nonzero_params:,} non-zero of {row.params:,} parameters, parent {dense_row.name}"
-    )
-    click.echo(f"checkpoint {result.path}")
-    click.echo(f"evaluate it: bench evaluate --checkpoint {result.path} --arch {arch} --dataset {dataset}")
+        default_eps = parse_eps(get_dataset_info(dataset).default_eps)
+        eps_value = parse_eps(eps) if eps else default_eps
+    load_checkpoint_model(dense, arch, dataset)  # a wrong --arch/--dataset fails here, before any work
+    store = functools.cache(lambda: Store(db))  # opened once the first pruned checkpoint exists
+    parent = DenseParent(path=Path(dense), arch=arch, dataset=dataset, **register_kw)
+    rows = []
+    for one_seed in seed_list:
+        if len(seed_list) > 1:
+            click.echo(f"seed {one_seed}")
+        result = prune_checkpoint(
+            store,
+            method,
+            sparsity,
+            parent=parent,
+            eps=eps_value,
+            default_eps=default_eps,
+            seed=one_seed,
+            track=track is not None,
+            overrides=overrides,
+            data_dir=data_dir,
+            out_dir=Path(out) if out else None,
+            log=click.echo,
+        )
+        row = result.row
+        rows.append(row)
+        click.echo(
+            f"model {row.name}: measured sparsity {row.measured_sparsity:.2%} (target {sparsity:.2%}), "
+            f"{row.nonzero_params:,} non-zero of {row.params:,} parameters, parent {result.parent.name}"
+        )
+        click.echo(f"checkpoint {result.path}")
+        click.echo(f"evaluate it: bench evaluate --checkpoint {result.path} --arch {arch} --dataset {dataset}")
+    if len(rows) > 1:
+        click.echo("")
+        click.echo(f"{len(rows)} replicates of one setting (they differ only in their seed):")
+        click.echo(
+            _fmt_table(
+                [
+                    {"seed": str(one_seed), "model": r.name, "measured sparsity": f"{r.measured_sparsity:.2%}"}
+                    for one_seed, r in zip(seed_list, rows, strict=True)
+                ]
+            )
+        )
 
 
 @main.command()

@@ -24,6 +24,7 @@ RESULT_COLUMNS = [
     "method",
     "arch",
     "dataset",
+    "inputs",
     "sparsity",
     "norm",
     "eps",
@@ -36,6 +37,13 @@ RESULT_COLUMNS = [
     "best_known",
     "fmn_median",
     "flags",
+    "autoattack_low",
+    "autoattack_high",
+    "seed",
+    "replicates",
+    "autoattack_seeds_mean",
+    "autoattack_seeds_min",
+    "autoattack_seeds_max",
 ]
 FRACTION_COLUMNS = ["sparsity", "clean", "autoattack", "fmn", "best_known"]
 EVAL_ARGS = [
@@ -275,6 +283,9 @@ def test_results_json_holds_fractions(evaluated):
     for col in FRACTION_COLUMNS:
         assert isinstance(record[col], float) and 0.0 <= record[col] <= 1.0, (col, record[col])
     assert record["best_known"] <= record["autoattack"] <= record["clean"]
+    assert record["autoattack_low"] <= record["autoattack"] <= record["autoattack_high"]
+    # A plain checkpoint records no pruning seed, so it has no replicates to summarise.
+    assert record["seed"] is None and record["replicates"] is None and record["autoattack_seeds_mean"] is None
     assert record["best_known"] <= record["fmn"] <= record["clean"]
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         clean, best = conn.execute("SELECT AVG(clean_correct), AVG(best_robust) FROM sample_results").fetchone()
