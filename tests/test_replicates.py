@@ -40,6 +40,7 @@ from tests.analysis_store import add_evaluation, add_model, digits_spec
         ("3, 0-1 ,7", [3, 0, 1, 7]),
         ("5-5", [5]),
         (str(MAX_SEED), [MAX_SEED]),
+        ("0-999", list(range(1000))),
     ],
 )
 def test_seed_lists_and_ranges(text, seeds):
@@ -59,6 +60,8 @@ def test_seed_lists_and_ranges(text, seeds):
         ("0,,1", "item '' is not a seed or a range"),
         ("", "--seeds is empty"),
         (str(MAX_SEED + 1), "above the largest allowed"),
+        (f"0-{MAX_SEED}", "asks for more than 1000 pruning runs; list fewer seeds"),
+        ("0-999,1000", "asks for more than 1000 pruning runs"),
     ],
 )
 def test_bad_seed_lists_are_refused_with_the_fix(text, message):

@@ -37,6 +37,8 @@ METRICS = (
 )
 # Seeds go to torch.manual_seed and to the adapters' generators; 2**32 - 1 also keeps numpy's seeding valid.
 MAX_SEED = 2**32 - 1
+# Each seed is a whole pruning run; a longer list is a typo (0-10000 for 0-10), not a plan.
+MAX_SEEDS = 1000
 _SEED_SUFFIX = re.compile(r"_s\d+(-[0-9a-f]{8})?$")
 
 
@@ -45,9 +47,11 @@ def parse_seeds(text: str) -> list[int]:
 
     Raises:
         ValueError: an empty list, a negative or non-integer seed, an empty range (``4-0``), a seed above
-            :data:`MAX_SEED`, or a seed listed twice; one line naming the item and the fix.
+            :data:`MAX_SEED`, more than :data:`MAX_SEEDS` seeds, or a seed listed twice; one line naming the item
+            and the fix.
     """
     seeds: list[int] = []
+    seen: set[int] = set()
     items = [item.strip() for item in str(text).split(",")]
     if not any(items):
         raise ValueError("--seeds is empty; list pruning seeds, e.g. --seeds 0,1,2 or --seeds 0-4")
@@ -62,14 +66,17 @@ def parse_seeds(text: str) -> list[int]:
             low, high = int(span[1]), int(span[2])
             if high < low:
                 raise ValueError(f"--seeds range {item!r} is empty; write ranges low-high, e.g. {high}-{low}")
-            values = list(range(low, high + 1))
+            values = range(low, high + 1)
         else:
             raise ValueError(f"--seeds item {item!r} is not a seed or a range; use e.g. --seeds 0,1,2 or --seeds 0-4")
+        if len(seeds) + len(values) > MAX_SEEDS:
+            raise ValueError(f"--seeds {text!r} asks for more than {MAX_SEEDS} pruning runs; list fewer seeds")
         for seed in values:
             if seed > MAX_SEED:
                 raise ValueError(f"--seeds has seed {seed}, above the largest allowed {MAX_SEED}")
-            if seed in seeds:
+            if seed in seen:
                 raise ValueError(f"--seeds lists seed {seed} twice ({text!r}); give each seed once")
+            seen.add(seed)
             seeds.append(seed)
     return seeds
 
