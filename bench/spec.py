@@ -15,6 +15,12 @@ from typing import Any
 PROTOCOL_NAME = "apbench-1"
 NORMS = ("Linf", "L2")
 AA_VERSIONS = ("plus", "standard")
+# Where FMN starts besides the clean input: "none" (plain FMN only, the protocol before best-known distances) or
+# "autoattack" (a second FMN run from AutoAttack's adversarial example wherever AutoAttack broke the sample).
+FMN_INITS = ("none", "autoattack")
+# The value of a field that specs written before the field existed had implicitly; such a field is left out of
+# to_dict() at that value, so every spec stored before it keeps its hash (and its protocol hash).
+_LEGACY_DEFAULTS = {"fmn_init": "none"}
 
 # AutoAttack stages in the order pyautoattack runs them (protocol section 3).
 AA_ATTACKS = {
@@ -38,6 +44,10 @@ class RunSpec:
             results depend on it (AutoAttack is not bitwise batch-invariant).
         seed: the seed given to every attack.
         device: torch device string.
+        fmn_init: ``"autoattack"`` (default): FMN also starts from AutoAttack's adversarial example wherever
+            AutoAttack broke the sample, and the best-known minimal distance is stored per sample;
+            ``"none"``: plain FMN only, the protocol of every evaluation stored before this field existed
+            (such a stored spec has no ``fmn_init`` key: read it with :meth:`from_dict`).
     """
 
     dataset: str
@@ -51,6 +61,7 @@ class RunSpec:
     seed: int = 0
     device: str = "cpu"
     protocol: str = field(default=PROTOCOL_NAME)
+    fmn_init: str = "autoattack"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -62,17 +73,29 @@ class RunSpec:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.eps_value) and self.eps_value > 0):
             raise ValueError(f"eps must be a finite positive number, got {self.eps!r}")
+        if self.fmn_init not in FMN_INITS:
+            raise ValueError(f"unknown FMN start {self.fmn_init!r}; use one of {', '.join(FMN_INITS)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        """The spec a stored ``spec`` dict describes; a key it lacks takes the value it had before it existed."""
+        return cls(**{**_LEGACY_DEFAULTS, **d})
 
     @property
     def attacks(self) -> tuple[str, ...]:
         return AA_ATTACKS[self.version]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, except a field added later that holds its legacy value (so old specs keep their hash)."""
+        d = asdict(self)
+        for key, legacy in _LEGACY_DEFAULTS.items():
+            if d[key] == legacy:
+                del d[key]
+        return d
 
     @property
     def hash(self) -> str:
-        """sha256 of the canonical JSON of every field: the key of stored results."""
+        """sha256 of the canonical JSON of :meth:`to_dict`: the key of stored results."""
         return _stable_hash(self.to_dict())
 
     @property

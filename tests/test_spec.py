@@ -40,6 +40,7 @@ CHANGES = {
     "seed": 1,
     "device": "cuda:0",
     "protocol": "apbench-2",
+    "fmn_init": "none",
 }
 NOT_IN_PROTOCOL_HASH = {"device", "batch_size"}
 
@@ -62,7 +63,7 @@ def test_hash_is_stable_for_equal_specs():
 
 def test_hash_is_the_sha256_of_the_canonical_json():
     spec = _spec()
-    fields = {**BASE, "protocol": PROTOCOL_NAME}
+    fields = {**BASE, "protocol": PROTOCOL_NAME, "fmn_init": "autoattack"}
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     assert spec.hash == hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -153,3 +154,34 @@ def test_to_dict_round_trips():
     spec = _spec(version="standard", seed=7)
     assert RunSpec(**spec.to_dict()) == spec
     assert RunSpec(**json.loads(json.dumps(spec.to_dict()))).hash == spec.hash
+    for spec in (_spec(fmn_init="none"), _spec(fmn_init="autoattack")):
+        assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+# A spec dict as every evaluation stored before FMN's warm start wrote it, and the hashes the code of that time
+# (commit 9cc88ae, bench/spec.py) gave it: stored evaluations are found by these values, so they must never move.
+LEGACY_SPEC = {**BASE, "protocol": "apbench-1"}
+LEGACY_HASH = "8e5d451b911dd04760ccbc712092eb0e4cb4e2152b1bbcf5953277d0fbafe436"
+LEGACY_PROTOCOL_HASH = "c7f51e994562bb6a66b867b52d8cbc3812e7897697c5a4659b18c93a486c2f26"
+
+
+def test_a_stored_spec_from_before_the_warm_start_keeps_its_hashes():
+    legacy = RunSpec.from_dict(LEGACY_SPEC)
+    assert legacy.fmn_init == "none"
+    assert legacy.to_dict() == LEGACY_SPEC
+    assert (legacy.hash, legacy.protocol_hash) == (LEGACY_HASH, LEGACY_PROTOCOL_HASH)
+    assert _spec(fmn_init="none").hash == LEGACY_HASH
+
+
+def test_the_warm_start_is_a_new_protocol():
+    spec = _spec()
+    assert spec.fmn_init == "autoattack"
+    assert spec.to_dict()["fmn_init"] == "autoattack"
+    assert spec.hash != LEGACY_HASH and spec.protocol_hash != LEGACY_PROTOCOL_HASH
+    # Only the new field differs: device and batch size still stay out of the protocol hash.
+    assert _spec(device="cuda:0", batch_size=7).protocol_hash == spec.protocol_hash
+
+
+def test_an_unknown_fmn_start_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"unknown FMN start 'aa'; use one of none, autoattack"):
+        _spec(fmn_init="aa")
