@@ -22,9 +22,11 @@ def test_matches_bare_pyautoattack_per_sample(digits, digits_mlp, version):
         xc, yc = x[start : start + 24], y[start : start + 24]
         ours = run_autoattack(digits_mlp, xc, yc, norm="Linf", eps=EPS, version=version, seed=0)
         bare = AutoAttack(digits_mlp, norm="Linf", eps=EPS, version=version, seed=0)
-        _, y_adv = bare.run_standard_evaluation(xc, yc, batch_size=24)
+        x_adv, y_adv = bare.run_standard_evaluation(xc, yc, batch_size=24)
         assert torch.equal(ours.robust, y_adv == yc)
         assert torch.equal(ours.adv_pred, y_adv)
+        # The adversarial inputs too: FMN's warm start begins from them.
+        assert torch.equal(ours.x_adv, x_adv)
         ours_robust.append(ours.robust)
         bare_robust.append(y_adv == yc)
         # Bookkeeping: exactly the broken correct samples name a stage, in the version's stage list.

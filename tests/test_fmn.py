@@ -212,6 +212,87 @@ def test_starting_points_are_refined():
     assert torch.all(refined.distance <= first.distance[keep] + 1e-6)
 
 
+def _far_starts(linear: nn.Linear, x: torch.Tensor, y: torch.Tensor, norm: float, factor: float):
+    """Binary linear model: points ``factor`` times the optimal distance beyond x, straight across the boundary.
+
+    In ℓ2 along -w/‖w‖₂ (w = w_y - w_other); in ℓ∞ along -sign(w), the direction of the ℓ∞-optimal perturbation.
+    Both stay inside [0, 1] for the fixtures' inputs (checked by the caller).
+    """
+    W = linear.weight.detach()
+    w = W[y] - W[1 - y]
+    optimum = _closed_form_distance(linear, x, y, norm)
+    direction = -w / torch.linalg.vector_norm(w, dim=1, keepdim=True) if norm == 2.0 else -w.sign()
+    return x + (factor * optimum[:, None] * direction).view_as(x), optimum
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
+def test_warm_start_search_alone_lands_on_the_closed_form_boundary(norm):
+    """With no FMN step, a warm start returns the boundary point of its binary search: on a linear model the
+    segment crosses the boundary where the closed form says, and the search brackets it within 2^-10 (of the
+    segment in ℓ2, of the absolute radius in ℓ∞, the geometry of the authors' mid-points)."""
+    model, linear, x, y = _linear_problem(c=2)
+    start, optimum = _far_starts(linear, x, y, norm, factor=1.5)
+    assert start.min() >= 0 and start.max() <= 1
+    result = minimum_norm(model, x, y, norm=norm, steps=0, starting_points=start)
+    assert result.success.all()
+    start_distance = torch.linalg.vector_norm((start - x).flatten(1), ord=norm, dim=1)
+    resolution = 2**-10 * (start_distance if norm == 2.0 else 1.0)
+    assert torch.all(result.distance >= optimum * (1 - 1e-4))
+    assert torch.all(result.distance <= optimum + resolution + 1e-6)
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
+def test_warm_start_refines_to_the_closed_form_optimum(norm):
+    model, linear, x, y = _linear_problem(c=2)
+    start, optimum = _far_starts(linear, x, y, norm, factor=1.8)
+    result = minimum_norm(model, x, y, norm=norm, steps=100, starting_points=start)
+    # Every sample starts adversarial, so every one ends adversarial (plain FMN loses some on this model:
+    # test_binary_linear_model_distances_match_closed_form).
+    assert result.success.all()
+    assert torch.all(result.distance >= optimum * (1 - 1e-3))
+    assert torch.all(result.distance <= optimum * 1.05)
+
+
+class _Threshold(nn.Module):
+    """Class 1 exactly when the first pixel exceeds 0.7, through a step: no gradient anywhere, so FMN's steps
+    cannot move δ and only the warm start's search and the ε projection act."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = x.flatten(1)[:, :1]
+        score = (first.detach() > 0.7).to(x.dtype) + 0 * first
+        return torch.cat([1 - score, score], dim=1)
+
+
+@pytest.mark.parametrize("norm", [math.inf, 2.0], ids=["linf", "l2"])
+@pytest.mark.parametrize("steps", [0, 1, 10, 100])
+def test_warm_start_never_returns_a_point_farther_than_its_start(norm, steps):
+    gen = torch.Generator().manual_seed(5)
+    # A model with no gradient, and a ReLU CNN with random adversarial starting points.
+    x = 0.6 * torch.rand(16, 1, 4, 4, generator=gen)
+    start = x.clone()
+    start.view(16, -1)[:, 0] = 0.75 + 0.25 * torch.rand(16, generator=gen)
+    start = (start + 0.3 * torch.rand(start.shape, generator=gen)).clamp(0, 1)
+    cases = [(_Threshold(), x, torch.zeros(16, dtype=torch.long), start)]
+    cnn = _random_cnn()
+    xc = torch.rand(64, 3, 8, 8, generator=gen)
+    others = torch.rand(64, 3, 8, 8, generator=gen)
+    with torch.no_grad():
+        yc, yo = cnn(xc).argmax(1), cnn(others).argmax(1)
+    keep = yc != yo
+    cases.append((cnn, xc[keep], yc[keep], others[keep]))
+    for model, inputs, labels, starts in cases:
+        result = minimum_norm(model, inputs, labels, norm=norm, steps=steps, starting_points=starts)
+        start_distance = torch.linalg.vector_norm((starts - inputs).flatten(1), ord=norm, dim=1)
+        assert result.success.all()
+        # Exact, no tolerance: the guarantee holds in the norm as minimum_norm measures it.
+        assert torch.all(result.distance <= start_distance)
+    # The step model's closed form: the least perturbation moves the first pixel alone up to 0.7.
+    result = minimum_norm(
+        _Threshold(), x, torch.zeros(16, dtype=torch.long), norm=norm, steps=steps, starting_points=start
+    )
+    assert torch.all(result.distance >= 0.7 - x.flatten(1)[:, 0])
+
+
 def test_no_gradient_leak_and_training_flags_restored():
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)
@@ -246,3 +327,5 @@ def test_invalid_arguments_are_rejected():
         fmn(model, x, y[:2], norm=math.inf)
     with pytest.raises(ValueError, match="starting point"):
         fmn(model, x, y, norm=math.inf, starting_points=x)
+    with pytest.raises(ValueError, match="starting_points must have the inputs' shape"):
+        fmn(model, x, y, norm=math.inf, starting_points=x[:2])

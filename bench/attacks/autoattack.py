@@ -42,6 +42,8 @@ class AutoAttackOutcome:
         robust: correctly classified and broken by no stage.
         broken_by: the first stage that broke each sample (None if robust or misclassified clean).
         adv_pred: prediction on the returned adversarial (the clean prediction when not broken).
+        x_adv: the adversarial input of each broken sample, the clean input of the others (as the ``x_adv`` of
+            ``run_standard_evaluation``): where FMN's warm start begins.
         seconds: wall time per stage.
         flags: sanity-check flags raised (see ``FLAG_PATTERNS``).
         warnings: the raw warning messages behind the flags.
@@ -51,6 +53,7 @@ class AutoAttackOutcome:
     robust: torch.Tensor
     broken_by: list[str | None]
     adv_pred: torch.Tensor
+    x_adv: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict)
     flags: set[str] = field(default_factory=set)
     warnings: list[str] = field(default_factory=list)
@@ -159,7 +162,7 @@ def run_autoattack(
         on_stage_done: called as ``(stage, n_attacked, n_broken)`` after each stage (progress bars).
 
     Returns:
-        The per-sample outcome with per-stage timings and sanity-check flags.
+        The per-sample outcome (with the adversarial inputs) with per-stage timings and sanity-check flags.
     """
     aa = build_autoattack(model, norm=norm, eps=eps, version=version, seed=seed, device=device)
     collector = WarningCollector()
@@ -174,6 +177,7 @@ def run_autoattack(
                 clean_pred = aa.get_logits(x).argmax(1)
             robust = clean_pred == y
             adv_pred = clean_pred.clone()
+            x_adv = x.clone()
             broken_by: list[str | None] = [None] * len(y)
             seconds: dict[str, float] = {}
             for attack in aa.attacks_to_run:
@@ -188,6 +192,7 @@ def run_autoattack(
                     broken_idx = idx[fooled]
                     robust[broken_idx] = False
                     adv_pred[broken_idx] = out[fooled]
+                    x_adv[broken_idx] = adv[fooled].detach()
                     for i in broken_idx.tolist():
                         broken_by[i] = attack
                     n_broken = int(fooled.sum())
@@ -201,6 +206,7 @@ def run_autoattack(
         robust=robust.cpu(),
         broken_by=broken_by,
         adv_pred=adv_pred.cpu(),
+        x_adv=x_adv.cpu(),
         seconds=seconds,
         flags=flags_from_messages(collector.messages),
         warnings=collector.messages,

@@ -20,6 +20,16 @@ must be checked separately; :func:`minimum_norm` does that and reports per-sampl
 
 Unlike foolbox 3.3.4, whose ``L2FMNAttack.project`` never shrinks δ (``factor = min(1, n / n)``), the
 ℓ2 projection here rescales δ onto the ε-ball.
+
+**Warm start** (the paper's initialisation from an adversarial point; ``starting_points`` in the authors' code,
+foolbox and adv-lib). A binary search along the segment from x to the adversarial starting point x₁ (in the
+geometry of the norm: the convex combination in ℓ2, x₁ - x clamped to [-t, t] in ℓ∞) finds the boundary, and δ
+starts at the adversarial end of the final bracket, as in the authors' code and foolbox (adv-lib takes the last
+mid-point, which may be on the wrong side). ε starts at +∞ as there, so the first step, adversarial, sets it to
+‖δ‖. One deliberate addition: the best adversarial starts as the adversarial end of that bracket (checked by the
+search's own forward passes) instead of the clean input, and is kept at the end if rounding in x + δ put the
+loop's best a unit in the last place beyond it. A warm-started run therefore never returns a point farther than
+its starting point (in the norm as :func:`minimum_norm` measures it), even with no step at all.
 """
 
 from __future__ import annotations
@@ -171,12 +181,13 @@ def fmn(
         gamma_init: Initial ε step size γ_0.
         gamma_final: Final ε step size γ_K.
         starting_points: Optional adversarial points to start from; a binary search along the segment
-            (in the geometry of ``norm``) from ``inputs`` finds the boundary and δ starts there.
+            (in the geometry of ``norm``) from ``inputs`` finds the boundary and δ starts there. The result is
+            then never farther from ``inputs`` than the starting point (module docstring).
         binary_search_steps: Number of bisections for ``starting_points``.
 
     Returns:
         The adversarial inputs of smallest norm found, shape of ``inputs``; for samples that never became
-        adversarial, the input itself.
+        adversarial, the input itself (never with ``starting_points``).
 
     Raises:
         ValueError: If ``norm`` is unsupported, inputs leave [0, 1], shapes disagree, or a starting point
@@ -195,28 +206,41 @@ def fmn(
     if alpha_final is None:
         alpha_final = alpha_init / 100
 
+    worst_norm = _lp_norm(torch.maximum(x, 1 - x), p)
     with _eval_mode(model):
         if starting_points is not None:
-            x1 = starting_points.detach()
+            x1 = starting_points.detach().to(device=x.device, dtype=x.dtype)
+            if x1.shape != x.shape:
+                raise ValueError(f"starting_points must have the inputs' shape {tuple(x.shape)}, got {tuple(x1.shape)}")
             with torch.no_grad():
                 if not _is_adversarial(model(x1), labels, targeted).all():
                     raise ValueError("every starting point must be adversarial; drop or replace the others")
                 lower = torch.zeros(n, dtype=x.dtype, device=x.device)
                 upper = torch.ones(n, dtype=x.dtype, device=x.device)
+                # The adversarial end of the bracket as the very point the forward pass classified (x1 until a
+                # mid-point is adversarial). A mid-point replaces it only if not farther: in ℓ∞, x + (x1 - x) can
+                # round a unit in the last place beyond x1.
+                start = x1.clone()
+                start_norm = _lp_norm(start - x, p)
                 for _ in range(binary_search_steps):
                     t = (lower + upper) / 2
-                    is_adv = _is_adversarial(model(mid_point(x, x1, t)), labels, targeted)
+                    mid = mid_point(x, x1, t)
+                    is_adv = _is_adversarial(model(mid), labels, targeted)
                     lower = torch.where(is_adv, lower, t)
                     upper = torch.where(is_adv, t, upper)
-                # `upper` always indexes an adversarial point.
-                delta = mid_point(x, x1, upper) - x
+                    mid_norm = _lp_norm(mid - x, p)
+                    take = is_adv & (mid_norm <= start_norm)
+                    start = torch.where(_batch_view(take, x), mid, start)
+                    start_norm = torch.where(take, mid_norm, start_norm)
+            delta = start - x
+            best_adv = start
+            best_norm = _lp_norm(delta, p)
         else:
             delta = torch.zeros_like(x)
+            best_adv = x.clone()
+            best_norm = worst_norm.clone()
 
         epsilon = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-        worst_norm = _lp_norm(torch.maximum(x, 1 - x), p)
-        best_norm = worst_norm.clone()
-        best_adv = x.clone()
         adv_found = torch.zeros(n, dtype=torch.bool, device=x.device)
 
         for k in range(steps):
@@ -258,6 +282,11 @@ def fmn(
             project_(delta, epsilon)
             delta.add_(x).clamp_(0.0, 1.0).sub_(x)
 
+    if starting_points is not None:
+        # The loop ranks points by ‖δ‖, but x + δ rounds: its best can lie a unit in the last place beyond the
+        # point it started from (a tie at the first step). The starting point is then the better answer.
+        farther = _lp_norm(best_adv - x, p) > start_norm
+        best_adv = torch.where(_batch_view(farther, x), start, best_adv)
     return best_adv
 
 
