@@ -6,6 +6,11 @@ per-sample rows and its attack timings are committed in one transaction, so a ru
 restarts at the first chunk without rows, and no sample is ever stored twice (a unique constraint on
 (evaluation, sample_id) guards it too). An evaluation whose rows are complete is reused unless
 ``overwrite`` is given.
+
+Under the default spec (``fmn_init="autoattack"``) FMN runs a second time, started from AutoAttack's adversarial
+example, on every sample AutoAttack broke, and each row stores the best-known minimal distance over plain FMN, that
+run and AutoAttack's own perturbation (:mod:`bench.analysis.best_known`): no stored best-known distance exceeds a
+perturbation the evaluation already holds. The plain FMN figures stay as they were (the thin-ice paper's).
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from sqlalchemy import delete, select
 from tqdm.auto import tqdm
 
+from bench.analysis.best_known import FMN, FMN_FROM_AUTOATTACK, autoattack_source, best_known, distance_gap
 from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
 from bench.attacks.autoattack import AA_FLAGS, run_autoattack, square_check_flags
 from bench.attacks.fmn import minimum_norm
@@ -31,7 +38,15 @@ from bench.store import Evaluation, Model, SampleResult, Store
 FMN_BEAT_AA_FLAG = "fmn_beat_autoattack"
 # AutoAttack's own clean pass disagreed with ours on some sample (a randomised or input-dependent model).
 CLEAN_DISAGREEMENT_FLAG = "clean_pass_disagreement"
-UNRELIABLE_FLAGS = AA_FLAGS | {CLEAN_DISAGREEMENT_FLAG}
+# Our forward pass did not find an adversarial example AutoAttack returned adversarial (the same kind of model):
+# FMN does not start from it and its norm is no best-known distance.
+AA_ADV_NOT_REPRODUCED_FLAG = "autoattack_adversarial_not_reproduced"
+# A sample AutoAttack broke at eps ended with a best-known distance above eps: AutoAttack's own perturbation, rounded
+# in float32, exceeds eps by a last-place unit and neither FMN run found a smaller one. Visible, not unreliable.
+BEST_KNOWN_ABOVE_EPS_FLAG = "best_known_above_eps"
+UNRELIABLE_FLAGS = AA_FLAGS | {CLEAN_DISAGREEMENT_FLAG, AA_ADV_NOT_REPRODUCED_FLAG}
+# The stage name of FMN's warm start (timings, progress bars).
+FMN_WARM_STAGE = FMN_FROM_AUTOATTACK
 
 
 @dataclass
@@ -53,6 +68,11 @@ class EvaluationSummary:
     attack_seconds: dict[str, float]
     reused: bool = False
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Plain FMN against the best-known distances (None for the protocol without FMN's warm start).
+    best_median_distance: float | None = None
+    fmn_local_optimality: float | None = None
+    fmn_best_median_ratio: float | None = None
+    n_fmn_above_best: int | None = None
 
     @classmethod
     def from_row(cls, ev: Evaluation, reused: bool = False) -> EvaluationSummary:
@@ -79,6 +99,10 @@ class EvaluationSummary:
             attack_seconds=dict(ev.attack_seconds),
             reused=reused,
             intervals={k: wilson_interval(round(v * n), n) for k, v in accs.items()},
+            best_median_distance=ev.best_median_distance,
+            fmn_local_optimality=ev.fmn_local_optimality,
+            fmn_best_median_ratio=ev.fmn_best_median_ratio,
+            n_fmn_above_best=ev.n_fmn_above_best,
         )
 
 
@@ -99,7 +123,8 @@ def attack_chunk(
     run_checks: bool,
     on_stage_done: Callable[[str, int, int], None] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float], set[str], list[str]]:
-    """Clean pass, AutoAttack and FMN on one chunk; returns (rows, seconds per stage, flags, warnings)."""
+    """Clean pass, AutoAttack, FMN and (spec ``fmn_init="autoattack"``) FMN from AutoAttack's adversarial examples on
+    one chunk; returns (rows, seconds per stage, flags, warnings)."""
     device = spec.device
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -129,10 +154,11 @@ def attack_chunk(
     # giving the distance needed to leave it; stored as a negative epsilon.
     correct = pred == y
     fmn_labels = torch.where(correct, y, pred)
+    p = _norm_p(spec.norm)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        fmn = minimum_norm(model, x.to(device), fmn_labels.to(device), norm=_norm_p(spec.norm), steps=spec.fmn_steps)
+        fmn = minimum_norm(model, x.to(device), fmn_labels.to(device), norm=p, steps=spec.fmn_steps)
     seconds["fmn"] = time.perf_counter() - start
     if on_stage_done is not None:
         on_stage_done("fmn", len(y), int(fmn.success.sum()))
@@ -144,12 +170,44 @@ def attack_chunk(
     flags = set(aa.flags)
     if bool((aa.clean_pred.cpu() != pred).any()):
         flags.add(CLEAN_DISAGREEMENT_FLAG)
+
+    aa_distance: dict[int, float] = {}
+    warm_distance: dict[int, float] = {}
+    if spec.fmn_init == "autoattack":
+        start = time.perf_counter()
+        aa_distance, warm_distance, reproduced = _fmn_from_autoattack(model, x, y, correct, aa, spec)
+        if not reproduced:
+            flags.add(AA_ADV_NOT_REPRODUCED_FLAG)
+        seconds[FMN_WARM_STAGE] = time.perf_counter() - start
+        if on_stage_done is not None:
+            on_stage_done(FMN_WARM_STAGE, len(aa_distance), len(warm_distance))
+
     rows = []
     for i, sid in enumerate(sample_ids):
         success = bool(fmn.success[i])
         distance = float(fmn.distance[i]) if success else None
         signed = None if distance is None else (distance if correct[i] else -distance)
         fmn_broke = bool(correct[i]) and distance is not None and distance <= spec.eps_value
+        best: dict[str, Any] = dict(
+            aa_distance=None, fmn_warm_distance=None, best_distance=None, best_attack=None, signed_best_eps=None
+        )
+        if spec.fmn_init == "autoattack":
+            # Ties go to the attack that produced the point: AutoAttack before the FMN run that started from it.
+            candidates = [(FMN, distance)]
+            if i in aa_distance:
+                candidates = [
+                    (autoattack_source(aa.broken_by[i]), aa_distance[i]),
+                    *candidates,
+                    (FMN_FROM_AUTOATTACK, warm_distance.get(i)),
+                ]
+            best_distance, best_attack = best_known(candidates)
+            best.update(
+                aa_distance=aa_distance.get(i),
+                fmn_warm_distance=warm_distance.get(i),
+                best_distance=best_distance,
+                best_attack=best_attack,
+                signed_best_eps=None if best_distance is None else (best_distance if correct[i] else -best_distance),
+            )
         rows.append(
             dict(
                 sample_id=sid,
@@ -166,9 +224,43 @@ def attack_chunk(
                 signed_eps=signed,
                 fmn_adv_pred=int(fmn.adv_pred[i]),
                 best_robust=bool(aa_robust[i]) and not fmn_broke,
+                **best,
             )
         )
     return rows, seconds, flags, aa.warnings
+
+
+def _fmn_from_autoattack(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, correct: torch.Tensor, aa, spec: RunSpec
+) -> tuple[dict[int, float], dict[int, float], bool]:
+    """FMN started from AutoAttack's adversarial example on each sample AutoAttack broke (and we classify right).
+
+    Returns:
+        ``(aa_distance, warm_distance, reproduced)``: per chunk index, the norm of AutoAttack's perturbation and
+        the warm-started FMN's distance; whether our forward pass found every such example adversarial (one it does
+        not is left out of both: it is not a perturbation we hold).
+    """
+    device, p = spec.device, _norm_p(spec.norm)
+    broken = [i for i, stage in enumerate(aa.broken_by) if stage is not None and bool(correct[i])]
+    if not broken:
+        return {}, {}, True
+    idx = torch.tensor(broken)
+    xs, ys, starts = x[idx].to(device), y[idx].to(device), aa.x_adv[idx].to(device)
+    with torch.no_grad():
+        adversarial = (model(starts).argmax(1) != ys).cpu()
+    keep = adversarial.nonzero().flatten()
+    # Measured as minimum_norm measures FMN's distances: the same float32 perturbation norm.
+    norms = torch.linalg.vector_norm((starts - xs).flatten(1), ord=p, dim=1).float().cpu()
+    aa_distance = {broken[k]: float(norms[k]) for k in keep.tolist()}
+    warm_distance: dict[int, float] = {}
+    if len(keep):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            warm = minimum_norm(model, xs[keep], ys[keep], norm=p, steps=spec.fmn_steps, starting_points=starts[keep])
+        for j, k in enumerate(keep.tolist()):
+            if bool(warm.success[j]):
+                warm_distance[broken[k]] = float(warm.distance[j])
+    return aa_distance, warm_distance, bool(adversarial.all())
 
 
 def _norm_p(norm: str) -> float:
@@ -224,7 +316,7 @@ def evaluate(
     if done:
         log(f"resuming evaluation #{evaluation_id}: {len(done)}/{spec.n_samples} samples already stored")
 
-    stages = ("clean", *spec.attacks, "fmn")
+    stages = ("clean", *spec.attacks, "fmn", *((FMN_WARM_STAGE,) if spec.fmn_init == "autoattack" else ()))
     bars = {
         stage: tqdm(
             total=spec.n_samples,
@@ -359,6 +451,22 @@ def _finalize(store: Store, evaluation_id: int, spec: RunSpec) -> EvaluationSumm
         flags = {*ev.flags, *square_check_flags(agg.stage_robust_accuracy)}
         if agg.n_fmn_beat_aa:
             flags.add(FMN_BEAT_AA_FLAG)
+        if spec.fmn_init == "autoattack":
+            correct = np.array([r.clean_correct for r in records], dtype=bool)
+            gap = distance_gap(
+                _floats(r.fmn_distance if r.fmn_success else None for r in records),
+                _floats(r.best_distance for r in records),
+                correct,
+            )
+            ev.best_median_distance = gap.best_median_distance
+            ev.fmn_local_optimality = gap.local_optimality
+            ev.fmn_best_median_ratio = gap.median_ratio
+            ev.n_fmn_above_best = gap.n_above
+            if any(
+                r.clean_correct and r.aa_distance is not None and (r.best_distance or 0.0) > spec.eps_value
+                for r in records
+            ):
+                flags.add(BEST_KNOWN_ABOVE_EPS_FLAG)
         model = s.get(Model, ev.model_id)
         ev.flags = sorted(flags)
         ev.unreliable = bool(flags & UNRELIABLE_FLAGS)
@@ -389,3 +497,8 @@ def _finalize(store: Store, evaluation_id: int, spec: RunSpec) -> EvaluationSumm
         ev.status = "complete"
         s.flush()
         return EvaluationSummary.from_row(ev)
+
+
+def _floats(values) -> np.ndarray:
+    # None (no distance) becomes NaN.
+    return np.array([math.nan if v is None else v for v in values], dtype=np.float64)

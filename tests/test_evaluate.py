@@ -10,12 +10,14 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from pyautoattack import AutoAttack
 from sqlalchemy import func, select
 
 import bench.evaluate as evaluate_module
+from bench.analysis.best_known import distance_gap
 from bench.analysis.stats import wilson_interval
 from bench.evaluate import evaluate, logit_margin
 from bench.provenance import utcnow
@@ -85,11 +87,22 @@ def test_per_sample_rows_follow_the_protocol(store, digits, digits_mlp):
             assert r["fmn_distance"] is None and r["signed_eps"] is None
         fmn_broke = r["clean_correct"] and r["fmn_success"] and r["fmn_distance"] <= spec.eps_value
         assert r["best_robust"] == (r["aa_robust"] and not fmn_broke)
+        _check_best_known(r, spec)
+    # The comparison means something only if the warm start ran somewhere.
+    assert any(r["fmn_warm_distance"] is not None for r in rows)
     n = len(rows)
     assert summary.clean_accuracy == sum(r["clean_correct"] for r in rows) / n
     assert summary.aa_robust_accuracy == sum(r["aa_robust"] for r in rows) / n
     assert summary.best_robust_accuracy == sum(r["best_robust"] for r in rows) / n
     assert summary.best_robust_accuracy <= summary.aa_robust_accuracy
+    gap = distance_gap(
+        np.array([math.nan if r["fmn_distance"] is None else r["fmn_distance"] for r in rows]),
+        np.array([math.nan if r["best_distance"] is None else r["best_distance"] for r in rows]),
+        np.array([r["clean_correct"] for r in rows]),
+    )
+    assert (summary.fmn_local_optimality, summary.n_fmn_above_best) == (gap.local_optimality, gap.n_above)
+    assert (summary.fmn_best_median_ratio, summary.best_median_distance) == (gap.median_ratio, gap.best_median_distance)
+    assert 0 < summary.fmn_local_optimality <= 1 and summary.fmn_best_median_ratio >= 1
     k = sum(r["aa_robust"] for r in rows)
     assert summary.intervals["autoattack"] == pytest.approx(wilson_interval(k, n))
     distances = sorted(r["fmn_distance"] for r in rows if r["clean_correct"] and r["fmn_success"])
@@ -121,7 +134,52 @@ def test_per_sample_rows_follow_the_protocol(store, digits, digits_mlp):
             "checkpoint_sha256",
         ):
             assert key in prov, key
-        assert set(ev.attack_seconds) == {"clean", "fmn", *spec.attacks}
+        assert set(ev.attack_seconds) == {"clean", "fmn", "fmn_from_autoattack", *spec.attacks}
+
+
+def _check_best_known(r: dict, spec: RunSpec) -> None:
+    """One stored row's best-known distance: the minimum over the attacks that ran, named, signed, within eps where
+    AutoAttack broke the sample."""
+    aa_broke = r["clean_correct"] and r["aa_broken_by"] is not None
+    fmn = r["fmn_distance"]
+    if aa_broke:
+        # AutoAttack's perturbation is within eps up to float32 rounding (it clips to x ± eps in float32; inputs in
+        # [0, 1] round by at most 2^-25), and FMN started from it.
+        assert r["aa_distance"] is not None and r["aa_distance"] <= spec.eps_value + 2**-23
+        assert r["fmn_warm_distance"] is not None and r["fmn_warm_distance"] <= r["aa_distance"]
+        candidates = {
+            f"autoattack:{r['aa_broken_by']}": r["aa_distance"],
+            "fmn_from_autoattack": r["fmn_warm_distance"],
+        }
+    else:
+        assert r["aa_distance"] is None and r["fmn_warm_distance"] is None
+        candidates = {}
+    if fmn is not None:
+        candidates["fmn"] = fmn
+    if not candidates:
+        assert r["best_distance"] is None and r["best_attack"] is None and r["signed_best_eps"] is None
+        return
+    assert r["best_distance"] == min(candidates.values())
+    assert candidates[r["best_attack"]] == r["best_distance"]
+    assert r["signed_best_eps"] == (r["best_distance"] if r["clean_correct"] else -r["best_distance"])
+    if aa_broke:
+        # The acceptance criterion: no sample AutoAttack broke at eps has a best-known distance above eps.
+        assert r["best_distance"] <= spec.eps_value
+
+
+def test_the_protocol_before_the_warm_start_stores_no_best_known(store, digits, digits_mlp):
+    _, _, xte, yte = digits
+    spec = _spec(n_samples=10, fmn_init="none")
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    new = ("aa_distance", "fmn_warm_distance", "best_distance", "best_attack", "signed_best_eps")
+    assert all(r[c] is None for r in rows for c in new)
+    assert any(r["aa_broken_by"] is not None for r in rows)
+    assert summary.fmn_local_optimality is None and summary.n_fmn_above_best is None
+    with store.session() as s:
+        ev = s.get(Evaluation, summary.evaluation_id)
+        assert "fmn_from_autoattack" not in ev.attack_seconds
+        assert ev.spec_hash == spec.hash and "fmn_init" not in ev.spec
 
 
 def test_aa_flags_match_bare_run_through_the_store(store, digits, digits_mlp):
@@ -321,3 +379,40 @@ def test_autoattack_clean_pass_disagreement_is_flagged_and_never_counted_robust(
         ev = s.get(Evaluation, summary.evaluation_id)
         assert "clean_pass_disagreement" in ev.flags and ev.unreliable
         assert ev.aa_robust_accuracy == pytest.approx(sum(r["aa_robust"] for r in rows) / len(rows))
+
+
+@pytest.mark.slow
+def test_digits_track_dense_model_has_no_best_known_distance_above_eps_where_autoattack_broke(tmp_path_factory, store):
+    """The dense model of the built-in digits track, first 60 test digits, the track's protocol (AutoAttack-plus,
+    L∞ eps 0.2, FMN 100 steps): plain FMN's distance exceeds eps on several samples AutoAttack broke at eps; the
+    best-known distance never does."""
+    from bench.catalog import load_checkpoint_model
+    from bench.data import get_dataset_info, load_split, parse_eps
+    from bench.track import TRACKS, dense_checkpoint
+
+    track = TRACKS["digits"]
+    path, _ = dense_checkpoint(track, root=tmp_path_factory.mktemp("track"))
+    model = load_checkpoint_model(path, track.arch, track.dataset)
+    x, y = load_split("digits", "test")
+    spec = RunSpec(
+        dataset="digits",
+        n_samples=60,
+        norm="Linf",
+        eps=track.eps,
+        eps_value=parse_eps(track.eps),
+        version="plus",
+        fmn_steps=100,
+        batch_size=get_dataset_info("digits").default_batch_size,
+        seed=0,
+    )
+    summary = evaluate(store, _model_row(store, "digits-dense"), model, x, y, spec, progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    broken = [r for r in rows if r["clean_correct"] and r["aa_broken_by"] is not None]
+    assert len(broken) >= 8
+    # What the warm start is for: plain FMN overstates the distance of samples AutoAttack broke within eps.
+    assert sum(r["fmn_distance"] is None or r["fmn_distance"] > spec.eps_value for r in broken) >= 2
+    assert [r["sample_id"] for r in broken if r["best_distance"] > spec.eps_value] == []
+    for r in rows:
+        _check_best_known(r, spec)
+    assert "best_known_above_eps" not in summary.flags
+    assert summary.n_fmn_above_best >= 2 and summary.fmn_local_optimality < 1

@@ -84,6 +84,13 @@ class Evaluation(Base):
     best_robust_accuracy: Mapped[float | None] = mapped_column(Float)
     fmn_median_distance: Mapped[float | None] = mapped_column(Float)
     n_fmn_beat_aa: Mapped[int | None] = mapped_column(Integer)
+    # How far plain FMN was from the best-known distances (bench.analysis.best_known; None before the warm start,
+    # spec fmn_init "none"): median best-known distance, AttackBench's local optimality of plain FMN, the median
+    # ratio plain FMN / best known and the samples where plain FMN was more than 1 % above it (or found none).
+    best_median_distance: Mapped[float | None] = mapped_column(Float)
+    fmn_local_optimality: Mapped[float | None] = mapped_column(Float)
+    fmn_best_median_ratio: Mapped[float | None] = mapped_column(Float)
+    n_fmn_above_best: Mapped[int | None] = mapped_column(Integer)
     # AutoAttack sanity-check flags and our own ("fmn_beat_autoattack"); any AutoAttack flag marks the
     # evaluation potentially unreliable (RobustBench's "unreliable").
     flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
@@ -127,5 +134,14 @@ class SampleResult(Base):
     fmn_adv_pred: Mapped[int] = mapped_column(Integer)
     # Correct and broken neither by AutoAttack nor by FMN within eps (best-known robustness).
     best_robust: Mapped[bool] = mapped_column(Boolean)
+    # Best-known minimal distance (spec fmn_init "autoattack"; all None in evaluations stored before it): the norm
+    # of AutoAttack's adversarial perturbation where it broke the sample, FMN's distance when started from that
+    # adversarial example, the smallest distance any of plain FMN, warm-started FMN and AutoAttack found, the attack
+    # that found it ("fmn", "fmn_from_autoattack", "autoattack:<stage>") and its signed epsilon (as signed_eps).
+    aa_distance: Mapped[float | None] = mapped_column(Float)
+    fmn_warm_distance: Mapped[float | None] = mapped_column(Float)
+    best_distance: Mapped[float | None] = mapped_column(Float)
+    best_attack: Mapped[str | None] = mapped_column(String(32))
+    signed_best_eps: Mapped[float | None] = mapped_column(Float)
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
