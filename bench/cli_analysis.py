@@ -38,6 +38,17 @@ def _method_name(key: str) -> str:
         return key
 
 
+_DISTANCE_OPTION = click.option(
+    "--distance",
+    type=click.Choice(["best", "fmn"]),
+    default="best",
+    show_default=True,
+    help="Per-sample distance read: best known (FMN, FMN from AutoAttack's adversarial, AutoAttack; plain FMN for an "
+    "evaluation stored without it) or plain FMN (the thin-ice paper's figures).",
+)
+_DISTANCE_NAMES = {"best": "best-known distance", "fmn": "plain FMN distance"}
+
+
 def resolve_evaluation_model(session, ref: str):
     """The model a MODEL argument names (``eval:N`` names its evaluation's model)."""
     from bench.analysis.report import EVALUATION_PREFIX, resolve_evaluation, resolve_model
@@ -68,13 +79,15 @@ def analyze() -> None:
     help="Dense model (id, name or eval:N) [default: the pruned model's parent].",
 )
 @click.option("--min-group", type=int, default=5, show_default=True, help="Populations smaller than this get a note.")
+@_DISTANCE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_db_option
 @friendly_errors
-def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
+def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
     """Samples on thin ice (Piras et al. 2023, Table 2): populations S00/S01/S10/S11 by clean correctness of the
-    dense (first digit) and pruned (second digit) model, and how well the dense model's FMN distance ε separates
-    them (AUC with the two-sided Mann–Whitney p-value)."""
+    dense (first digit) and pruned (second digit) model, and how well the dense model's distance ε separates
+    them (AUC with the two-sided Mann–Whitney p-value). ε is the best-known distance by default; --distance fmn
+    gives the paper's plain FMN ε."""
     from bench.analysis.records import load_records
     from bench.analysis.report import resolve_model, resolve_pair
     from bench.analysis.thin_ice import thin_ice
@@ -88,7 +101,9 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
             dense_ref = str(pruned_model.parent_id)
         pruned_ev, dense_ev = resolve_pair(s, pruned_ref, dense_ref)
         pruned, dense = pruned_ev.model, dense_ev.model
-        result = thin_ice(load_records(s, dense_ev.id), load_records(s, pruned_ev.id), min_group=min_group)
+        result = thin_ice(
+            load_records(s, dense_ev.id), load_records(s, pruned_ev.id), min_group=min_group, distance=distance
+        )
         if pruned.parent_id is not None and pruned.parent_id != dense.id:
             parent = resolve_model(s, pruned.parent_id)
             result.notes.append(f"{dense.name!r} is not the pruned model's recorded parent ({parent.name!r})")
@@ -108,6 +123,7 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
                 {
                     "pruned_evaluation": pruned_ev.id,
                     "dense_evaluation": dense_ev.id,
+                    "distance": result.distance,
                     "n": result.n,
                     "counts": result.counts,
                     "percent": result.percent,
@@ -125,7 +141,10 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, fmt, db):
     click.echo("")
     click.echo(_fmt_table([{**lead, **result.as_table_row()}]))
     click.echo("")
-    click.echo("S_dp: d = dense correct, p = pruned correct (clean); ε = the dense model's signed FMN distance;")
+    click.echo(
+        f"S_dp: d = dense correct, p = pruned correct (clean); ε = the dense model's signed "
+        f"{_DISTANCE_NAMES[result.distance]};"
+    )
     click.echo("AUC = P(ε of a random sample of the first group < ε of one of the second).")
     for note in result.notes:
         click.echo(f"note: {note}")
@@ -231,10 +250,12 @@ def drops_command(fmt, db):
 @analyze.command("curve")
 @click.argument("ref", metavar="MODEL")
 @click.option("--points", type=int, default=13, show_default=True, help="Budgets printed, evenly from 0 to 3·eps.")
+@_DISTANCE_OPTION
 @_db_option
 @friendly_errors
-def curve_command(ref, points, db):
-    """Security curve: robust accuracy against the budget from the FMN distances, with the AutoAttack point."""
+def curve_command(ref, points, distance, db):
+    """Security curve: robust accuracy against the budget from the per-sample distances (best known by default,
+    --distance fmn for plain FMN's), with the AutoAttack point."""
     import numpy as np
 
     from bench.analysis.curves import security_curve
@@ -248,11 +269,17 @@ def curve_command(ref, points, db):
         ev = resolve_evaluation(s, ref)
         records = load_records(s, ev.id)
         name, aa = ev.model.name, ev.aa_robust_accuracy
-    grid, acc = security_curve(records, np.linspace(0, 3 * records.eps, points))
+    grid, acc = security_curve(records, np.linspace(0, 3 * records.eps, points), distance=distance)
+    used = records.distance_used(distance)
     click.echo(
         f"security curve of {name} (evaluation #{ev.id}, {records.norm}, nominal eps {records.spec.get('eps')}, "
-        f"N={records.n}); FMN robust accuracy = correct and FMN distance > eps"
+        f"N={records.n}); robust accuracy = correct and {_DISTANCE_NAMES[used]} > eps"
     )
+    if used != distance:
+        click.echo(
+            f"note: evaluation #{ev.id} has no best-known distances (stored before FMN started from AutoAttack's "
+            "adversarial examples); the curve reads plain FMN's"
+        )
     for e, a in zip(grid, acc, strict=True):
         mark = ""
         if math.isclose(e, records.eps, rel_tol=1e-9):
@@ -302,7 +329,9 @@ def report_command(ref, db):
         echo("")
         echo(
             f"evaluation #{ev['id']} ({ev['status']}): AutoAttack-{spec.get('version')} {spec.get('norm')} "
-            f"eps={spec.get('eps')}, FMN {spec.get('fmn_steps')} steps, N={ev['n']}, seed {spec.get('seed')}, "
+            f"eps={spec.get('eps')}, FMN {spec.get('fmn_steps')} steps"
+            f"{' (also from AutoAttack adversarials)' if spec.get('fmn_init', 'none') != 'none' else ''}, "
+            f"N={ev['n']}, seed {spec.get('seed')}, "
             f"protocol {spec.get('protocol')} {ev['protocol_hash'][:12]}"
         )
         if ev["status"] != "complete":
@@ -325,7 +354,20 @@ def report_command(ref, db):
                 )
                 echo(f"  {label:<22} {_interval(*ev['intervals'][key])}  (Wilson 95 %{across})")
         if ev["fmn_median_distance"] is not None:
-            echo(f"  FMN median distance    {ev['fmn_median_distance']:.5f}")
+            echo(f"  FMN median distance    {ev['fmn_median_distance']:.5f}  (plain FMN, as the thin-ice paper)")
+        best = ev["best_known"]
+        if best is not None and best["best_median_distance"] is not None:
+            echo(
+                f"  best-known median      {best['best_median_distance']:.5f}  (FMN, FMN from AutoAttack's "
+                "adversarial, AutoAttack)"
+            )
+        if best is not None and best["fmn_local_optimality"] is not None:
+            ratio = best["fmn_best_median_ratio"]
+            echo(
+                f"  plain FMN vs best      local optimality {best['fmn_local_optimality']:.4f} (AttackBench; 1 = "
+                f"the best known), median ratio {'-' if ratio is None else f'{ratio:.4f}'}, "
+                f"{best['n_fmn_above_best']} samples more than 1 % above it or not found"
+            )
         if ev["flags"]:
             echo(
                 f"  flags                  {', '.join(ev['flags'])}"
@@ -340,8 +382,11 @@ def report_command(ref, db):
                 share = 100 * count / ev["n"] if ev["n"] else math.nan
                 echo(f"    {stage:<{width}} {count:>7}  {share:6.2f} %")
         if ev["curve"]:
-            echo("  security curve (FMN)")
+            echo(f"  security curve ({_DISTANCE_NAMES[ev['curve_distance']]}s)")
             echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve"]))
+        if ev["curve_fmn"]:
+            echo("  security curve (plain FMN distances)")
+            echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve_fmn"]))
         for reported, drop in ev["claims"]:
             drop_text = "-" if drop is None else f"{drop:+.2f} points"
             echo(
@@ -364,6 +409,14 @@ def report_command(ref, db):
                 f"S11 {row['S11 %']} %; AUC ε10<ε11 {row['AUC ε10<ε11 (p)']}, "
                 f"AUC |ε01|<|ε00| {row['AUC |ε01|<|ε00| (p)']}"
             )
+            echo(f"    ε = the parent's signed {_DISTANCE_NAMES[ti.distance]}")
+            paper = ev.get("thin_ice_fmn")
+            if paper is not None:
+                paper_row = paper.as_table_row()
+                echo(
+                    f"    with plain FMN ε (the paper's): AUC ε10<ε11 {paper_row['AUC ε10<ε11 (p)']}, "
+                    f"AUC |ε01|<|ε00| {paper_row['AUC |ε01|<|ε00| (p)']}"
+                )
             for note in ti.notes:
                 echo(f"    note: {note}")
         elif ev["thin_ice_reason"]:

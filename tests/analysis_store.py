@@ -13,6 +13,7 @@ from datetime import timedelta
 import numpy as np
 from sqlalchemy import insert
 
+from bench.analysis.best_known import distance_gap
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
@@ -62,12 +63,15 @@ def add_evaluation(
     spec: RunSpec | None = None,
     finished_offset_s: float = 0.0,
     status: str = "complete",
+    best_eps: Sequence[float | None] | None = None,
 ) -> int:
     """A complete evaluation of ``model_id`` with one stored row per sample; returns its id.
 
     ``signed_eps`` gives FMN's result (None: FMN failed); ``aa_broken_by`` the first AutoAttack stage that broke
     a correctly classified sample (None: robust). The stored accuracies are computed from the rows, as
-    ``bench.evaluate`` does.
+    ``bench.evaluate`` does. ``best_eps`` gives the signed best-known ε (None: none known) [default: FMN's own];
+    it is stored only under a spec that starts FMN from AutoAttack (``fmn_init`` not ``"none"``), as the evaluator
+    does.
     """
     n = len(clean_correct)
     spec = spec or digits_spec(n_samples=n)
@@ -78,6 +82,8 @@ def add_evaluation(
     margins = list(margin) if margin is not None else [1.0 if c else -1.0 for c in correct]
     ids = list(sample_ids) if sample_ids is not None else list(range(n))
     labs = list(labels) if labels is not None else [i % 10 for i in ids]
+    fmn_signed = [e if ok else None for e, ok in zip(signed, success, strict=True)]
+    best_signed = list(best_eps) if best_eps is not None else fmn_signed
     rows = []
     for i in range(n):
         dist = None if signed[i] is None or not success[i] else abs(signed[i])
@@ -101,6 +107,20 @@ def add_evaluation(
                 best_robust=aa_robust and not fmn_broke,
             )
         )
+        if spec.fmn_init != "none":
+            best = None if best_signed[i] is None else abs(best_signed[i])
+            rows[-1].update(
+                best_distance=best,
+                best_attack=None if best is None else ("fmn" if best == dist else "fmn_from_autoattack"),
+                signed_best_eps=None if best is None else (best if correct[i] else -best),
+            )
+    gap = None
+    if spec.fmn_init != "none":
+        gap = distance_gap(
+            np.array([math.nan if r["fmn_distance"] is None else r["fmn_distance"] for r in rows]),
+            np.array([math.nan if r.get("best_distance") is None else r["best_distance"] for r in rows]),
+            np.array(correct),
+        )
     now = utcnow()
     with store.session() as s:
         ev = Evaluation(
@@ -123,6 +143,10 @@ def add_evaluation(
             best_robust_accuracy=float(np.mean([r["best_robust"] for r in rows])),
             fmn_median_distance=_median([r["fmn_distance"] for r in rows if r["clean_correct"] and r["fmn_success"]]),
             n_fmn_beat_aa=sum(r["aa_robust"] and not r["best_robust"] for r in rows),
+            best_median_distance=gap and gap.best_median_distance,
+            fmn_local_optimality=gap and gap.local_optimality,
+            fmn_best_median_ratio=gap and gap.median_ratio,
+            n_fmn_above_best=gap and gap.n_above,
             flags=[],
             attack_seconds={"apgd-ce": 1.0},
             provenance={"git_commit": "abc123", "device": "cpu"},

@@ -109,13 +109,15 @@ def test_a_failed_fmn_run_ranks_as_farthest_and_is_noted(store):
         store, dict(clean_correct=dense_correct, signed_eps=eps), dict(clean_correct=pruned_correct)
     )
 
-    result = _analyse(store, dense_ev, pruned_ev)
-
     s11 = [0.5, 0.6, 0.7, 0.8, 0.9, math.inf]
     s10 = [0.55, 0.65, 0.75, 0.85, 0.95, 0.1]
-    assert result.auc_10_11 == pytest.approx(_brute_auc(s10, s11))
-    assert math.isnan(result.eps[5])
-    assert any("1 sample without an FMN distance" in note for note in result.notes)
+    for distance, why in (("fmn", "(FMN failed)"), ("best", "(FMN failed, and no other attack found one)")):
+        result = _analyse(store, dense_ev, pruned_ev, distance=distance)
+        assert result.distance == distance
+        assert result.auc_10_11 == pytest.approx(_brute_auc(s10, s11))
+        assert math.isnan(result.eps[5])
+        expected = f"1 sample without an FMN distance on the dense model {why}"
+        assert any(note.startswith(expected) for note in result.notes)
 
 
 def test_small_and_empty_groups_are_flagged(store):
@@ -146,15 +148,15 @@ def test_no_auc_when_a_group_has_no_fmn_distance(store):
         store, dict(clean_correct=dense_correct, signed_eps=eps), dict(clean_correct=pruned_correct)
     )
 
-    result = _analyse(store, dense_ev, pruned_ev)
+    for distance, tail in (("fmn", ""), ("best", ", and no other attack found one")):
+        result = _analyse(store, dense_ev, pruned_ev, distance=distance)
 
-    assert result.counts == {"S00": 5, "S01": 5, "S10": 6, "S11": 14}
-    assert (result.auc_10_11, result.p_10_11, result.auc_01_00, result.p_01_00) == (None, None, None, None)
-    assert "no AUC(S10 < S11): FMN found no distance on the dense model for any S10 sample (6 samples)" in (
-        result.notes
-    )
-    assert any(note.startswith("no AUC(S01 < S00): FMN found no distance") for note in result.notes)
-    assert result.as_table_row()["AUC ε10<ε11 (p)"] == "-"
+        assert result.counts == {"S00": 5, "S01": 5, "S10": 6, "S11": 14}
+        assert (result.auc_10_11, result.p_10_11, result.auc_01_00, result.p_01_00) == (None, None, None, None)
+        note = "no AUC(S10 < S11): FMN found no distance on the dense model for any S10 sample (6 samples)"
+        assert note + tail in result.notes
+        assert any(note.startswith("no AUC(S01 < S00): FMN found no distance") for note in result.notes)
+        assert result.as_table_row()["AUC ε10<ε11 (p)"] == "-"
 
 
 def test_no_auc_when_every_eps_is_tied(store):
@@ -224,3 +226,43 @@ def test_different_labels_for_the_same_ids_are_refused(store):
 @pytest.mark.parametrize(("p", "text"), [(4.2e-170, "4e-170"), (0.0312, "0.03"), (0.0, "<1e-300"), (None, "-")])
 def test_p_values_are_written_as_in_the_paper(p, text):
     assert format_p(p) == text
+
+
+def test_best_known_distances_by_default_plain_fmn_on_request(store):
+    # Plain FMN overstates the distance of the flipped (S10) samples; the best known puts them back near the boundary.
+    dense_correct = [True] * 30
+    pruned_correct = [True] * 20 + [False] * 10
+    fmn = [0.2 + 0.01 * i for i in range(20)] + [0.25 + 0.01 * i for i in range(10)]
+    best = fmn[:20] + [0.02 + 0.01 * i for i in range(10)]
+    dense_ev, pruned_ev = _pair(
+        store,
+        dict(clean_correct=dense_correct, signed_eps=fmn, best_eps=best),
+        dict(clean_correct=pruned_correct),
+    )
+
+    default = _analyse(store, dense_ev, pruned_ev)
+    plain = _analyse(store, dense_ev, pruned_ev, distance="fmn")
+
+    assert (default.distance, plain.distance) == ("best", "fmn")
+    assert default.eps == pytest.approx(best) and plain.eps == pytest.approx(fmn)
+    assert default.auc_10_11 == 1.0
+    assert plain.auc_10_11 == pytest.approx(_brute_auc(fmn[20:], fmn[:20]))
+    assert default.counts == plain.counts
+    # Only the empty S01/S00 groups are noted; nothing about the distance used.
+    assert default.notes == plain.notes and all(note.startswith(("S01 ", "S00 ")) for note in default.notes)
+
+
+def test_a_dense_evaluation_without_best_known_distances_reads_plain_fmn_and_says_so(store):
+    legacy = digits_spec(n_samples=12, fmn_init="none")
+    eps = [0.5, 0.6, 0.7, 0.8, 0.9, 0.4] + [0.55, 0.65, 0.75, 0.85, 0.95, 0.1]
+    dense_ev, pruned_ev = _pair(
+        store,
+        dict(clean_correct=[True] * 12, signed_eps=eps, spec=legacy),
+        dict(clean_correct=[True] * 6 + [False] * 6, spec=legacy),
+    )
+    result = _analyse(store, dense_ev, pruned_ev)
+    assert result.distance == "fmn" and result.eps == pytest.approx(eps)
+    assert any("has no best-known distances" in note for note in result.notes)
+    assert not any("best-known" in note for note in _analyse(store, dense_ev, pruned_ev, distance="fmn").notes)
+    with pytest.raises(ValueError, match="unknown distance"):
+        _analyse(store, dense_ev, pruned_ev, distance="aa")

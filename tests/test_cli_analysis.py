@@ -306,7 +306,7 @@ def test_report_survives_inconsistent_rows_and_says_why_thin_ice_is_missing(db):
         f"  note: the AutoAttack stage breakdown failed: evaluation #{db.ids['other']} has samples broken by mystery"
         in (other.output)
     )
-    assert "security curve (FMN)" in other.output
+    assert "security curve (best-known distances)" in other.output
 
 
 def test_thin_ice_without_dense_picks_an_evaluation_the_parent_shares(db):
@@ -332,3 +332,58 @@ def test_report_notes_malformed_reported_numbers_and_goes_on(db):
     )
     assert "\nnote: reading the reported numbers failed:" in result.output
     assert "thin ice vs parent     S00 15.00 %" in result.output
+
+
+def _best_known_pair(db):
+    """A dense parent whose plain FMN overstates three flipped samples' distance (the best known is smaller), and a
+    pruned child; returns (dense name, pruned name)."""
+    cifar = dict(arch="vgg16_bn", dataset="cifar10")
+    dense = add_model(db, "dense-best", **cifar)
+    pruned = add_model(db, "pruned-best", parent_id=dense, **cifar)
+    fmn = [0.02 + 0.001 * i for i in range(17)] + [0.05, 0.051, 0.052]
+    best = fmn[:17] + [0.002, 0.003, 0.004]
+    add_evaluation(db, dense, clean_correct=[True] * 20, signed_eps=fmn, best_eps=best, spec=CIFAR)
+    add_evaluation(db, pruned, clean_correct=[True] * 17 + [False] * 3, spec=CIFAR)
+    return "dense-best", "pruned-best"
+
+
+def test_report_shows_plain_fmn_against_the_best_known(db):
+    dense, pruned = _best_known_pair(db)
+    out = _run(db, "report", dense).output
+    # D = 0.036; plain FMN is above the best known on 3 of 20 samples.
+    assert "FMN median distance" in out and "(plain FMN, as the thin-ice paper)" in out
+    assert "best-known median" in out
+    line = next(line for line in out.splitlines() if "plain FMN vs best" in line)
+    assert "local optimality 0." in line and "3 samples more than 1 % above it" in line
+    assert "security curve (best-known distances)" in out and "security curve (plain FMN distances)" in out
+    child = _run(db, "report", pruned).output
+    assert "ε = the parent's signed best-known distance" in child
+    assert "with plain FMN ε (the paper's): AUC ε10<ε11 " in child
+
+
+def test_thin_ice_and_curve_take_the_distance_to_read(db):
+    dense, pruned = _best_known_pair(db)
+    best = json.loads(_run(db, "analyze", "thin-ice", "--pruned", pruned, "--format", "json").output)
+    plain = json.loads(
+        _run(db, "analyze", "thin-ice", "--pruned", pruned, "--distance", "fmn", "--format", "json").output
+    )
+    assert (best["distance"], plain["distance"]) == ("best", "fmn")
+    # The best-known distances put the three flipped samples nearest the boundary; plain FMN puts them farthest.
+    assert best["auc_10_11"] == 1.0 and plain["auc_10_11"] == 0.0
+    table = _run(db, "analyze", "thin-ice", "--pruned", pruned, "--distance", "fmn").output
+    assert "ε = the dense model's signed plain FMN distance" in table
+    curve = _run(db, "analyze", "curve", dense, "--distance", "fmn", "--points", "3").output
+    assert "robust accuracy = correct and plain FMN distance > eps" in curve
+    assert "best-known distance > eps" in _run(db, "analyze", "curve", dense, "--points", "3").output
+    bad = _run(db, "analyze", "curve", dense, "--distance", "aa")
+    assert bad.exit_code == 2 and "'aa' is not one of 'best', 'fmn'" in bad.output
+
+
+def test_curve_of_an_evaluation_without_best_known_distances_says_it_reads_plain_fmn(db):
+    legacy = add_model(db, "legacy-vgg", arch="vgg16_bn", dataset="cifar10")
+    spec = digits_spec(dataset="cifar10", n_samples=20, eps="8/255", eps_value=8 / 255, fmn_init="none")
+    add_evaluation(db, legacy, clean_correct=[True] * 20, spec=spec)
+    out = _run(db, "analyze", "curve", "legacy-vgg", "--points", "3").output
+    assert "plain FMN distance > eps" in out and "has no best-known distances" in out
+    report = _run(db, "report", "legacy-vgg").output
+    assert "plain FMN vs best" not in report and "security curve (plain FMN distances)" in report

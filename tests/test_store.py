@@ -280,3 +280,83 @@ def test_cli_db_upgrade_with_an_invalid_url_fails_cleanly():
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)
     assert "Error: invalid database URL" in result.output
+
+
+def test_a_store_written_before_best_known_distances_upgrades_in_place_and_reads_its_rows(tmp_path):
+    """A results file at schema 0001 (before FMN's warm start), rows written as that code wrote them: opening it
+    migrates it in place, every old value reads back unchanged and the new columns read as None."""
+    import json
+
+    import numpy as np
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+
+    from bench.analysis.curves import security_curve
+    from bench.analysis.records import load_records
+    from bench.spec import RunSpec
+    from bench.store.schema import Base
+
+    path = tmp_path / "old.db"
+    cfg = alembic_config(f"sqlite:///{path}")
+    command.upgrade(cfg, "0001")
+    legacy = RunSpec.from_dict(
+        dict(dataset="digits", n_samples=3, norm="Linf", eps="0.2", eps_value=0.2, version="plus", protocol="apbench-1")
+    )
+    assert "fmn_init" not in legacy.to_dict()
+    now = "2026-01-02 03:04:05.000000"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "INSERT INTO models (id, name, checkpoint_sha256, method, arch, dataset, structure, measured_sparsity, "
+            "layer_sparsity, params, nonzero_params, flops, nonzero_flops, source, reported, taxonomy, provenance, "
+            "created_at) VALUES (1, 'old', ?, 'dense', 'small_cnn', 'digits', 'dense', 0.0, '{}', 10, 10, 20, 20, "
+            "'local', '{}', '{}', '{}', ?)",
+            ("d" * 64, now),
+        )
+        conn.execute(
+            "INSERT INTO evaluations (id, model_id, spec_hash, protocol_hash, spec, status, n_samples, clean_accuracy, "
+            "aa_robust_accuracy, fmn_robust_accuracy, best_robust_accuracy, fmn_median_distance, n_fmn_beat_aa, flags, "
+            "unreliable, attack_seconds, provenance, started_at, finished_at) VALUES (1, 1, ?, ?, ?, 'complete', 3, "
+            "0.6667, 0.3333, 0.3333, 0.3333, 0.15, 0, '[]', 0, '{}', '{}', ?, ?)",
+            (legacy.hash, legacy.protocol_hash, json.dumps(legacy.to_dict()), now, now),
+        )
+        conn.executemany(
+            "INSERT INTO sample_results (evaluation_id, sample_id, label, clean_pred, clean_correct, logit_margin, "
+            "aa_robust, aa_broken_by, adv_pred, fmn_label, fmn_success, fmn_distance, signed_eps, fmn_adv_pred, "
+            "best_robust) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (0, 3, 3, 1, 1.5, 1, None, 3, 3, 1, 0.25, 0.25, 5, 1),
+                (1, 4, 4, 1, 0.5, 0, "apgd-ce", 7, 4, 1, 0.15, 0.15, 7, 0),
+                (2, 5, 6, 0, -0.5, 0, None, 6, 6, 1, 0.05, -0.05, 5, 0),
+            ],
+        )
+
+    store = Store(f"sqlite:///{path}")
+    try:
+        assert _current(store) == _head(store.url)
+        # The migrations give the schema the ORM declares, for the tables this revision touched.
+        with store.engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert [d for d in diffs if "sample_results" in repr(d) or "evaluations" in repr(d)] == []
+        with store.session() as s:
+            ev = s.get(Evaluation, 1)
+            assert ev.spec_hash == legacy.hash and ev.spec == legacy.to_dict()
+            assert RunSpec.from_dict(ev.spec) == legacy
+            assert (ev.clean_accuracy, ev.fmn_median_distance, ev.n_fmn_beat_aa) == (0.6667, 0.15, 0)
+            assert (ev.fmn_local_optimality, ev.best_median_distance, ev.n_fmn_above_best) == (None, None, None)
+            rows = s.scalars(select(SampleResult).order_by(SampleResult.sample_id)).all()
+            assert [(r.sample_id, r.fmn_distance, r.signed_eps, r.aa_broken_by) for r in rows] == [
+                (0, 0.25, 0.25, None),
+                (1, 0.15, 0.15, "apgd-ce"),
+                (2, 0.05, -0.05, None),
+            ]
+            assert all(
+                (r.aa_distance, r.fmn_warm_distance, r.best_distance, r.best_attack, r.signed_best_eps) == (None,) * 5
+                for r in rows
+            )
+            records = load_records(s, 1)
+        assert not records.has_best_known and np.isnan(records.best_distance).all()
+        grid = np.array([0.0, 0.2, 0.3])
+        assert security_curve(records, grid)[1].tolist() == security_curve(records, grid, "fmn")[1].tolist()
+        assert records.to_csv().splitlines()[1].startswith("0,3,3,1,1.5,1,,3,3,1,0.25,0.25,5,1,")
+    finally:
+        store.dispose()

@@ -1,4 +1,8 @@
-"""Security curves from FMN distances and the per-stage AutoAttack breakdown (protocol section 6)."""
+"""Security curves from per-sample minimal distances and the per-stage AutoAttack breakdown (protocol section 6).
+
+A curve reads the best-known distances (:mod:`~bench.analysis.best_known`) by default, where the evaluation has
+them, or plain FMN's (``distance="fmn"``, the thin-ice paper's figures).
+"""
 
 from __future__ import annotations
 
@@ -21,20 +25,26 @@ def default_eps_grid(eps: float) -> np.ndarray:
     return np.arange(GRID_SPAN * GRID_STEPS_PER_EPS + 1) * (eps / GRID_STEPS_PER_EPS)
 
 
-def security_curve(records: EvaluationRecords, eps_grid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Robust accuracy as a function of the budget, from the FMN minimum-norm distances.
+def security_curve(
+    records: EvaluationRecords, eps_grid: np.ndarray | None = None, distance: str = "best"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Robust accuracy as a function of the budget, from per-sample minimal distances.
 
-    At budget e a sample counts as robust when the model classifies it correctly and FMN's distance is
+    At budget e a sample counts as robust when the model classifies it correctly and its distance is
     greater than e. The fraction is over all N samples: misclassified samples count 0 at every e (so the
-    curve starts at the clean accuracy), and a correctly classified sample whose FMN run failed (no
-    adversarial found) counts as robust at every e — a failure is not a distance. The curve is therefore an
+    curve starts at the clean accuracy), and a correctly classified sample without a distance (no attack
+    found an adversarial) counts as robust at every e — a failure is not a distance. The curve is therefore an
     upper bound, like every attack-based robust accuracy; the AutoAttack point at the nominal eps is the
-    other estimate to show next to it.
+    other estimate to show next to it. On the best-known distances the curve at the nominal eps is at most the
+    AutoAttack point, as every sample AutoAttack broke has a best-known distance within eps (the evaluation's flag
+    ``best_known_above_eps`` marks the float32-rounding exception).
 
     Args:
         records: one evaluation.
         eps_grid: budgets to evaluate at (non-negative, 1-D) [default: :func:`default_eps_grid` of the
             evaluation's nominal eps].
+        distance: ``"best"`` (best-known distances; plain FMN's for an evaluation stored without them, see
+            ``records.distance_used``) or ``"fmn"`` (plain FMN's).
 
     Returns:
         ``(eps_grid, robust_accuracy)``, accuracies as fractions in [0, 1], non-increasing in eps.
@@ -46,17 +56,18 @@ def security_curve(records: EvaluationRecords, eps_grid: np.ndarray | None = Non
     if n == 0:
         raise ValueError(f"evaluation #{records.evaluation_id} has no per-sample records")
     correct = records.clean_correct
-    broken = correct & records.fmn_success & ~np.isnan(records.fmn_distance)
+    found = records.distance(distance)
+    broken = correct & ~np.isnan(found)
     never_broken = int((correct & ~broken).sum())
-    distances = np.sort(records.fmn_distance[broken])
+    distances = np.sort(found[broken])
     # #{d > e} = len − #{d ≤ e}
     above = len(distances) - np.searchsorted(distances, grid, side="right")
     return grid, (never_broken + above) / n
 
 
-def robust_at(records: EvaluationRecords, eps: float) -> float:
-    """The security curve's value at one budget (FMN robust accuracy at ``eps``), as a fraction."""
-    return float(security_curve(records, np.array([eps]))[1][0])
+def robust_at(records: EvaluationRecords, eps: float, distance: str = "best") -> float:
+    """The security curve's value at one budget (robust accuracy at ``eps`` from ``distance``), as a fraction."""
+    return float(security_curve(records, np.array([eps]), distance)[1][0])
 
 
 # A sample our clean pass classified correctly that AutoAttack neither broke nor left robust: AutoAttack's own clean

@@ -35,7 +35,15 @@ CSV_COLUMNS = (
     "signed_eps",
     "fmn_adv_pred",
     "best_robust",
+    "aa_distance",
+    "fmn_warm_distance",
+    "best_distance",
+    "best_attack",
+    "signed_best_eps",
 )
+# The distances an analysis can read: ``best`` (the best-known distance, where the evaluation has one) or ``fmn``
+# (plain FMN's, comparable with the thin-ice paper).
+DISTANCES = ("best", "fmn")
 
 
 class IncomparableError(ValueError):
@@ -49,7 +57,9 @@ class EvaluationRecords:
     Accuracies are fractions in [0, 1]. ``fmn_distance`` and ``signed_eps`` are NaN where FMN failed (a
     failure is never a distance of 0). ``signed_eps`` follows the thin-ice convention (protocol section 4):
     +distance when the model classifies the sample correctly, −distance (to leave the predicted class) when
-    it does not.
+    it does not. ``best_distance`` and ``signed_best_eps`` are the same for the best-known distance
+    (:mod:`~bench.analysis.best_known`), NaN where none is known and everywhere in an evaluation stored without
+    them (``has_best_known`` False); :meth:`distance` and :meth:`signed` pick one kind.
     """
 
     evaluation_id: int
@@ -72,6 +82,11 @@ class EvaluationRecords:
     adv_pred: np.ndarray | None = field(default=None)
     fmn_label: np.ndarray | None = field(default=None)
     fmn_adv_pred: np.ndarray | None = field(default=None)
+    aa_distance: np.ndarray | None = field(default=None)
+    fmn_warm_distance: np.ndarray | None = field(default=None)
+    best_distance: np.ndarray | None = field(default=None)
+    best_attack: np.ndarray | None = field(default=None)
+    signed_best_eps: np.ndarray | None = field(default=None)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -87,6 +102,32 @@ class EvaluationRecords:
         if version not in AA_ATTACKS:
             raise ValueError(f"evaluation #{self.evaluation_id} has an unknown AutoAttack version {version!r}")
         return AA_ATTACKS[version]
+
+    @property
+    def has_best_known(self) -> bool:
+        """Whether the evaluation stored best-known distances (its spec started FMN from AutoAttack too)."""
+        return self.spec.get("fmn_init", "none") != "none" and self.best_distance is not None
+
+    def distance_used(self, kind: str = "best") -> str:
+        """The distance :meth:`distance` returns for ``kind``: ``"best"`` only where the evaluation has it.
+
+        Raises:
+            ValueError: ``kind`` is neither ``"best"`` nor ``"fmn"``.
+        """
+        if kind not in DISTANCES:
+            raise ValueError(f"unknown distance {kind!r}; use one of {', '.join(DISTANCES)}")
+        return "best" if kind == "best" and self.has_best_known else "fmn"
+
+    def distance(self, kind: str = "best") -> np.ndarray:
+        """Per-sample unsigned distances of ``kind`` (NaN where none was found); ``"best"`` falls back to plain
+        FMN's in an evaluation stored without best-known distances (:meth:`distance_used` says which)."""
+        if self.distance_used(kind) == "best":
+            return self.best_distance
+        return np.where(self.fmn_success, self.fmn_distance, np.nan)
+
+    def signed(self, kind: str = "best") -> np.ndarray:
+        """Per-sample signed ε of ``kind`` (thin-ice convention), with the same fallback as :meth:`distance`."""
+        return self.signed_best_eps if self.distance_used(kind) == "best" else self.signed_eps
 
     def to_csv(self) -> str:
         """The per-sample records as CSV text: a header, then one row per sample in sample_id order.
@@ -168,6 +209,11 @@ def load_records(session: Session, evaluation_id: int) -> EvaluationRecords:
         adv_pred=np.asarray(col["adv_pred"], dtype=np.int64),
         fmn_label=np.asarray(col["fmn_label"], dtype=np.int64),
         fmn_adv_pred=np.asarray(col["fmn_adv_pred"], dtype=np.int64),
+        aa_distance=_float_or_nan(col["aa_distance"]),
+        fmn_warm_distance=_float_or_nan(col["fmn_warm_distance"]),
+        best_distance=_float_or_nan(col["best_distance"]),
+        best_attack=np.asarray(col["best_attack"], dtype=object),
+        signed_best_eps=_float_or_nan(col["signed_best_eps"]),
     )
 
 

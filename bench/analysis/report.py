@@ -244,8 +244,11 @@ def missing_parent_evaluation(parent_name: str, protocol_hash: str, parent_proto
     )
 
 
-def parent_thin_ice(session: Session, model: Model, records: EvaluationRecords) -> tuple[ThinIce | None, str | None]:
-    """Thin-ice statistics of ``model`` against its dense parent's newest evaluation under the same protocol.
+def parent_thin_ice(
+    session: Session, model: Model, records: EvaluationRecords, distance: str = "best"
+) -> tuple[ThinIce | None, str | None]:
+    """Thin-ice statistics of ``model`` against its dense parent's newest evaluation under the same protocol, with
+    ε the parent's ``distance`` (``"best"``: best-known where stored, else plain FMN; ``"fmn"``: plain FMN).
 
     Returns:
         ``(statistics, None)``, or ``(None, why not)`` when the parent has no comparable complete evaluation or
@@ -265,7 +268,7 @@ def parent_thin_ice(session: Session, model: Model, records: EvaluationRecords) 
         ).all()
         return None, missing_parent_evaluation(parent.name, records.protocol_hash, protocols)
     try:
-        return thin_ice(load_records(session, dense_ev.id), records), None
+        return thin_ice(load_records(session, dense_ev.id), records, distance=distance), None
     except ValueError as err:  # IncomparableError included
         return None, str(err)
 
@@ -321,6 +324,7 @@ def model_report(session: Session, ref: str | int) -> dict[str, Any]:
             "n": ev.n_samples,
             "intervals": intervals(ev),
             "fmn_median_distance": ev.fmn_median_distance,
+            "best_known": best_known_figures(ev),
             "n_fmn_beat_aa": ev.n_fmn_beat_aa,
             "flags": list(ev.flags or []),
             "unreliable": ev.unreliable,
@@ -352,10 +356,13 @@ def _complete_evaluation(session: Session, model: Model, ev: Evaluation) -> dict
     out: dict[str, Any] = {
         "breakdown": [],
         "curve": [],
+        "curve_distance": None,
+        "curve_fmn": [],
         "claims": [],
         "reevaluations": [],
         "thin_ice": None,
         "thin_ice_reason": None,
+        "thin_ice_fmn": None,
         "replicates": {},
         "errors": [],
     }
@@ -373,7 +380,11 @@ def _complete_evaluation(session: Session, model: Model, ev: Evaluation) -> dict
     except Exception as err:
         out["errors"].append(failure("the AutoAttack stage breakdown", err))
     try:
-        out["curve"] = [(k / 2 * records.eps, robust_at(records, k / 2 * records.eps)) for k in range(7)]
+        budgets = [k / 2 * records.eps for k in range(7)]
+        out["curve_distance"] = records.distance_used("best")
+        out["curve"] = [(e, robust_at(records, e)) for e in budgets]
+        if out["curve_distance"] == "best":
+            out["curve_fmn"] = [(e, robust_at(records, e, "fmn")) for e in budgets]
     except Exception as err:
         out["errors"].append(failure("the security curve", err))
     norm, eps = _threat(ev)
@@ -386,9 +397,25 @@ def _complete_evaluation(session: Session, model: Model, ev: Evaluation) -> dict
         out["errors"].append(failure("reading the reported numbers", err))
     try:
         out["thin_ice"], out["thin_ice_reason"] = parent_thin_ice(session, model, records)
+        if out["thin_ice"] is not None and out["thin_ice"].distance == "best":
+            out["thin_ice_fmn"] = parent_thin_ice(session, model, records, distance="fmn")[0]
     except Exception as err:
         out["thin_ice_reason"] = failure("the thin-ice analysis", err)
     return out
+
+
+def best_known_figures(ev: Evaluation) -> dict[str, Any] | None:
+    """Plain FMN against the best-known distances on one evaluation (:mod:`bench.analysis.best_known`), or None for
+    an evaluation whose protocol stores no best-known distances (spec ``fmn_init`` absent or ``"none"``)."""
+    if (ev.spec or {}).get("fmn_init", "none") == "none":
+        return None
+    return {
+        "best_median_distance": ev.best_median_distance,
+        "fmn_median_distance": ev.fmn_median_distance,
+        "fmn_local_optimality": ev.fmn_local_optimality,
+        "fmn_best_median_ratio": ev.fmn_best_median_ratio,
+        "n_fmn_above_best": ev.n_fmn_above_best,
+    }
 
 
 def failure(what: str, err: Exception) -> str:

@@ -7,18 +7,20 @@ For a pruned model P and its dense parent D evaluated on the same samples:
 
 - populations by *clean* correctness, S_{d,p} with d = D correct and p = P correct: S11, S10 (broken by
   pruning), S01 (fixed by pruning), S00;
-- ε is D's signed FMN distance (+distance when D is right, −distance to leave D's predicted class when it
-  is wrong: the caption of Figure 2);
+- ε is D's signed minimal distance (+distance when D is right, −distance to leave D's predicted class when
+  it is wrong: the caption of Figure 2): by default the best-known distance (:mod:`~bench.analysis.best_known`:
+  FMN, FMN started from AutoAttack's adversarial example, AutoAttack), where D's evaluation has it, else plain
+  FMN's as in the paper (``distance="fmn"`` asks for plain FMN's: the paper-comparable figures);
 - AUC(ε10 < ε11) = P(ε of a random S10 sample < ε of a random S11 sample) = U / (n10·n11), ties counted
   one half, with the two-sided Mann–Whitney U p-value (``scipy.stats.mannwhitneyu``); AUC(|ε01| < |ε00|)
   likewise on |ε|. An AUC near 1 with a small p says the samples pruning flips lay on thin ice. The p-value
   is scipy's default: exact for small samples without ties, else the normal approximation with tie and
   continuity corrections.
 
-A sample whose FMN run on D failed has no distance; it was not broken within FMN's budget, so it is farther
-from the boundary than any distance found, and it enters the rank statistics as |ε| = +∞ (its scatter
-point is NaN and is left out of the plot). ``notes`` says how many there were. When every sample of a group
-lacks a distance, or all the ε compared are equal, there is nothing to rank and no AUC is given.
+A sample without a distance on D (no attack found an adversarial) was not broken within the attacks' budget,
+so it is farther from the boundary than any distance found, and it enters the rank statistics as |ε| = +∞ (its
+scatter point is NaN and is left out of the plot). ``notes`` says how many there were. When every sample of a
+group lacks a distance, or all the ε compared are equal, there is nothing to rank and no AUC is given.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ class ThinIce:
             empty, when FMN found no distance for any sample of one of them, or when all their ε are equal
             (``notes`` says which).
         auc_01_00, p_01_00: AUC(|ε01| < |ε00|) and its p-value; None likewise for S01 and S00.
-        notes: caveats in words (small groups, FMN failures).
+        notes: caveats in words (small groups, samples without a distance, the distance used).
         sample_id, eps, margin, population: one entry per shared sample for the scatter (Figure 2): the dense
-            model's signed FMN ε (NaN where FMN failed) and clean logit margin, and the sample's population.
+            model's signed ε (NaN where it has no distance) and clean logit margin, and the sample's population.
         dense_evaluation_id, pruned_evaluation_id: where the records came from.
+        distance: the distance ε is: ``"best"`` (best-known) or ``"fmn"`` (plain FMN, the paper's).
     """
 
     n: int
@@ -70,6 +73,7 @@ class ThinIce:
     population: np.ndarray
     dense_evaluation_id: int | None = None
     pruned_evaluation_id: int | None = None
+    distance: str = "fmn"
 
     def as_table_row(self) -> dict[str, str]:
         """The paper's Table 2 columns iv–ix as display strings (percentages with two decimals).
@@ -108,37 +112,50 @@ def auc_less(smaller: np.ndarray, larger: np.ndarray) -> tuple[float, float]:
     return float(res.statistic) / (len(larger) * len(smaller)), float(res.pvalue)
 
 
-def thin_ice(dense: EvaluationRecords, pruned: EvaluationRecords, min_group: int = 5) -> ThinIce:
+def thin_ice(
+    dense: EvaluationRecords, pruned: EvaluationRecords, min_group: int = 5, distance: str = "best"
+) -> ThinIce:
     """Populations, AUCs and Mann–Whitney p-values of a pruned model against its dense parent.
 
     Args:
-        dense: the dense parent's records (its FMN ε and logit margin are the ones analysed).
+        dense: the dense parent's records (its signed ε and logit margin are the ones analysed).
         pruned: the pruned model's records (only its clean correctness is used).
         min_group: a population smaller than this gets a note that its statistic means little.
+        distance: ``"best"`` (the best-known distance where the dense evaluation has it, else plain FMN's, with a
+            note) or ``"fmn"`` (plain FMN's: the figures comparable with the paper).
 
     Raises:
         ThinIceError: the two evaluations use different threat models or protocols, or share no sample.
+        ValueError: an unknown ``distance``.
     """
+    used = dense.distance_used(distance)
     try:
         i_d, i_p = shared_samples(dense, pruned, "thin-ice analysis")
     except IncomparableError as err:
         raise ThinIceError(str(err)) from None
     d = dense.clean_correct[i_d]
     p = pruned.clean_correct[i_p]
-    eps = dense.signed_eps[i_d]
+    eps = dense.signed(used)[i_d]
+    # With best-known distances a sample lacks one only where plain FMN failed and no other attack found one either.
+    also = "" if used == "fmn" else ", and no other attack found one"
     n = len(i_d)
     population = np.where(d, np.where(p, "S11", "S10"), np.where(p, "S01", "S00")).astype(object)
     counts = {pop: int((population == pop).sum()) for pop in POPULATIONS}
     percent = {pop: 100.0 * counts[pop] / n for pop in POPULATIONS}
-    # A failed FMN run: farther than anything FMN found (module docstring), so +inf in the ranks.
+    # No distance: farther than anything the attacks found (module docstring), so +inf in the ranks.
     abs_eps = np.where(np.isnan(eps), math.inf, np.abs(eps))
 
     notes: list[str] = []
+    if used != distance:
+        notes.append(
+            f"the dense evaluation #{dense.evaluation_id} has no best-known distances (stored before FMN started "
+            "from AutoAttack's adversarial examples): ε is plain FMN's distance"
+        )
     n_failed = int(np.isnan(eps).sum())
     if n_failed:
         notes.append(
             f"{n_failed} sample{'s' if n_failed != 1 else ''} without an FMN distance on the dense model (FMN "
-            "failed): ranked as farther than every distance found, left out of the scatter"
+            f"failed{also}): ranked as farther than every distance found, left out of the scatter"
         )
     if dense.model_id == pruned.model_id:
         notes.append("the dense and pruned evaluations are of the same model")
@@ -161,7 +178,7 @@ def thin_ice(dense: EvaluationRecords, pruned: EvaluationRecords, min_group: int
             if not np.isfinite(group).any():
                 notes.append(
                     f"no AUC({low} < {high}): FMN found no distance on the dense model for any {pop} sample "
-                    f"({len(group)} sample{'s' if len(group) != 1 else ''})"
+                    f"({len(group)} sample{'s' if len(group) != 1 else ''}){also}"
                 )
                 return None, None
         if np.unique(np.concatenate([a, b])).size == 1:
@@ -188,4 +205,5 @@ def thin_ice(dense: EvaluationRecords, pruned: EvaluationRecords, min_group: int
         population=population,
         dense_evaluation_id=dense.evaluation_id,
         pruned_evaluation_id=pruned.evaluation_id,
+        distance=used,
     )
