@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -366,8 +367,9 @@ def prepare_store(db: str | None, workdir: Path, *, in_place: bool) -> str:
         raise ValueError(f"--db {db}: no SQLite store at {path} (run `make demo` first, or leave --db out)")
     copy = workdir / "results.db"
     # The backup API copies a consistent snapshot, write-ahead log included, even while another process writes.
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as source, sqlite3.connect(copy) as target:
-        source.backup(target)
+    source = closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True))
+    with source as reader, closing(sqlite3.connect(copy)) as writer:
+        reader.backup(writer)
     return f"sqlite:///{copy}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sqlite3
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -234,3 +235,25 @@ def test_the_readme_commands_that_fail_fast_or_list_end_without_a_traceback(tmp_
             assert o.status == "ok", (o.command.text, o.stderr)
     resnets = outcomes[-1].stdout.split()
     assert "resnet18" in resnets and "small_cnn" not in resnets
+
+
+def test_a_reused_sqlite_store_is_copied_unless_in_place(tmp_path):
+    demo = tmp_path / "results.db"
+    with sqlite3.connect(demo) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("CREATE TABLE models (name TEXT)")
+        con.execute("INSERT INTO models VALUES ('digits-dense')")
+    work = tmp_path / "work"
+    work.mkdir()
+    url = tour.prepare_store(str(demo), work, in_place=False)
+    assert url == f"sqlite:///{work / 'results.db'}"
+    with sqlite3.connect(work / "results.db") as con:
+        assert con.execute("SELECT name FROM models").fetchall() == [("digits-dense",)]
+        con.execute("INSERT INTO models VALUES ('pruned by the tour')")
+    with sqlite3.connect(demo) as con:
+        assert con.execute("SELECT count(*) FROM models").fetchone() == (1,)
+    assert tour.prepare_store(f"sqlite:///{demo}", work, in_place=True) == f"sqlite:///{demo}"
+    assert tour.prepare_store("postgresql://u@db.example/apbench", work, in_place=False).startswith("postgresql://")
+    assert tour.prepare_store(None, work, in_place=False) == f"sqlite:///{work / 'results.db'}"
+    with pytest.raises(ValueError, match="no SQLite store at .*make demo"):
+        tour.prepare_store(str(tmp_path / "missing.db"), work, in_place=False)
