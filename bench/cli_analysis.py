@@ -304,6 +304,10 @@ def report_command(ref, db):
     echo(f"model #{m.id} {m.name}")
     echo(f"  method        {_method_name(m.method)} ({m.method}), structure {m.structure}")
     echo(f"  architecture  {m.arch} on {m.dataset}")
+    from bench.catalog import describe_normalization
+
+    if inputs := describe_normalization(m.normalization):  # shown only when not the dataset's own mean/std
+        echo(f"  inputs        normalisation {inputs}")
     target = "-" if m.target_sparsity is None else f"{100 * m.target_sparsity:.2f} %"
     echo(f"  sparsity      {100 * m.measured_sparsity:.2f} % measured (target {target})")
     echo(f"  parameters    {m.nonzero_params:,} non-zero of {m.params:,}")

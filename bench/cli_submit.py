@@ -380,7 +380,7 @@ def evaluate_zoo(
                     click.echo(f"FAILED {m.model_id} (and every other {m.model.dataset} entry): {reason}")
                     continue
                 sha = known_sha256(entry)
-                done = _complete_evaluation(db, sha, spec) if sha is not None else None
+                done = _complete_evaluation(db, sha, spec, entry) if sha is not None else None
                 if done is not None:
                     click.echo(f"{m.model_id}: already evaluated under this protocol (evaluation #{done})")
                     continue
@@ -423,16 +423,21 @@ def _reason(err: BaseException) -> str:
     return "\n".join(printable(line) for line in text.splitlines() or [""])
 
 
-def _complete_evaluation(db: str | None, sha256: str, spec) -> int | None:
-    """A complete evaluation of these bytes under the same protocol (any device or batch size), if stored."""
+def _complete_evaluation(db: str | None, sha256: str, spec, entry) -> int | None:
+    """A complete evaluation of these bytes behind the entry's input normalisation under the same protocol (any
+    device or batch size), if stored."""
     from sqlalchemy import select
 
+    from bench.catalog import normalization_key
     from bench.store import Evaluation, Model, Store
     from bench.store.db import resolve_db_url
+    from methods.convert import converted_provenance
 
     url = resolve_db_url(db)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None
+    fmt, dataset = entry.manifest.checkpoint.format, entry.manifest.model.dataset
+    key = normalization_key(dataset, converted_provenance(fmt, dataset)["normalization"])
     store = Store(db)
     try:
         with store.session() as s:
@@ -441,6 +446,7 @@ def _complete_evaluation(db: str | None, sha256: str, spec) -> int | None:
                 .join(Model)
                 .where(
                     Model.checkpoint_sha256 == sha256,
+                    Model.normalization == key,
                     Evaluation.protocol_hash == spec.protocol_hash,
                     Evaluation.status == "complete",
                 )

@@ -105,6 +105,8 @@ class Normalize(nn.Module):
         std_t = torch.as_tensor(list(std), dtype=torch.float32)
         if mean_t.ndim != 1 or mean_t.shape != std_t.shape or mean_t.numel() == 0:
             raise ValueError(f"mean and std must be non-empty sequences of equal length, got {mean} and {std}")
+        if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all()):
+            raise ValueError(f"mean and std must be finite, got {list(mean)} and {list(std)}")
         if (std_t <= 0).any():
             raise ValueError(f"std must be positive, got {list(std)}")
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1), persistent=False)

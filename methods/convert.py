@@ -20,7 +20,8 @@ atmc          ``resnet18``, ``resnet34`` (kuangliu naming in ATMC's ``cifar/resn
 The authors also normalise inputs their own way, which the fixed :class:`bench.models.Normalize` layer must
 reproduce for the logits to be the native ones: HYDRA, PwoA, RAP-ADMM and ATMC feed raw [0, 1] images on
 CIFAR/SVHN, MAD standardises with its own constants (its CIFAR-10 std is (0.2023, 0.1994, 0.2010), not the
-dataset's). :func:`native_normalization` gives them and :func:`load_converted_model` builds the model with them.
+dataset's). :func:`native_normalization` gives them and :func:`load_converted_model` builds the model with them,
+unless ``bench evaluate --normalization`` says otherwise.
 """
 
 from __future__ import annotations
@@ -225,13 +226,19 @@ def native_normalization(fmt: str, dataset: str) -> MeanStd:
     return tuple(info.mean), tuple(info.std)
 
 
-def converted_provenance(fmt: str, dataset: str, k: float | None = None) -> dict[str, Any]:
+def converted_provenance(
+    fmt: str, dataset: str, k: float | None = None, *, normalization: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """What the store records about a converted model, so that it can be rebuilt exactly.
 
     The authors' own input handling (e.g. HYDRA trains on raw [0, 1] images, MAD with its own mean/std) is the
     model's fixed first layer: ``{"native_format", "normalization": {"mean", "std"}}`` plus ``k`` when given.
+    ``normalization`` (``bench evaluate --normalization``) replaces the authors' constants.
     """
-    mean, std = native_normalization(fmt, dataset)
+    if normalization is None:
+        mean, std = native_normalization(fmt, dataset)
+    else:
+        mean, std = normalization["mean"], normalization["std"]
     return {
         "native_format": fmt,
         "normalization": {"mean": list(mean), "std": list(std)},

@@ -415,9 +415,9 @@ def test_a_stored_converted_model_is_rebuilt_with_its_format_and_normalisation(t
     from methods.convert import load_converted_model
 
     path, _ = _hydra_subnet_file(tmp_path)
-    model = load_converted_model(path, "hydra-subnet", "small_cnn", "digits", k=0.1)
-    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     normalization = {"mean": [0.5], "std": [0.25]}  # not the dataset's: must come back from provenance
+    model = load_converted_model(path, "hydra-subnet", "small_cnn", "digits", k=0.1, normalization=normalization)
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
     row = register_model(
         store,
         path,

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -30,13 +31,18 @@ class Base(DeclarativeBase):
 
 
 class Model(Base):
-    """A network the benchmark knows: a dense parent or a pruned child, identified by checkpoint content."""
+    """A network the benchmark knows: a dense parent or a pruned child, identified by its checkpoint's content and
+    the input normalisation in front of it (the same weights behind another mean/std are another model)."""
 
     __tablename__ = "models"
+    __table_args__ = (Index("uq_models_checkpoint_normalization", "checkpoint_sha256", "normalization", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    checkpoint_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    # bench.catalog.normalization_key: "dataset" for the dataset's own mean/std, else "MEAN/STD" as float32
+    # decimals ("0.0,0.0,0.0/1.0,1.0,1.0": raw [0, 1] inputs).
+    normalization: Mapped[str] = mapped_column(String(255), default="dataset", server_default="dataset")
     checkpoint_path: Mapped[str | None] = mapped_column(Text)
     method: Mapped[str] = mapped_column(String(64), default="dense")
     arch: Mapped[str] = mapped_column(String(64))
