@@ -372,7 +372,15 @@ def test_the_migration_keys_an_existing_store_on_bytes_and_normalisation(tmp_pat
 
 def test_the_migration_downgrades_a_store_without_duplicates(tmp_path):
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    Store(url).dispose()
+    store = Store(url)
+    with store.session() as s:
+        model = Model(name="m", checkpoint_sha256="a" * 64, arch="small_cnn", dataset="digits", created_at=utcnow())
+        s.add(model)
+        s.flush()
+        s.add(
+            Evaluation(model_id=model.id, spec_hash="s", protocol_hash="p", spec={}, n_samples=1, started_at=utcnow())
+        )
+    store.dispose()
     script = ScriptDirectory.from_config(alembic_config(url))
     previous = script.get_revision("0003_model_identity").down_revision
     command.downgrade(alembic_config(url), previous)
@@ -381,5 +389,7 @@ def test_the_migration_downgrades_a_store_without_duplicates(tmp_path):
         assert "normalization" not in {c["name"] for c in inspect(engine).get_columns("models")}
         indexes = {ix["name"]: ix for ix in inspect(engine).get_indexes("models")}
         assert indexes["ix_models_checkpoint_sha256"]["unique"]
+        with engine.connect() as conn:  # the table was rebuilt without the column; its evaluation is still there
+            assert conn.exec_driver_sql("SELECT count(*) FROM evaluations").scalar() == 1
     finally:
         engine.dispose()
