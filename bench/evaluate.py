@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from bench.analysis.best_known import FMN, FMN_FROM_AUTOATTACK, autoattack_source, best_known, distance_gap
 from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
 from bench.attacks.autoattack import AA_FLAGS, run_autoattack, square_check_flags
-from bench.attacks.fmn import minimum_norm
+from bench.attacks.fmn import NotAdversarialError, minimum_norm
 from bench.provenance import environment, utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
@@ -237,8 +237,9 @@ def _fmn_from_autoattack(
 
     Returns:
         ``(aa_distance, warm_distance, reproduced)``: per chunk index, the norm of AutoAttack's perturbation and
-        the warm-started FMN's distance; whether our forward pass found every such example adversarial (one it does
-        not is left out of both: it is not a perturbation we hold).
+        the warm-started FMN's distance; whether our forward passes found every such example adversarial (one they
+        do not is left out of both: it is not a perturbation we hold; when FMN's own check disagrees with ours, a
+        model whose output changes from one pass to the next, the whole chunk is left out).
     """
     device, p = spec.device, _norm_p(spec.norm)
     broken = [i for i, stage in enumerate(aa.broken_by) if stage is not None and bool(correct[i])]
@@ -254,9 +255,14 @@ def _fmn_from_autoattack(
     aa_distance = {broken[k]: float(norms[k]) for k in keep.tolist()}
     warm_distance: dict[int, float] = {}
     if len(keep):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            warm = minimum_norm(model, xs[keep], ys[keep], norm=p, steps=spec.fmn_steps, starting_points=starts[keep])
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                warm = minimum_norm(
+                    model, xs[keep], ys[keep], norm=p, steps=spec.fmn_steps, starting_points=starts[keep]
+                )
+        except NotAdversarialError:
+            return {}, {}, False
         for j, k in enumerate(keep.tolist()):
             if bool(warm.success[j]):
                 warm_distance[broken[k]] = float(warm.distance[j])

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 import bench.evaluate as evaluate_module
 from bench.analysis.best_known import distance_gap
 from bench.analysis.stats import wilson_interval
+from bench.attacks.fmn import NotAdversarialError
 from bench.evaluate import evaluate, logit_margin
 from bench.provenance import utcnow
 from bench.spec import RunSpec
@@ -416,3 +417,49 @@ def test_digits_track_dense_model_has_no_best_known_distance_above_eps_where_aut
         _check_best_known(r, spec)
     assert "best_known_above_eps" not in summary.flags
     assert summary.n_fmn_above_best >= 2 and summary.fmn_local_optimality < 1
+
+
+def test_an_autoattack_example_our_pass_does_not_find_adversarial_is_not_used(store, digits, digits_mlp, monkeypatch):
+    # A randomised or input-dependent model can misclassify AutoAttack's example in AutoAttack's pass and not in ours.
+    _, _, xte, yte = digits
+    real = evaluate_module.run_autoattack
+    replaced = []
+
+    def unreproducible(model, x, y, **kw):
+        out = real(model, x, y, **kw)
+        first = next(i for i, stage in enumerate(out.broken_by) if stage is not None)
+        out.x_adv[first] = x[first]  # our pass classifies the clean input correctly
+        replaced.append(first)
+        return out
+
+    monkeypatch.setattr(evaluate_module, "run_autoattack", unreproducible)
+    spec = _spec(n_samples=10)
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    odd = rows[replaced[0]]
+    assert odd["aa_broken_by"] is not None and odd["aa_distance"] is None and odd["fmn_warm_distance"] is None
+    assert odd["best_distance"] == odd["fmn_distance"] and odd["best_attack"] == "fmn"
+    others = [r for r in rows if r["aa_broken_by"] is not None and r is not odd]
+    assert others and all(r["aa_distance"] is not None for r in others)
+    assert "autoattack_adversarial_not_reproduced" in summary.flags and summary.unreliable
+
+
+def test_fmn_refusing_a_starting_point_leaves_the_chunk_without_autoattack_candidates(
+    store, digits, digits_mlp, monkeypatch
+):
+    # The model's output changed between our check and FMN's own: nothing from AutoAttack is used for the chunk.
+    _, _, xte, yte = digits
+    real = evaluate_module.minimum_norm
+
+    def refusing(*args, **kw):
+        if kw.get("starting_points") is not None:
+            raise NotAdversarialError("every starting point must be adversarial")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(evaluate_module, "minimum_norm", refusing)
+    summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(n_samples=10), progress=False)
+    rows = _rows(store, summary.evaluation_id)
+    assert any(r["aa_broken_by"] is not None for r in rows)
+    assert all(r["aa_distance"] is None and r["fmn_warm_distance"] is None for r in rows)
+    assert all(r["best_distance"] == r["fmn_distance"] for r in rows)
+    assert "autoattack_adversarial_not_reproduced" in summary.flags and summary.unreliable

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.attacks import FMNResult, fmn, minimum_norm
+from bench.attacks import FMNResult, NotAdversarialError, fmn, minimum_norm
 
 torch.set_num_threads(1)
 
@@ -325,7 +325,7 @@ def test_invalid_arguments_are_rejected():
         fmn(model, x + 1, y, norm=math.inf)
     with pytest.raises(ValueError, match="labels"):
         fmn(model, x, y[:2], norm=math.inf)
-    with pytest.raises(ValueError, match="starting point"):
+    with pytest.raises(NotAdversarialError, match="starting point"):
         fmn(model, x, y, norm=math.inf, starting_points=x)
     with pytest.raises(ValueError, match="starting_points must have the inputs' shape"):
         fmn(model, x, y, norm=math.inf, starting_points=x[:2])

@@ -5,6 +5,6 @@ adversarial inputs (the adv-lib contract). Inputs are in [0, 1] and models retur
   :func:`minimum_norm` wraps it into per-sample distances and success flags (:class:`FMNResult`).
 """
 
-from bench.attacks.fmn import FMNResult, fmn, minimum_norm
+from bench.attacks.fmn import FMNResult, NotAdversarialError, fmn, minimum_norm
 
-__all__ = ["FMNResult", "fmn", "minimum_norm"]
+__all__ = ["FMNResult", "NotAdversarialError", "fmn", "minimum_norm"]

@@ -42,10 +42,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FMNResult", "fmn", "minimum_norm"]
+__all__ = ["FMNResult", "NotAdversarialError", "fmn", "minimum_norm"]
 
 # ℓp norm → its dual ℓq norm (1/p + 1/q = 1), used by the linear boundary estimate of the ε-step.
 _DUAL = {2.0: 2.0, math.inf: 1.0}
+
+
+class NotAdversarialError(ValueError):
+    """A starting point given to :func:`fmn` is not adversarial for the model (as the attack's own forward pass
+    classifies it)."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +195,8 @@ def fmn(
         adversarial, the input itself (never with ``starting_points``).
 
     Raises:
-        ValueError: If ``norm`` is unsupported, inputs leave [0, 1], shapes disagree, or a starting point
-            is not adversarial.
+        ValueError: If ``norm`` is unsupported, inputs leave [0, 1] or shapes disagree;
+            :class:`NotAdversarialError` if a starting point is not adversarial.
     """
     p = _check_norm(norm)
     q = _DUAL[p]
@@ -214,7 +219,7 @@ def fmn(
                 raise ValueError(f"starting_points must have the inputs' shape {tuple(x.shape)}, got {tuple(x1.shape)}")
             with torch.no_grad():
                 if not _is_adversarial(model(x1), labels, targeted).all():
-                    raise ValueError("every starting point must be adversarial; drop or replace the others")
+                    raise NotAdversarialError("every starting point must be adversarial; drop or replace the others")
                 lower = torch.zeros(n, dtype=x.dtype, device=x.device)
                 upper = torch.ones(n, dtype=x.dtype, device=x.device)
                 # The adversarial end of the bracket as the very point the forward pass classified (x1 until a
