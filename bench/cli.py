@@ -47,6 +47,53 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+class _FiniteFloatRange(click.FloatRange):
+    """click's FloatRange that also refuses nan, which passes every comparison with the bounds."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{number} is not in the range {self._describe_range()}.", param, ctx)
+        return number
+
+
+SPARSITY = _FiniteFloatRange(0.0, 1.0, min_open=True, max_open=True)
+
+
+def _check_n_samples(n_samples: int | None, dataset: str | None) -> None:
+    """Refuse an --n-samples outside 1 .. the test split's size (known from the registry, no data loaded)."""
+    if n_samples is None:
+        return
+    from bench.data import DATASETS, get_dataset_info
+
+    if dataset is None:  # zoo filters: the entries' datasets are known later, each checked then
+        name, info = max(DATASETS.items(), key=lambda item: item[1].test_size)
+        if not 1 <= n_samples <= info.test_size:
+            largest = f"the largest test split, {name}'s"
+            raise ValueError(f"--n-samples must be between 1 and {info.test_size} ({largest}); got {n_samples}")
+        return
+    size = get_dataset_info(dataset).test_size
+    if not 1 <= n_samples <= size:
+        raise ValueError(f"--n-samples must be between 1 and {size} (the {dataset} test split); got {n_samples}")
+
+
+def _check_eps(eps: str | None, norm: str) -> None:
+    """Refuse an --eps that is not a finite positive number, or above 1 under L∞ (inputs lie in [0, 1])."""
+    if eps is None:
+        return
+    from bench.data import parse_eps
+
+    try:
+        value = parse_eps(eps)
+    except ValueError as err:
+        raise ValueError(f"--eps: {err}") from None
+    if norm == "Linf" and value > 1:
+        raise ValueError(
+            f"--eps must be in (0, 1] under Linf (inputs lie in [0, 1], so a larger budget allows any image); "
+            f"got {eps}: give the budget in [0, 1] units, e.g. 8/255"
+        )
+
+
 def _fmt_table(rows: list[dict[str, str]]) -> str:
     """Left-aligned columns, two spaces apart, headed by the keys of the first row."""
     if not rows:
@@ -119,7 +166,9 @@ def _resolve_device(device: str) -> str:
 @click.option(
     "--method", default=None, help="Pruning method (bench methods): prune the track's dense model and evaluate both."
 )
-@click.option("--sparsity", type=float, default=None, help="Target sparsity for --method (fraction of zero weights).")
+@click.option(
+    "--sparsity", type=SPARSITY, default=None, help="Target sparsity for --method (fraction of zero weights)."
+)
 @click.option(
     "--prune-seed", type=click.IntRange(min=0), default=None, help="Seed of the pruning run (--method) [default: 0]."
 )
@@ -161,7 +210,7 @@ def _resolve_device(device: str) -> str:
     "--n-samples",
     type=int,
     default=None,
-    help="Evaluate the first N test samples [default: the dataset's protocol N].",
+    help="Evaluate the first N test samples, 1 to the test split's size [default: the dataset's protocol N].",
 )
 @click.option("--eps", default=None, help='Perturbation budget, e.g. "8/255" or 0.5 [default: the dataset\'s].')
 @click.option("--norm", type=click.Choice(["Linf", "L2"]), default="Linf", show_default=True)
@@ -173,10 +222,10 @@ def _resolve_device(device: str) -> str:
     show_default=True,
     help="AutoAttack version.",
 )
-@click.option("--fmn-steps", type=int, default=100, show_default=True, help="FMN iterations.")
+@click.option("--fmn-steps", type=click.IntRange(min=1), default=100, show_default=True, help="FMN iterations.")
 @click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Samples per chunk (attack batch and unit of resumption) [default: the dataset's; 250 for CIFAR].",
 )
@@ -184,14 +233,14 @@ def _resolve_device(device: str) -> str:
 @click.option("--device", default="cpu", show_default=True)
 @click.option(
     "--threads",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="torch CPU threads per process (one per process is fastest on small models).",
 )
 @click.option(
     "--workers",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="CPU processes attacking chunks in parallel [default: the CPU count on cpu, 1 on cuda]; "
     "results do not depend on it.",
@@ -204,6 +253,12 @@ def _resolve_device(device: str) -> str:
     help="Folder with dataset archives [default: $BENCH_DATA_DIR or ~/.cache/apbench/data].",
 )
 @click.option("--overwrite", is_flag=True, help="Recompute even if this run is already stored.")
+@click.option(
+    "--unranked",
+    is_flag=True,
+    help="A sanity run (random weights, a smoke test): stored and shown, kept off the ranked tables "
+    "(bench db rank MODEL --on ranks it later).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @friendly_errors
 def evaluate(
@@ -236,6 +291,7 @@ def evaluate(
     db,
     data_dir,
     overwrite,
+    unranked,
     no_progress,
 ):
     """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it.
@@ -247,6 +303,7 @@ def evaluate(
     from bench.models import ARCHS
     from bench.store import Store
 
+    _check_eps(eps, norm)
     torch.set_num_threads(threads)
     device = _resolve_device(device)
     if workers is None:
@@ -274,6 +331,8 @@ def evaluate(
             raise ValueError(
                 "--model-id names one zoo entry; --zoo and --method/--sparsity/--dataset/--arch select by filter"
             )
+        # Before any download: against the --dataset filter's split, else the largest (each entry's again later).
+        _check_n_samples(n_samples, dataset)
         from bench.cli_submit import evaluate_zoo
 
         evaluate_zoo(
@@ -289,7 +348,9 @@ def evaluate(
             data_dir=data_dir,
             # One spec (and one test split loaded) per dataset, whatever the number of entries.
             make_spec=functools.cache(run_spec),
-            run=functools.partial(_evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers),
+            run=functools.partial(
+                _evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers, unranked=unranked
+            ),
         )
         return
     # Everything the user typed is checked before the store is opened, so a typo leaves no results.db behind.
@@ -334,7 +395,14 @@ def evaluate(
     elif prune_seed is not None or prune_seeds is not None:
         raise ValueError("--prune-seed/--seeds pick the pruning runs of --method M --sparsity S; give those too")
     run = functools.partial(
-        _evaluate_row, x=x, y=y, spec=spec, overwrite=overwrite, progress=not no_progress, workers=workers
+        _evaluate_row,
+        x=x,
+        y=y,
+        spec=spec,
+        overwrite=overwrite,
+        progress=not no_progress,
+        workers=workers,
+        unranked=unranked,
     )
     if checkpoint is None:
         if name is not None:
@@ -367,7 +435,8 @@ def evaluate(
     row = register_model(store, checkpoint, model, arch=arch, dataset=dataset, **register_kw)
     if name is not None and row.name != name:
         click.echo(f"note: this checkpoint is already stored as model {row.name!r}; --name {name!r} not applied")
-    dense_summary = run(store, row, model)
+    # With --method, --unranked marks the pruned models: the track's dense parent is every pruned model's reference.
+    dense_summary = run(store, row, model, unranked=unranked and method is None)
     if method is None:
         return
     from methods.pipeline import prune_checkpoint
@@ -492,29 +561,39 @@ def _run_spec(dataset, *, n_samples, eps, norm, aa_version, fmn_steps, batch_siz
     from bench.data import get_dataset_info, load_split, parse_eps
     from bench.spec import RunSpec
 
+    # Refused here, before the split is loaded (CIFAR's may be downloaded) and before any store is opened.
+    _check_n_samples(n_samples, dataset)
+    _check_eps(eps, norm)
     info = get_dataset_info(dataset)
     eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
     eps_value = parse_eps(eps_text)
     x, y = load_split(dataset, "test", data_dir=data_dir)
     spec = RunSpec(
         dataset=dataset,
-        n_samples=n_samples or info.default_n or len(y),
+        n_samples=n_samples if n_samples is not None else info.default_n or len(y),
         norm=norm,
         eps=eps_text,
         eps_value=eps_value,
         version=aa_version,
         fmn_steps=fmn_steps,
-        batch_size=batch_size or info.default_batch_size,
+        batch_size=batch_size if batch_size is not None else info.default_batch_size,
         seed=seed,
         device=device,
     )
     return spec, x, y
 
 
-def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers):
-    """Evaluate one stored model under ``spec`` and print its summary."""
+def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers, unranked=False):
+    """Evaluate one stored model under ``spec`` and print its summary (``unranked``: marked a sanity run first, so
+    no ranked table ever shows its evaluation)."""
     from bench.evaluate import evaluate as run_evaluation
 
+    if unranked and row.ranked:
+        from bench.store.lifecycle import set_ranked
+
+        set_ranked(store, [row.id], ranked=False)
+        row.ranked = False
+        click.echo(f"model {row.name} stored unranked: kept off the ranked tables (bench db rank {row.name} --on)")
     click.echo(
         f"model {row.name} ({row.arch}, {row.dataset}, sha256 {row.checkpoint_sha256[:12]}…, "
         f"sparsity {row.measured_sparsity:.2%})"
@@ -897,7 +976,9 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
 
 @main.command()
 @click.option("--method", required=True, help="Pruning method (bench methods).")
-@click.option("--sparsity", type=float, required=True, help="Target sparsity (fraction of zero Conv2d/Linear weights).")
+@click.option(
+    "--sparsity", type=SPARSITY, required=True, help="Target sparsity (fraction of zero Conv2d/Linear weights)."
+)
 @click.option("--track", default=None, help="Prune the built-in track's dense model with its CPU-sized schedule.")
 @click.option(
     "--dense",
@@ -928,7 +1009,7 @@ def _parse_settings(settings: tuple[str, ...]) -> dict:
     default=None,
     help="Folder for the pruned checkpoint [default: $BENCH_CACHE_DIR/pruned].",
 )
-@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @_db_option
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None)
 @friendly_errors
@@ -943,6 +1024,7 @@ def prune(method, sparsity, track, dense, arch, dataset, eps, seed, seeds, setti
     from methods.base import get_method
     from methods.pipeline import DenseParent, prune_checkpoint
 
+    _check_eps(eps, "Linf")  # adversarial training's budget is L∞
     torch.set_num_threads(threads)
     seed_list = _seed_list(seed, seeds, "--seed")
     overrides = _parse_settings(settings)
@@ -1033,6 +1115,160 @@ def db_upgrade(db):
 
     store = Store(db)
     click.echo(f"{store.url} is at the newest schema")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _stored_model_line(m) -> str:
+    """One model of ``bench db rm``'s plan or report: what goes with it, and where its checkpoint stays."""
+    unfinished = f" ({m.unfinished} unfinished)" if m.unfinished else ""
+    parent = f", derived from #{m.parent_id}" if m.parent_id is not None else ""
+    checkpoint = f"its checkpoint stays on disk at {m.checkpoint_path}" if m.checkpoint_path else "no checkpoint file"
+    return (
+        f"{m.label} ({m.method}, {m.arch}, {m.dataset}{parent}): {_plural(m.evaluations, 'evaluation')}{unfinished}, "
+        f"{_plural(m.samples, 'per-sample row')}; {checkpoint}"
+    )
+
+
+@db.command("list")
+@_db_option
+@friendly_errors
+def db_list(db):
+    """List the stored models (evaluated or not) with their ids, evaluations and whether they are ranked."""
+    from bench.store import Store
+    from bench.store.lifecycle import list_models
+
+    store = Store(db, read_only=True)
+    try:
+        stored = list_models(store)
+    finally:
+        store.dispose()
+    if not stored:
+        click.echo("no models stored yet; run `bench evaluate`")
+        return
+    rows = [
+        {
+            "id": str(m.id),
+            "name": m.name,
+            "method": m.method,
+            "arch": m.arch,
+            "dataset": m.dataset,
+            "sparsity": f"{m.measured_sparsity:.2%}",
+            "evaluations": str(m.evaluations),
+            "ranked": "yes" if m.ranked else "no (sanity run)",
+            "parent": "-" if m.parent_id is None else f"#{m.parent_id}",
+        }
+        for m in stored
+    ]
+    click.echo(_fmt_table(rows))
+
+
+@db.command("rm")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option(
+    "--with-children", is_flag=True, help="Also remove the models derived from them (e.g. pruned from a dense one)."
+)
+@click.option("--yes", "-y", is_flag=True, help="Remove without asking for confirmation.")
+@_db_option
+@friendly_errors
+def db_rm(models, with_children, yes, db):
+    """Remove models (by name or id) with their evaluations and per-sample rows, in one transaction.
+
+    A model other models derive from is refused unless --with-children. Checkpoint files stay on disk; the
+    output says where they are.
+    """
+    from bench.store.db import shown_url
+    from bench.store.lifecycle import open_existing, plan_removal, remove_models
+
+    store = open_existing(db)
+    try:
+        plan = plan_removal(store, models, with_children=with_children)
+        if not yes:
+            click.echo(f"about to remove from {shown_url(store.url)}:")
+            for m in plan.models:
+                click.echo(f"  {_stored_model_line(m)}")
+            try:
+                confirmed = click.confirm(
+                    f"remove {_plural(len(plan.models), 'model')}, {_plural(plan.evaluations, 'evaluation')} and "
+                    f"{_plural(plan.samples, 'per-sample row')}?"
+                )
+            except click.Abort:  # no answer: stdin closed or Ctrl-C
+                confirmed = False
+            if not confirmed:
+                # Not click's Abort: friendly_errors would turn that RuntimeError into an empty "Error:" line.
+                click.echo("\nnot confirmed; nothing was removed (--yes removes without asking)")
+                raise SystemExit(1)
+        removed = remove_models(store, models, with_children=with_children, expected=plan)
+    finally:
+        store.dispose()
+    for m in removed.models:
+        click.echo(f"removed {_stored_model_line(m)}")
+    click.echo(
+        f"removed {_plural(len(removed.models), 'model')}, {_plural(removed.evaluations, 'evaluation')} and "
+        f"{_plural(removed.samples, 'per-sample row')} from {shown_url(store.url)}; checkpoint files were not touched"
+    )
+
+
+@db.command("rename")
+@click.argument("model", metavar="MODEL")
+@click.argument("new_name", metavar="NEW_NAME")
+@_db_option
+@friendly_errors
+def db_rename(model, new_name, db):
+    """Rename a stored model (by name or id); a name another model holds is refused."""
+    from bench.store.lifecycle import open_existing, rename_model
+
+    store = open_existing(db)
+    try:
+        before, new_name = rename_model(store, model, new_name)
+    finally:
+        store.dispose()
+    if before.name == new_name:
+        click.echo(f"{before.label} already has that name; nothing changed")
+    else:
+        click.echo(f"renamed model #{before.id} {before.name!r} to {new_name!r}")
+
+
+@db.command("rank")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL...")
+@click.option(
+    "--on/--off",
+    "ranked",
+    default=None,
+    help="Rank the models (--on) or keep them off the ranked tables as sanity runs (--off); with neither, show "
+    "whether they are ranked.",
+)
+@_db_option
+@friendly_errors
+def db_rank(models, ranked, db):
+    """Put models (by name or id) in the leaderboard's ranked tables, or keep them off (sanity runs)."""
+    from bench.store import Store
+    from bench.store.lifecycle import describe_models, open_existing, set_ranked
+
+    if ranked is None:
+        store = Store(db, read_only=True)
+        try:
+            for m in describe_models(store, models):
+                click.echo(f"{m.label} is {'ranked' if m.ranked else 'not ranked (a sanity run)'}")
+        finally:
+            store.dispose()
+        return
+    store = open_existing(db)
+    try:
+        before = set_ranked(store, models, ranked)
+    finally:
+        store.dispose()
+    for m in before:
+        if m.ranked == ranked:
+            click.echo(f"{m.label} was already {'ranked' if ranked else 'unranked'}; nothing changed")
+        elif ranked:
+            click.echo(f"{m.label} is now ranked")
+        else:
+            click.echo(
+                f"{m.label} is now unranked: kept off the ranked tables (bench db rank {m.name} --on ranks it again)"
+            )
 
 
 # Command groups living in their own modules register themselves on ``main`` when imported.

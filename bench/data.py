@@ -73,6 +73,7 @@ class DatasetInfo:
         std: per-channel standard deviation of that layer.
         default_eps: default L∞ budget as a fraction string (``"8/255"``); see :func:`parse_eps`.
         default_n: default number of test samples evaluated (the first N); ``None`` means the whole split.
+        test_size: images in the test split: the largest N an evaluation can ask for, known without loading it.
         default_batch_size: default samples per evaluation chunk (attack batch and unit of resumption).
         description: one line for listings.
         url: where the data comes from.
@@ -86,6 +87,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     default_eps: str
     default_n: int | None
+    test_size: int
     description: str
     url: str
     loader: Loader = field(repr=False, compare=False)
@@ -256,6 +258,7 @@ _register(
         # Chosen on the PGD-trained dense small CNN (bench/track.py): clearly robust, not saturated.
         default_eps="0.2",
         default_n=None,
+        test_size=DIGITS_TEST_SIZE,
         # Two chunks of 180, one per core. On 8x8 inputs AutoAttack's per-iteration overhead dominates
         # (Square's 5000 queries and FAB's iterations run once per batch), so fewer, larger chunks are faster.
         default_batch_size=180,
@@ -619,6 +622,7 @@ _register(
         std=(0.2471, 0.2435, 0.2616),
         default_eps="8/255",
         default_n=10000,
+        test_size=CIFAR_ARCHIVES["cifar10"].split_size("test"),
         description="CIFAR-10, 32x32 colour images, 10 classes; 50000 train (data_batch_1..5) / 10000 test",
         url=CIFAR_ARCHIVES["cifar10"].url,
         loader=_cifar_loader("cifar10"),
@@ -633,6 +637,7 @@ _register(
         std=(0.2673, 0.2564, 0.2762),
         default_eps="8/255",
         default_n=10000,
+        test_size=CIFAR_ARCHIVES["cifar100"].split_size("test"),
         description="CIFAR-100, 32x32 colour images, 100 fine classes; 50000 train / 10000 test",
         url=CIFAR_ARCHIVES["cifar100"].url,
         loader=_cifar_loader("cifar100"),

@@ -301,3 +301,105 @@ def test_bench_db_env_var_is_used_when_no_db_option(evaluated, monkeypatch, tmp_
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)) == 1
     assert not (tmp_path / "results.db").exists()
+
+
+# Each measured case of a bad numeric option (issue: "--n-samples 0 evaluates all 360", "--batch-size 0 stores
+# 180", "--workers 0 runs 1", "--eps 1e9 is accepted", "--n-samples 1000000000 leaves a store with a model row"),
+# and the other ranges: (command line, the one error line).
+RANGE_ERROR = "Error: Invalid value for '{}': {} is not in the range {}."
+DIGITS_N = "Error: --n-samples must be between 1 and 360 (the digits test split); got {}"
+LINF_EPS = (
+    "Error: --eps must be in (0, 1] under Linf (inputs lie in [0, 1], so a larger budget allows any image); "
+    "got {}: give the budget in [0, 1] units, e.g. 8/255"
+)
+REFUSED = [
+    (["evaluate", "--n-samples", "0"], DIGITS_N.format(0)),
+    (["evaluate", "--n-samples", "1000000000"], DIGITS_N.format(1000000000)),
+    (["evaluate", "--n-samples", "361"], DIGITS_N.format(361)),
+    (["evaluate", "--n-samples", "-3"], DIGITS_N.format(-3)),
+    (["evaluate", "--batch-size", "0"], RANGE_ERROR.format("--batch-size", 0, "x>=1")),
+    (["evaluate", "--workers", "0"], RANGE_ERROR.format("--workers", 0, "x>=1")),
+    (["evaluate", "--threads", "0"], RANGE_ERROR.format("--threads", 0, "x>=1")),
+    (["evaluate", "--fmn-steps", "0"], RANGE_ERROR.format("--fmn-steps", 0, "x>=1")),
+    (["evaluate", "--eps", "1e9"], LINF_EPS.format("1e9")),
+    (["evaluate", "--eps", "256/255"], LINF_EPS.format("256/255")),
+    (
+        ["evaluate", "--norm", "L2", "--eps", "inf"],
+        "Error: --eps: invalid eps 'inf': must be finite and > 0; expected a positive number or fraction such as "
+        "'8/255', '0.031' or '0.5'",
+    ),
+    (
+        ["evaluate", "--norm", "L2", "--eps", "0"],
+        "Error: --eps: invalid eps '0': must be finite and > 0; expected a positive number or fraction such as "
+        "'8/255', '0.031' or '0.5'",
+    ),
+    (["evaluate", "--method", "hydra", "--sparsity", "0"], RANGE_ERROR.format("--sparsity", 0.0, "0.0<x<1.0")),
+    (["evaluate", "--method", "hydra", "--sparsity", "1"], RANGE_ERROR.format("--sparsity", 1.0, "0.0<x<1.0")),
+    (["evaluate", "--method", "hydra", "--sparsity", "nan"], RANGE_ERROR.format("--sparsity", "nan", "0.0<x<1.0")),
+    # CIFAR's split size comes from the registry: nothing is loaded or downloaded to refuse it.
+    (
+        ["evaluate", "--checkpoint", "r18.pt", "--arch", "resnet18", "--dataset", "cifar10", "--n-samples", "10001"],
+        "Error: --n-samples must be between 1 and 10000 (the cifar10 test split); got 10001",
+    ),
+    # A zoo entry's dataset is known only from its manifest: the largest split bounds N before anything is fetched.
+    (
+        ["evaluate", "--model-id", "Any_Entry", "--n-samples", "0"],
+        "Error: --n-samples must be between 1 and 10000 (the largest test split, cifar10's); got 0",
+    ),
+    (
+        ["prune", "--method", "hydra", "--sparsity", "1.5", "--track", "digits"],
+        RANGE_ERROR.format("--sparsity", 1.5, "0.0<x<1.0"),
+    ),
+    (
+        ["prune", "--method", "hydra", "--sparsity", "0.9", "--track", "digits", "--threads", "0"],
+        RANGE_ERROR.format("--threads", 0, "x>=1"),
+    ),
+    (["prune", "--method", "hydra", "--sparsity", "0.9", "--track", "digits", "--eps", "8"], LINF_EPS.format("8")),
+]
+
+
+@pytest.mark.parametrize(("args", "error"), REFUSED, ids=[" ".join(a[1:]) for a, _ in REFUSED])
+def test_a_bad_numeric_option_is_refused_before_any_work(tmp_path, monkeypatch, args, error):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "data"))
+    result = _invoke(*args, "--db", str(tmp_path / "r.db"))
+    assert result.exit_code in (1, 2), result.output  # 2: click's usage error
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [error] and result.output.rstrip().endswith(error)
+    # No store, no trained dense model in the cache ($BENCH_CACHE_DIR), no data: nothing at all was written.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_registry_knows_the_test_split_sizes():
+    from bench.data import get_dataset_info, load_split
+
+    assert get_dataset_info("digits").test_size == len(load_split("digits", "test")[1]) == 360
+    assert get_dataset_info("cifar10").test_size == get_dataset_info("cifar100").test_size == 10000
+
+
+def test_evaluate_unranked_marks_the_model_and_a_later_run_keeps_it(evaluated, tmp_path):
+    db, _, _ = evaluated
+    copy = tmp_path / "copy.db"
+    # SQLite's backup copies what still sits in the write-ahead log too; the module's store stays untouched.
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as src, sqlite3.connect(copy) as dst:
+        src.backup(dst)
+    url = f"sqlite:///{copy}"
+    name = _model_name(url)
+    args = ["evaluate", "--checkpoint", str(_checkpoint_of(url)), *EVAL_ARGS, "--db", url]
+    result = _invoke(*args, "--unranked")
+    assert result.exit_code == 0, result.output
+    assert "stored run reused" in result.output  # the same evaluation: only the flag changed
+    assert f"model {name} stored unranked: kept off the ranked tables (bench db rank {name} --on)" in result.output
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT ranked FROM models").fetchall() == [(0,)]
+    again = _invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "stored unranked" not in again.output
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("SELECT ranked FROM models").fetchall() == [(0,)]  # only bench db rank --on ranks it
+
+
+def _checkpoint_of(db: str) -> str:
+    with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+        return conn.execute("SELECT checkpoint_path FROM models").fetchone()[0]

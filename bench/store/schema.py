@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -58,6 +59,9 @@ class Model(Base):
     nonzero_flops: Mapped[int] = mapped_column(BigInteger, default=0)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
     source: Mapped[str] = mapped_column(String(64), default="local")
+    # False for a sanity run (random weights, a smoke test): stored and shown, never ranked beside real models
+    # (bench evaluate --unranked, bench db rank).
+    ranked: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     # Reported numbers with their attack and source: {"clean": .., "robust": .., "attack": .., "source": ..}.
     reported: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     taxonomy: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
