@@ -1,6 +1,6 @@
 """Build the static leaderboard site from the results store.
 
-Flow (STYLE.md): store → analysis → site. Model and evaluation rows are read through the ORM (a few hundred
+Flow: store → analysis → site. Model and evaluation rows are read through the ORM (a few hundred
 objects); the tables, the method pages and their plots need only the evaluations' stored aggregates. The
 per-sample work (each evaluation's records into numpy arrays, its CSV download, security curve, thin-ice
 analysis against its dense parent) runs in worker processes (:mod:`leaderboard.per_sample`). Pages are rendered
@@ -8,9 +8,15 @@ with Jinja2 (autoescape on, so every string a submitter controls is shown as tex
 files next to the pages; nothing is fetched from the network, so the site works opened from ``file://``. The same
 database gives byte-identical files, whatever the number of workers.
 
+Only evaluations under one protocol (one ``Evaluation.protocol_hash``) are ever ranked together: the index has a
+section per protocol, each dataset's main protocol first (:func:`_order_protocols`), the others apart below. The
+table columns are defined once, in :mod:`leaderboard.columns`. The site is written into a hidden folder next to
+the output folder and renamed into place when complete (:func:`build_site`), so a killed build leaves the previous
+site, never a partial one.
+
 Layout of the output folder::
 
-    index.html            one table per (dataset, threat model, architecture, structure), plus models not evaluated
+    index.html            per protocol, one table per (architecture, structure); models not evaluated
     methodology.html      the protocol in plain words
     methods.html          every method with its taxonomy
     downloads.html        each table as CSV and JSON, BibTeX of the papers
@@ -21,12 +27,12 @@ Layout of the output folder::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
 import os
 import re
+import secrets
 import shutil
 import sys
 from collections import defaultdict
@@ -49,8 +55,19 @@ from bench.analysis.reported import Reported, reevaluation_drop, reported_number
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import POPULATIONS, format_p
 from bench.store import Evaluation, Model, SampleResult, Store
-from bench.zoo.manifest import check_link_url
 from leaderboard import plots
+from leaderboard.columns import COLUMNS, Row
+from leaderboard.formatting import (  # noqa: F401  (re-exported: tests and callers import them from here)
+    format_value,
+    human_count,
+    model_slug,
+    pct,
+    safe_slug,
+    safe_url,
+    slugify,
+    sort_value,
+    word_breaks,
+)
 from leaderboard.per_sample import EvalTask, SampleResults, run_job, worker_init, worker_job, write_text
 
 # Written into every site folder: a later build may replace a folder only if it finds this file there.
@@ -142,6 +159,8 @@ class MethodInfo:
     taxonomy: list[tuple[str, str]] = field(default_factory=list)
     native_sparsity: str | None = None
     entries: list[Entry] = field(default_factory=list)
+    # The entries grouped by protocol, in the site's protocol order: a method page never mixes them in one table.
+    by_protocol: list[tuple[Protocol, list[Entry]]] = field(default_factory=list)
     unevaluated: list[Model] = field(default_factory=list)
     plot: str | None = None
 
@@ -197,10 +216,6 @@ class Entry:
         return wilson_interval(round(accuracy * self.n), self.n)
 
     @property
-    def threat(self) -> tuple[str, str]:
-        return (self.spec.get("norm", "?"), str(self.spec.get("eps", "?")))
-
-    @property
     def fmn_beat_aa(self) -> bool:
         return bool(self.ev.n_fmn_beat_aa) or "fmn_beat_autoattack" in (self.ev.flags or [])
 
@@ -209,88 +224,110 @@ class Entry:
         return f"{model_slug(self.model)}-e{self.ev.id}"
 
 
+# Spec fields that are not part of the protocol hash (bench.spec.RunSpec.protocol_hash) and fields shown by name.
+NOT_PROTOCOL = ("device", "batch_size")
+PROTOCOL_FIELDS = ("dataset", "n_samples", "norm", "eps", "eps_value", "version", "fmn_steps", "seed", "protocol")
+
+
+@dataclass
+class Protocol:
+    """Evaluations with one protocol hash: the same samples, threat model, attacks and settings.
+
+    Only evaluations under one protocol are ever ranked together. Per dataset one protocol is the *main* one
+    (:func:`_order_protocols`); the others get their own tables below it.
+    """
+
+    hash: str
+    spec: dict[str, Any]
+    models: int = 0
+    main: bool = False
+    canonical: bool = False
+    tables: list[Table] = field(default_factory=list)
+
+    @property
+    def short(self) -> str:
+        return self.hash[:8]
+
+    @property
+    def slug(self) -> str:
+        return f"protocol-{slugify(self.hash[:12])}"
+
+    @property
+    def dataset(self) -> str:
+        return str(self.spec.get("dataset", "?"))
+
+    @property
+    def n(self) -> Any:
+        return self.spec.get("n_samples", "?")
+
+    @property
+    def threat(self) -> str:
+        return f"{plots.norm_symbol(str(self.spec.get('norm', '?')))} ε = {self.spec.get('eps', '?')}"
+
+    @property
+    def title(self) -> str:
+        """What the protocol is, in one line: dataset, threat model, AutoAttack version, N."""
+        return f"{self.dataset} · {self.threat} · AutoAttack {self.spec.get('version', '?')} · N = {self.n}"
+
+    @property
+    def settings(self) -> list[tuple[str, str]]:
+        """Every setting the protocol hash covers, as (name, value); fields this site does not know by name too."""
+        spec = self.spec
+        known = (*PROTOCOL_FIELDS, *NOT_PROTOCOL)
+        fmn = [f"{spec.get('fmn_steps', '?')} steps"]
+        fmn += [
+            f"{k[4:].replace('_', ' ')} {format_value(spec[k])}"
+            for k in sorted(spec)
+            if k.startswith("fmn_") and k != "fmn_steps"
+        ]
+        out = [
+            ("dataset", self.dataset),
+            ("samples", f"the first {self.n} of the test split"),
+            ("threat model", self.threat),
+            ("AutoAttack", str(spec.get("version", "?"))),
+            ("FMN", ", ".join(fmn)),
+            ("attack seed", str(spec.get("seed", "?"))),
+        ]
+        for key in sorted(k for k in spec if k not in known and not k.startswith("fmn_")):
+            out.append((key.replace("_", " "), format_value(spec[key])))
+        out.append(("protocol", f"{spec.get('protocol', '?')} · hash {self.hash[:12]}"))
+        return out
+
+
 @dataclass
 class Table:
-    dataset: str
-    norm: str
-    eps: str
+    """One ranked table: the models of one architecture and structure evaluated under one protocol."""
+
+    protocol: Protocol
     arch: str
     structure: str
     entries: list[Entry]
     slug: str = ""
 
     @property
+    def dataset(self) -> str:
+        return self.protocol.dataset
+
+    @property
+    def norm(self) -> str:
+        return str(self.protocol.spec.get("norm", "?"))
+
+    @property
+    def eps(self) -> str:
+        return str(self.protocol.spec.get("eps", "?"))
+
+    @property
+    def heading(self) -> str:
+        """The table's heading inside its protocol's section."""
+        return f"{self.arch} · {STRUCTURE_NAMES.get(self.structure, self.structure)}"
+
+    @property
     def title(self) -> str:
-        structure = STRUCTURE_NAMES.get(self.structure, self.structure)
-        return f"{self.dataset} · {plots.norm_symbol(self.norm)} ε = {self.eps} · {self.arch} · {structure}"
+        """The table's full name (downloads, the ``table`` column of the combined CSV): protocol and heading."""
+        return f"{self.protocol.title} · {self.heading}"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def slugify(text: str, limit: int = 60) -> str:
-    """A file-name-safe form of ``text`` ([A-Za-z0-9_.-], no leading dot); never empty."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:limit].strip("-.")
-    return slug or "x"
-
-
-def safe_slug(text: str) -> str:
-    """``slugify`` plus a short hash when the slug lost characters, so two names never share a file."""
-    slug = slugify(text)
-    return slug if slug == text else f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def model_slug(model: Model) -> str:
-    return f"{model.id}-{slugify(model.name)}"
-
-
-def safe_url(url: Any) -> str | None:
-    """``url`` if it is a link a manifest could carry (:func:`check_link_url`), else None.
-
-    A ``javascript:`` link, a ``user:password@`` host or a control character must never reach an href.
-    """
-    if not isinstance(url, str):
-        return None
-    try:
-        return check_link_url(url.strip())
-    except ValueError:
-        return None
-
-
-def pct(value: Any, digits: int = 2) -> str:
-    """A fraction as a percentage without the sign (``0.4483`` → ``44.83``); "–" for a missing value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return "–"
-    return f"{100 * value:.{digits}f}"
-
-
-def human_count(value: int | None) -> str:
-    if not value:
-        return "–" if value is None else "0"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.3g} {unit}"
-    return str(value)
-
-
-def sort_value(value: Any) -> str:
-    """The ``data-sort`` attribute: a plain number, or empty for a missing value (sorted last)."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return repr(float(value))
-
-
-def format_value(value: Any) -> str:
-    """A provenance value as text: scalars as they are, containers as compact, sorted JSON."""
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
-    if isinstance(value, datetime):
-        return value.isoformat(sep=" ", timespec="seconds")
-    return "–" if value is None else str(value)
 
 
 def inert_json(obj: Any) -> str:
@@ -378,20 +415,23 @@ class SiteData:
             entry = Entry(model=model, ev=ev, method=self.methods.get(model.method))
             _attach_reported(entry)
             self.entries[model_id].append(entry)
+        self.protocols = _order_protocols(latest.values())
+        self.protocol_of = {p.hash: p for p in self.protocols}
+        # A model's evaluations in protocol order: its dataset's main protocol first.
+        order = {p.hash: i for i, p in enumerate(self.protocols)}
         for entries in self.entries.values():
-            entries.sort(key=_preference)
+            entries.sort(key=lambda e: order[e.ev.protocol_hash])
         for entries in self.entries.values():
             for entry in entries:
                 _link_parent(self, entry)
         self.as_of = max((ev.finished_at for ev in evaluations if ev.finished_at), default=None)
-        self.protocols = _protocols(latest.values())
 
-    def primary(self, model_id: int, threat: tuple[str, str, str] | None = None) -> Entry | None:
-        """The evaluation shown for a model in a table: AutoAttack plus over standard, then more samples."""
-        for entry in self.entries.get(model_id, []):
-            if threat is None or (entry.spec.get("dataset"), *entry.threat) == threat:
-                return entry
-        return None
+    def entry(self, model_id: int, protocol_hash: str) -> Entry | None:
+        """The model's evaluation under this protocol (the newest complete one), if it has one."""
+        return next((e for e in self.entries.get(model_id, []) if e.ev.protocol_hash == protocol_hash), None)
+
+    def protocol(self, entry: Entry) -> Protocol:
+        return self.protocol_of[entry.ev.protocol_hash]
 
 
 def _attach_reported(entry: Entry) -> None:
@@ -414,12 +454,6 @@ def _newer(a: Evaluation, b: Evaluation) -> bool:
     return (a.finished_at or datetime.min, a.id) > (b.finished_at or datetime.min, b.id)
 
 
-def _preference(entry: Entry) -> tuple:
-    finished = entry.ev.finished_at
-    newness = (finished - datetime(1970, 1, 1)).total_seconds() if finished else -math.inf
-    return (entry.spec.get("version") != "plus", -entry.n, -newness, -entry.ev.id)
-
-
 def _link_parent(data: SiteData, entry: Entry) -> None:
     """The dense parent's evaluation under the same protocol, for the thin-ice analysis."""
     parent_id = entry.model.parent_id
@@ -435,19 +469,60 @@ def _link_parent(data: SiteData, entry: Entry) -> None:
         )
 
 
-def _protocols(evaluations: Iterable[Evaluation]) -> list[dict[str, Any]]:
-    seen: dict[str, dict[str, Any]] = {}
+def _order_protocols(evaluations: Iterable[Evaluation]) -> list[Protocol]:
+    """The protocols of the shown evaluations: per dataset (by name) its main protocol, then the dataset's others.
+
+    The main protocol of a dataset is its canonical one when the store holds it: AutoAttack *plus*, the
+    dataset's default threat model (L∞ at its default ε) on the full test split (``default_n`` samples, or the
+    most any stored protocol of the dataset used when the whole split is the default). Otherwise, and among the
+    others: full split first, then AutoAttack plus, then the most models, then the most samples.
+    """
+    protocols: dict[str, Protocol] = {}
     for ev in evaluations:
-        if ev.protocol_hash not in seen:
-            spec = ev.spec
-            seen[ev.protocol_hash] = {
-                "hash": ev.protocol_hash,
-                "short": ev.protocol_hash[:8],
-                "spec": spec,
-                "models": 0,
-            }
-        seen[ev.protocol_hash]["models"] += 1
-    return sorted(seen.values(), key=lambda p: (str(p["spec"].get("dataset")), p["hash"]))
+        if ev.protocol_hash not in protocols:
+            spec = {k: v for k, v in (ev.spec or {}).items() if k not in NOT_PROTOCOL}
+            protocols[ev.protocol_hash] = Protocol(hash=ev.protocol_hash, spec=spec)
+        protocols[ev.protocol_hash].models += 1
+    by_dataset: dict[str, list[Protocol]] = defaultdict(list)
+    for p in protocols.values():
+        by_dataset[p.dataset].append(p)
+    ordered = []
+    for dataset in sorted(by_dataset):
+        group = by_dataset[dataset]
+        most = max((_int(p.spec.get("n_samples")) for p in group), default=0)
+        ranks = {p.hash: _protocol_rank(p, most) for p in group}
+        group.sort(key=lambda p: (tuple(-x for x in ranks[p.hash]), p.hash))
+        for p in group:
+            p.canonical = bool(ranks[p.hash][0])
+        group[0].main = True
+        ordered += group
+    return ordered
+
+
+def _protocol_rank(p: Protocol, most_samples: int) -> tuple[int, ...]:
+    """(canonical, full split, plus, models, samples): larger is preferred."""
+    from bench.data import get_dataset_info
+
+    spec = p.spec
+    try:
+        info = get_dataset_info(p.dataset)
+    except Exception:  # a dataset this installation does not know: no default threat model to compare with
+        info = None
+    n = _int(spec.get("n_samples"))
+    full = n >= (info.default_n if info is not None and info.default_n else most_samples)
+    plus = spec.get("version") == "plus"
+    default_threat = info is None or (
+        spec.get("norm") == "Linf" and _close(spec.get("eps_value"), info.default_eps_value)
+    )
+    return (int(plus and full and default_threat), int(full), int(plus), p.models, n)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _close(a: Any, b: float) -> bool:
+    return isinstance(a, (int, float)) and math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def _methods(models: list[Model]) -> dict[str, MethodInfo]:
@@ -557,46 +632,52 @@ def _pool(store: Store, workers: int | None, n_tasks: int) -> ProcessPoolExecuto
     # the parent's database connection (each opens its own engine). Elsewhere, spawn.
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     return ProcessPoolExecutor(
-        max_workers=min(workers, n_tasks), mp_context=context, initializer=worker_init, initargs=(store.url,)
+        max_workers=min(workers, n_tasks),
+        mp_context=context,
+        initializer=worker_init,
+        initargs=(store.url, os.getpid()),
     )
 
 
 def _tables(data: SiteData) -> list[Table]:
-    """One table per (dataset, norm, eps, architecture, structure); dense parents join every structure."""
-    pruned: dict[tuple, list[Entry]] = defaultdict(list)
-    dense: dict[tuple, list[Entry]] = defaultdict(list)
-    for model in data.models:
-        for entry in data.entries.get(model.id, []):
-            threat = (model.dataset, *entry.threat, model.arch)
-            if model.structure == "dense":
-                dense[threat].append(entry)
-            else:
-                pruned[(*threat, model.structure)].append(entry)
-    groups: dict[tuple, list[Entry]] = {}
-    for key, entries in pruned.items():
-        groups[key] = entries + dense.get(key[:4], [])
-    for key, entries in dense.items():
-        if not any(k[:4] == key for k in pruned):
-            groups[(*key, "dense")] = entries
+    """One table per (protocol, architecture, structure), in protocol order; a dense parent joins every structure
+    of its architecture under the same protocol. A table never holds two protocols."""
     tables = []
-    for i, key in enumerate(sorted(groups)):
-        # A model appears once per table, under its preferred evaluation for this threat model.
-        chosen: dict[int, Entry] = {}
-        for entry in groups[key]:
-            if entry.model.id not in chosen or _preference(entry) < _preference(chosen[entry.model.id]):
-                chosen[entry.model.id] = entry
-        rows = sorted(
-            chosen.values(),
-            key=lambda e: (
-                -(e.ev.aa_robust_accuracy or 0.0),
-                -(e.ev.best_robust_accuracy or 0.0),
-                -(e.ev.clean_accuracy or 0.0),
-                e.model.name,
-            ),
-        )
-        dataset, norm, eps, arch, structure = key
-        table = Table(dataset, norm, eps, arch, structure, rows, slug=f"table-{i + 1:02d}-{slugify('-'.join(key))}")
-        tables.append(table)
+    for protocol in data.protocols:
+        pruned: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+        dense: dict[str, list[Entry]] = defaultdict(list)
+        for model in data.models:
+            entry = data.entry(model.id, protocol.hash)
+            if entry is None:
+                continue
+            if model.structure == "dense":
+                dense[model.arch].append(entry)
+            else:
+                pruned[(model.arch, model.structure)].append(entry)
+        groups = {key: entries + dense.get(key[0], []) for key, entries in pruned.items()}
+        for arch, entries in dense.items():
+            if not any(a == arch for a, _ in pruned):
+                groups[(arch, "dense")] = entries
+        protocol.tables = []
+        for arch, structure in sorted(groups):
+            rows = sorted(
+                groups[(arch, structure)],
+                key=lambda e: (
+                    -(e.ev.aa_robust_accuracy or 0.0),
+                    -(e.ev.best_robust_accuracy or 0.0),
+                    -(e.ev.clean_accuracy or 0.0),
+                    e.model.name,
+                ),
+            )
+            name = slugify(
+                "-".join(
+                    (protocol.dataset, protocol.spec.get("norm", "?"), str(protocol.spec.get("eps")), arch, structure)
+                )
+            )
+            slug = f"table-{len(tables) + 1:02d}-{name}-{slugify(protocol.short)}"
+            table = Table(protocol, arch, structure, rows, slug=slug)
+            protocol.tables.append(table)
+            tables.append(table)
     return tables
 
 
@@ -702,6 +783,7 @@ def _environment() -> Environment:
         p=format_p,
         norm=plots.norm_symbol,
         url=safe_url,
+        wbr=word_breaks,
     )
     env.globals.update(version=bench.__version__, FLAG_TEXT=FLAG_TEXT, POPULATIONS=POPULATIONS, model_slug=model_slug)
     return env
@@ -715,22 +797,111 @@ class _Writer:
         write_text(self.out / rel, content)
 
 
-def _prepare(out: Path) -> None:
+# A build writes into a hidden folder next to ``--out`` and renames it into place when every file is written, so a
+# killed build never leaves a half-written site or a folder a later build refuses. The folder names carry the
+# building process's id: a later build removes the leftovers of processes that are gone.
+STAGING = "building"
+REPLACED = "replaced"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` this command may not replace: a file, a link, or a non-empty folder without the marker."""
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; give the folder it points to, or a new folder")
     if out.exists():
         if not out.is_dir():
             raise ValueError(f"--out {out} is a file; give a folder for the site")
-        if any(out.iterdir()):
-            if not (out / MARKER).is_file():
-                raise ValueError(
-                    f"--out {out} is not empty and was not built by `bench leaderboard build` (no {MARKER} file); "
-                    "give a new or empty folder"
-                )
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        if any(out.iterdir()) and not (out / MARKER).is_file():
+            raise ValueError(
+                f"--out {out} is not empty and was not built by `bench leaderboard build` (no {MARKER} file); "
+                "give a new or empty folder"
+            )
+
+
+def _side_path(out: Path, kind: str) -> Path:
+    """A new name next to ``out`` for a staging (or replaced) folder of this process."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _side_folders(out: Path) -> list[tuple[Path, int]]:
+    """Folders next to ``out`` that a build of ``out`` made (staging or replaced), with the id of that process."""
+    found = []
+    if not out.parent.is_dir():
+        return found
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?:{STAGING}|{REPLACED})-(\d+)-[A-Za-z0-9_]+$")
+    for path in out.parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not path.is_symlink():
+            found.append((path, int(match.group(1))))
+    return sorted(found)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return False
+    try:  # a killed process its parent has not reaped yet is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what killed builds of ``out`` left next to it (never a running build's folder)."""
+    for path, pid in _side_folders(out):
+        if not _process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _staging_folder(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        path = _side_path(out, STAGING)
+        try:
+            path.mkdir()  # the umask's permissions, like the folder it becomes (mkdtemp would make it 0700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``staging`` folder: two renames, the old site removed afterwards.
+
+    Between the two renames (microseconds) ``out`` does not exist; a kill there leaves no site, and the next build
+    writes one. Readers never see a partial site.
+    """
+    _check_out(out)  # again: the folder may have changed while the site was being built
+    old = None
+    if out.exists():
+        old = _side_path(out, REPLACED)
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:  # another build moved it away meanwhile
+            old = None
+    try:
+        os.rename(staging, out)
+    except OSError as err:
+        if old is not None and not out.exists():
+            os.rename(old, out)  # the previous site goes back
+        raise ValueError(
+            f"--out {out} was written by another build while this one ran ({err.strerror}); run the build again"
+        ) from err
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_site(store_or_url: Store | str | None, out_dir: str | Path, *, workers: int | None = None) -> Path:
     """Render the leaderboard site for the store into ``out_dir`` and return the path of its ``index.html``.
+
+    The site is written into a hidden folder next to ``out_dir`` and renamed into place once complete, so
+    ``out_dir`` always holds either the previous site or the new one; leftovers of killed builds are removed.
 
     Args:
         store_or_url: an open :class:`~bench.store.Store`, or a SQLAlchemy URL / SQLite path (None: the default
@@ -741,38 +912,55 @@ def build_site(store_or_url: Store | str | None, out_dir: str | Path, *, workers
             most 4]; 1 works in this process. The files do not depend on it.
 
     Raises:
-        ValueError: ``out_dir`` is a file, or a non-empty folder this command did not build.
+        ValueError: ``out_dir`` is a file or a link, or a non-empty folder this command did not build.
     """
     out = Path(out_dir)
+    target = Path(os.path.abspath(out))  # "site/", "." and "a/../site" name their folder
+    if not target.name:
+        raise ValueError(f"--out {out} is the root folder; give a folder for the site")
+    _check_out(target)
     own = not isinstance(store_or_url, Store)
     store = Store(store_or_url) if own else store_or_url
+    staging = None
     try:
         with store.session() as session:
             data = SiteData(session)
-            _prepare(out)
-            w = _Writer(out)
-            jobs = _jobs(data)
-            pool = _pool(store, workers, sum(map(len, jobs)))
-            if pool is None:
-                results = {}
-                for job in jobs:
-                    results.update(run_job(store, job, out))
-                pages = _render_overview(data, w)
-            else:
-                with pool:
-                    futures = [pool.submit(worker_job, (job, str(out))) for job in jobs]
-                    pages = _render_overview(data, w)  # while the workers draw
-                    results = {}
-                    for future in futures:
-                        results.update(future.result())
-            for entries in data.entries.values():
-                for e in entries:
-                    e.results = results[e.ev.id]
-            _render_models(data, w, pages)
+            _remove_leftovers(target)
+            staging = _staging_folder(target)
+            _write_site(store, data, staging, workers)
+        _move_into_place(staging, target)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         if own:
             store.dispose()
     return out / "index.html"
+
+
+def _write_site(store: Store, data: SiteData, folder: Path, workers: int | None) -> None:
+    # The marker first: a staging folder is recognisable from its first file on.
+    w = _Writer(folder)
+    w.text(MARKER, MARKER_TEXT)
+    jobs = _jobs(data)
+    pool = _pool(store, workers, sum(map(len, jobs)))
+    if pool is None:
+        results = {}
+        for job in jobs:
+            results.update(run_job(store, job, folder))
+        pages = _render_overview(data, w)
+    else:
+        with pool:
+            futures = [pool.submit(worker_job, (job, str(folder))) for job in jobs]
+            pages = _render_overview(data, w)  # while the workers draw
+            results = {}
+            for future in futures:
+                results.update(future.result())
+    for entries in data.entries.values():
+        for e in entries:
+            e.results = results[e.ev.id]
+    _render_models(data, w, pages)
 
 
 def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
@@ -781,20 +969,30 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
     all_entries = [e for m in data.models for e in data.entries.get(m.id, [])]
     tables = _tables(data)
     table_rows = {t.slug: [_row_record(t, i, e) for i, e in enumerate(t.entries, 1)] for t in tables}
+    shown_rows = {
+        t.slug: [
+            Row(r, e, bool(data.children.get(e.model.id))) for r, e in zip(table_rows[t.slug], t.entries, strict=True)
+        ]
+        for t in tables
+    }
     methods = sorted(data.methods.values(), key=lambda mi: (not mi.registered, mi.display_name.lower(), mi.key))
     for mi in methods:
         mi.entries = [e for e in all_entries if e.model.method == mi.key]
+        mi.by_protocol = [
+            (p, [e for e in mi.entries if e.ev.protocol_hash == p.hash])
+            for p in data.protocols
+            if any(e.ev.protocol_hash == p.hash for e in mi.entries)
+        ]
         mi.unevaluated = [m for m in data.models if m.method == mi.key and not data.entries.get(m.id)]
         mi.plot = _method_plot(data, mi)
     not_evaluated = [m for m in data.models if not data.entries.get(m.id)]
 
     common = {"env": env, "data": data, "methods": methods, "tables": tables, "structure_names": STRUCTURE_NAMES}
     ctx = {k: v for k, v in common.items() if k != "env"}
-    w.text(MARKER, MARKER_TEXT)
     w.text(
         "index.html",
         env.get_template("index.html.j2").render(
-            root="", page="index", rows=table_rows, not_evaluated=not_evaluated, **ctx
+            root="", page="index", rows=shown_rows, columns=COLUMNS, not_evaluated=not_evaluated, **ctx
         ),
     )
     w.text("methodology.html", env.get_template("methodology.html.j2").render(root="", page="methodology", **ctx))
@@ -808,7 +1006,16 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
             f"data/{t.slug}.csv",
             csv_text(TABLE_CSV_COLUMNS, ([_csv_value(r[c]) for c in TABLE_CSV_COLUMNS] for r in rows)),
         )
-        meta = {"dataset": t.dataset, "norm": t.norm, "eps": t.eps, "arch": t.arch, "structure": t.structure}
+        meta = {
+            "dataset": t.dataset,
+            "norm": t.norm,
+            "eps": t.eps,
+            "arch": t.arch,
+            "structure": t.structure,
+            "protocol_hash": t.protocol.hash,
+            "main_protocol": t.protocol.main,
+            "protocol": t.protocol.spec,
+        }
         w.text(f"data/{t.slug}.json", inert_json({"table": meta, "rows": rows}))
     columns = ["table", *TABLE_CSV_COLUMNS]
     w.text("data/leaderboard.csv", csv_text(columns, ([_csv_value(r[c]) for c in columns] for r in all_rows)))
@@ -854,28 +1061,29 @@ def _csv_value(value: Any) -> Any:
 
 
 def _method_plot(data: SiteData, mi: MethodInfo) -> str | None:
-    """Robust accuracy against sparsity, one series per (architecture, dataset, threat model) with its dense parents."""
+    """Robust accuracy against sparsity, one series per (protocol, architecture) with its dense parents under the
+    same protocol: points from different protocols are never joined by a line."""
     if not mi.entries:
         return None
-    groups: dict[tuple, dict[int, Entry]] = defaultdict(dict)
+    groups: dict[tuple[str, str], dict[int, Entry]] = defaultdict(dict)
     for e in mi.entries:
-        key = (e.model.arch, e.model.dataset, *e.threat)
-        best = groups[key].get(e.model.id)
-        if best is None or _preference(e) < _preference(best):
-            groups[key][e.model.id] = e
+        key = (e.ev.protocol_hash, e.model.arch)
+        groups[key][e.model.id] = e
         parent = data.by_id.get(e.model.parent_id) if e.model.parent_id else None
         if parent is not None:
-            pe = data.primary(parent.id, (e.model.dataset, *e.threat))
+            pe = data.entry(parent.id, e.ev.protocol_hash)
             if pe is not None:
                 groups[key].setdefault(parent.id, pe)
+    order = {p.hash: i for i, p in enumerate(data.protocols)}
     series = []
-    for key in sorted(groups):
-        arch, dataset, norm, eps = key
+    for key in sorted(groups, key=lambda k: (order[k[0]], k[1])):
+        protocol_hash, arch = key
+        p = data.protocol_of[protocol_hash]
         entries = sorted(groups[key].values(), key=lambda e: (e.model.measured_sparsity, e.model.id))
         intervals = [e.interval(e.ev.aa_robust_accuracy) for e in entries]
         series.append(
             plots.Series(
-                label=f"{arch} · {dataset} · {plots.norm_symbol(norm)} {eps}",
+                label=f"{arch} · {p.dataset} · {p.threat} · AA {p.spec.get('version', '?')} · N = {p.n}",
                 sparsity=[e.model.measured_sparsity for e in entries],
                 robust=[e.ev.aa_robust_accuracy or 0.0 for e in entries],
                 low=[lo for lo, _ in intervals],

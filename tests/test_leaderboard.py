@@ -11,7 +11,15 @@ import filecmp
 import html as html_module
 import io
 import json
+import multiprocessing
+import os
+import random
 import re
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +31,15 @@ from sqlalchemy import select
 from bench.analysis.records import load_records
 from bench.cli import main
 from bench.provenance import utcnow
-from bench.store import Evaluation, Model, SampleResult
+from bench.store import Evaluation, Model, SampleResult, Store
 from leaderboard import build as build_module
 from leaderboard import plots
 from leaderboard.build import MARKER, build_site, model_slug, safe_url
+from leaderboard.columns import COLUMNS, check_order
 from leaderboard.per_sample import records_csv
 from leaderboard.synthetic import fill_synthetic, spec_for
 from methods.base import get_method, list_methods
-from tests.analysis_store import add_evaluation, add_model
+from tests.analysis_store import add_evaluation, add_model, digits_spec
 
 real_pool = build_module._pool
 XSS = "<script>alert(1)</script>"
@@ -92,7 +101,10 @@ def test_site_has_every_page_plot_and_download(synthetic, tmp_path):
     data = json.loads(table.with_suffix(".json").read_text())
     assert [r["model"] for r in data["rows"]] == [r["model"] for r in rows]
     expected = {"dataset": "cifar10", "norm": "Linf", "eps": "8/255", "arch": "resnet18", "structure": "US"}
-    assert data["table"] == expected
+    assert {k: data["table"][k] for k in expected} == expected
+    spec = spec_for(300)
+    assert data["table"]["protocol_hash"] == spec.protocol_hash and data["table"]["main_protocol"] is True
+    assert data["table"]["protocol"]["n_samples"] == 300 and "device" not in data["table"]["protocol"]
     # Every registered method has a page with its paper; the ones with models have their sparsity plot.
     for key in list_methods():
         card = get_method(key).card
@@ -470,3 +482,338 @@ def test_claims_drops_and_other_reevaluations_are_separate(synthetic, tmp_path):
     page = _text(_page(tmp_path / "after", name))
     assert "Claimed robust accuracy (the method's authors) 60.00 stored with the model" in page
     assert "Other benchmark's robust accuracy (APB leaderboard) 43.34 not subtracted" in page
+
+
+# ------------------------------------------------------------------------------------------ links and protocols
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value is not None:
+                self.links.append(value)
+            if name == "id" and value is not None:
+                self.ids.add(value)
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+def _broken_links(site: Path) -> list[str]:
+    """Every href and src of every page that names a missing file, or a fragment its target page lacks."""
+    broken = []
+    for page in _files(site):
+        if page.suffix != ".html":
+            continue
+        for link in _parse(site / page).links:
+            if link.startswith(("http://", "https://")):
+                continue
+            path, _, fragment = link.partition("#")
+            target = (site / page).parent / path if path else site / page
+            if not target.is_file():
+                broken.append(f"{page}: {link} (no such file)")
+            elif fragment and target.suffix == ".html" and fragment not in _parse(target).ids:
+                broken.append(f"{page}: {link} (no such anchor)")
+    return broken
+
+
+def _sections(html: str, marker: str = '<section class="protocol') -> list[str]:
+    return [part.split("</section>")[0] for part in html.split(marker)[1:]]
+
+
+def _two_protocol_store(store):
+    """The synthetic HYDRA/RAP-ADMM store (AutoAttack plus, N = 300) plus a quick protocol (standard, N = 40)
+    under which the plus table's weakest model scores 100 %: ranked together, it would come first."""
+    ids = fill_synthetic(store, n_models=5, n_samples=300)
+    quick = spec_for(40, version="standard")
+    with store.session() as s:
+        weakest = min(s.scalars(select(Evaluation)), key=lambda ev: ev.aa_robust_accuracy).model_id
+    add_evaluation(store, weakest, clean_correct=[True] * 40, spec=quick)
+    add_evaluation(store, ids[0], clean_correct=[True] * 30 + [False] * 10, spec=quick)
+    only = add_model(store, "quick-only", parent_id=ids[0], arch="resnet18", dataset="cifar10")
+    add_evaluation(store, only, clean_correct=[True] * 35 + [False] * 5, spec=quick)
+    return ids, weakest, only, quick
+
+
+def test_two_protocols_are_never_ranked_together(store, tmp_path):
+    ids, weakest, only, quick = _two_protocol_store(store)
+    plus = spec_for(300)
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+    with store.session() as s:
+        names = {m.id: m.name for m in s.scalars(select(Model))}
+        slugs = {m.id: model_slug(m) for m in s.scalars(select(Model))}
+
+    # Every table, as downloaded, holds one protocol: the one its metadata names.
+    tables = {}
+    for path in sorted((site / "data").glob("table-*.json")):
+        table = json.loads(path.read_text())
+        assert {r["protocol_hash"] for r in table["rows"]} == {table["table"]["protocol_hash"]}, path.name
+        tables[path.stem] = table
+    assert sorted(t["table"]["protocol_hash"] for t in tables.values()) == sorted(
+        [plus.protocol_hash, quick.protocol_hash]
+    )
+    rows = list(csv.DictReader(io.StringIO((site / "data" / "leaderboard.csv").read_text())))
+    by_table = {}
+    for r in rows:
+        by_table.setdefault(r["table"], set()).add(r["protocol_hash"])
+    assert len(by_table) == 2 and all(len(hashes) == 1 for hashes in by_table.values())
+
+    # The index: the main protocol (plus, N = 300) first, the quick one apart below it, each headed by what it is.
+    index = (site / "index.html").read_text()
+    assert "Every model below was evaluated with the same protocol" not in index
+    assert "Each table ranks models evaluated under <strong>one protocol</strong>" in index
+    main, other = _sections(index)
+    assert index.index('<section class="protocol main"') < index.index('id="other-protocols"')
+    assert index.index('id="other-protocols"') < index.index('<section class="protocol other"')
+    assert "Main protocol for cifar10" in main and "cifar10 · L∞ ε = 8/255 · AutoAttack plus · N = 300" in main
+    assert "Other protocol for cifar10" in other and "AutoAttack standard · N = 40" in other
+    for section, spec in ((main, plus), (other, quick)):
+        text = _text(section)
+        assert f"samples the first {spec.n_samples} of the test split" in text
+        assert f"FMN {spec.fmn_steps} steps" in text and f"hash {spec.protocol_hash[:12]}" in text
+        slugs_here = re.findall(r'data-table="([^"]+)"', section)
+        assert len(slugs_here) == 1
+        assert tables[slugs_here[0]]["table"]["protocol_hash"] == spec.protocol_hash
+    rows_of = {t["table"]["protocol_hash"]: t["rows"] for t in tables.values()}
+    quick_rows, plus_rows = rows_of[quick.protocol_hash], rows_of[plus.protocol_hash]
+    assert quick_rows[0]["model_id"] == weakest and quick_rows[0]["autoattack"] == 1.0
+    weakest_plus = next(r for r in plus_rows if r["model_id"] == weakest)
+    assert weakest_plus["autoattack"] == min(r["autoattack"] for r in plus_rows) < 0.6
+    ranked = {h: [r["model_id"] for r in rows] for h, rows in rows_of.items()}
+    assert only in ranked[quick.protocol_hash] and only not in ranked[plus.protocol_hash]
+
+    # A model evaluated under both: two sections on its page, the main protocol first, each with its own figures.
+    page = (site / "models" / f"{slugs[weakest]}.html").read_text()
+    assert "This model was evaluated under 2 protocols" in page
+    first, second = _sections(page, '<section class="protocol evaluation')
+    assert "AutoAttack plus · N = 300" in first and "AutoAttack standard · N = 40" in second
+    assert "Main protocol for cifar10" in first and "Other protocol for cifar10" in second
+    assert "This model was evaluated under" not in (site / "models" / f"{slugs[only]}.html").read_text()
+
+    # The method page: one table per protocol; the sparsity plot draws one line per protocol.
+    hydra = (site / "methods" / "hydra.html").read_text()
+    main_rows, other_rows = _sections(hydra)
+    assert "AutoAttack plus · N = 300" in main_rows and names[only] not in main_rows
+    assert "AutoAttack standard · N = 40" in other_rows and names[only] in other_rows
+    svg = (site / "methods" / "hydra-sparsity.svg").read_text()
+    assert "AA plus · N = 300" in svg and "AA standard · N = 40" in svg
+    methodology = _text((site / "methodology.html").read_text())
+    assert f"{plus.protocol_hash[:8]} main cifar10" in methodology
+    assert f"{quick.protocol_hash[:8]} other cifar10" in methodology
+    assert _broken_links(site) == []
+
+
+def test_the_main_protocol_is_the_dataset_s_canonical_one(store, tmp_path):
+    quick = digits_spec(n_samples=40, version="standard")
+    full = digits_spec(n_samples=360)  # AutoAttack plus, the default eps 0.2, the whole test split
+    other_eps = digits_spec(n_samples=360, eps="0.1", eps_value=0.1)
+    # The quick protocol has the most models; the canonical one is still the main one.
+    for i in range(4):
+        add_evaluation(store, add_model(store, f"quick-{i}"), clean_correct=[True] * 40, spec=quick)
+    for name in ("eps-a", "eps-b"):
+        add_evaluation(store, add_model(store, name), clean_correct=[True] * 360, spec=other_eps)
+    canonical = add_model(store, "canonical")
+    add_evaluation(store, canonical, clean_correct=[True] * 300 + [False] * 60, spec=full)
+
+    def order(site: Path) -> list[tuple[str, str]]:
+        html = (site / "index.html").read_text()
+        return re.findall(r'<section class="protocol (main|other)" id="protocol-([0-9a-f]+)"', html)
+
+    build_site(store, tmp_path / "a", workers=1)
+    expected = [("main", full), ("other", other_eps), ("other", quick)]
+    assert order(tmp_path / "a") == [(role, spec.protocol_hash[:12]) for role, spec in expected]
+    # Without it: the full split and AutoAttack plus come before the number of models.
+    with store.session() as s:
+        s.delete(s.get(Model, canonical))
+    build_site(store, tmp_path / "b", workers=1)
+    assert order(tmp_path / "b") == [("main", other_eps.protocol_hash[:12]), ("other", quick.protocol_hash[:12])]
+
+
+def test_columns_are_defined_once_with_the_ranked_figures_after_the_pinned_ones(synthetic, tmp_path):
+    assert [c.key for c in COLUMNS][:3] == ["rank", "model", "autoattack"]
+    assert [c.pinned for c in COLUMNS][:3] == [True, True, False] and COLUMNS[2].ranked
+    with pytest.raises(ValueError, match="ranked column"):
+        check_order([COLUMNS[0], COLUMNS[1], COLUMNS[3], COLUMNS[2]])
+    with pytest.raises(ValueError, match="pinned columns must come first"):
+        check_order([COLUMNS[2], COLUMNS[0], COLUMNS[1]])
+    store, _ = synthetic
+    build_site(store, tmp_path / "site", workers=1)
+    html = (tmp_path / "site" / "index.html").read_text()
+    head = html[html.index("<thead>") : html.index("</thead>")]
+    assert re.findall(r'<th class="col-([a-z_]+)', head) == [c.key for c in COLUMNS]
+    first_row = html[html.index("<tbody>") :].split("</tr>")[0]
+    assert len(re.findall(r"<td ", first_row)) == len(COLUMNS)
+    assert 'aria-sort="ascending"' in head.split("</th>")[0]  # the rows arrive in rank order
+
+
+# ----------------------------------------------------------------------------------------------- atomicity
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_builds_are_removed_and_running_ones_kept(synthetic, tmp_path):
+    store, _ = synthetic
+    site = tmp_path / "site"
+    build_site(store, site, workers=1)
+    before = {p: (site / p).read_bytes() for p in _files(site)}
+    # What a killed build leaves: a half-written staging folder, an old site moved aside; and a running build's.
+    dead = _dead_pid()
+    staging = tmp_path / f".site.building-{dead}-0a1b2c"
+    (staging / "models").mkdir(parents=True)
+    (staging / MARKER).write_text("x")
+    (staging / "index.html").write_text('<a href="models/missing.html">x</a>')
+    replaced = tmp_path / f".site.replaced-{dead}-3d4e5f"
+    replaced.mkdir()
+    (replaced / "index.html").write_text("old")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".site.building-{sleeper.pid}-777777"
+        running.mkdir()
+        unrelated = tmp_path / ".site.building-notes"
+        unrelated.mkdir()
+        build_site(store, site, workers=1)
+        assert not staging.exists() and not replaced.exists()
+        assert running.is_dir() and unrelated.is_dir()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert {p: (site / p).read_bytes() for p in _files(site)} == before
+    assert {p.name for p in tmp_path.iterdir() if p.name.startswith(".site.")} == {unrelated.name, running.name}
+
+
+def test_a_failed_build_leaves_the_previous_site_and_nothing_else(synthetic, tmp_path, monkeypatch):
+    store, _ = synthetic
+    site = tmp_path / "site"
+    build_site(store, site, workers=1)
+    before = {p: (site / p).read_bytes() for p in _files(site)}
+
+    def fail(*args, **kw):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(build_module, "_render_models", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_site(store, site, workers=1)
+    assert {p: (site / p).read_bytes() for p in _files(site)} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # A link is refused (the rename would replace the link, not the folder it points to); so is the root.
+    (tmp_path / "link").symlink_to(site)
+    with pytest.raises(ValueError, match="symbolic link"):
+        build_site(store, tmp_path / "link")
+    with pytest.raises(ValueError, match="root folder"):
+        build_site(store, "/")
+
+
+def _build_quietly(db: str, out: str) -> None:
+    import logging
+
+    logging.disable(logging.CRITICAL)
+    build_site(db, out)
+
+
+def _site_is_whole(site: Path) -> None:
+    """A site folder, if there is one, is a finished build: marker, index, every link resolves."""
+    if not site.exists():
+        return
+    assert (site / MARKER).is_file() and (site / "index.html").is_file()
+    assert _broken_links(site) == []
+
+
+def _children(pid: int) -> list[int]:
+    """The ids of the processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks builds and reads /proc (Linux)")
+def test_a_build_killed_at_random_moments_never_blocks_the_next_or_leaves_broken_links(tmp_path, monkeypatch):
+    """20 builds SIGKILLed at random moments (their pool workers too, through the parent-death signal), each in a
+    real process; then the real command builds a whole site and leaves nothing behind."""
+    db = f"sqlite:///{tmp_path / 'results.db'}"
+    store = Store(db)
+    fill_synthetic(store, n_models=6, n_samples=200)
+    store.dispose()
+    monkeypatch.setattr(build_module, "MIN_TASKS_FOR_POOL", 2)  # the forked builds use the worker pool too
+    site = tmp_path / "site"
+    # A first build here draws the plot templates once; the forked builds inherit them, so each takes ~1 s.
+    build_site(db, site)
+    fork = multiprocessing.get_context("fork")
+
+    def start():
+        proc = fork.Process(target=_build_quietly, args=(db, str(site)))
+        proc.start()
+        return proc
+
+    began = time.monotonic()
+    proc = start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    full = time.monotonic() - began
+    rng = random.Random(20)
+    mid_build = with_workers = 0
+    for _ in range(20):
+        assert time.monotonic() - began < 25 * full + 60, "the kill loop took too long"
+        proc = start()
+        time.sleep(rng.uniform(0.0, 1.1 * full))
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+        # 0: it finished before the kill; -9: killed. Never 1 (a refused folder or a failed build).
+        assert proc.exitcode in (0, -signal.SIGKILL), proc.exitcode
+        mid_build += any(p.name.startswith(".site.") for p in tmp_path.iterdir())
+        with_workers += bool(workers)
+        _site_is_whole(site)
+        # The pool's workers die with the build; none lives on writing into a folder the next build removes.
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, workers)), "pool workers outlived the killed build"
+    assert mid_build >= 5, f"only {mid_build} of 20 kills hit a build in progress"
+    assert with_workers >= 1, "no kill hit the worker pool"
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from bench.cli import main; main()",
+            "leaderboard",
+            "build",
+            "--db",
+            db,
+            "--out",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    _site_is_whole(site)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

@@ -1,0 +1,269 @@
+"""The columns of the leaderboard tables, defined once: header, tooltip, cell, sort value, and how they behave on a
+narrow screen.
+
+A table row is a :class:`Row`: the plain values the CSV/JSON downloads hold (``record``, see
+``leaderboard.build._row_record``) plus the :class:`~leaderboard.build.Entry` behind them. To add a column, add a
+field to the record (so the downloads get it) and a :class:`Column` to :data:`COLUMNS`; the index template draws
+whatever this list holds, in this order.
+
+Cells are built with :class:`markupsafe.Markup`: ``Markup(...).format(...)`` escapes every argument, so a string a
+submitter controls (a model or method name, a source, a flag) is shown as text, never as markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from markupsafe import Markup, escape
+
+from leaderboard.formatting import human_count, model_slug, pct, sort_value, word_breaks
+
+if TYPE_CHECKING:
+    from leaderboard.build import Entry
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: the download record, the entry it came from, and whether the model is a dense parent."""
+
+    record: dict[str, Any]
+    entry: Entry
+    is_parent: bool = False
+
+    def __getitem__(self, key: str) -> Any:
+        return self.record[key]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the leaderboard tables.
+
+    Attributes:
+        key: a name for the column (the CSS class ``col-<key>``).
+        header: the header text; ``\\n`` breaks the line.
+        tooltip: the header's explanation (shown on hover).
+        cell: the cell's HTML for a row.
+        sort: the cell's ``data-sort`` value (:func:`leaderboard.build.sort_value`; empty sorts last).
+        cell_title: the cell's tooltip, or None.
+        numeric: right-aligned, tabular figures.
+        pinned: stays in view when the table scrolls sideways (narrow screens); pinned columns come first.
+        ranked: the column the rows are ranked by (shown right after the pinned ones, so a phone sees it).
+        initial_sort: ``aria-sort`` of the header as the page opens (the rows come in rank order).
+        classes: more CSS classes of the header and the cells (the stylesheet's ``model``, ``flags``).
+    """
+
+    key: str
+    header: str
+    tooltip: str
+    cell: Callable[[Row], Markup]
+    sort: Callable[[Row], str]
+    cell_title: Callable[[Row], str | None] | None = None
+    numeric: bool = True
+    pinned: bool = False
+    ranked: bool = False
+    initial_sort: str | None = None
+    classes: str = ""
+
+    @property
+    def css(self) -> str:
+        classes = [f"col-{self.key}", *self.classes.split()]
+        if self.numeric:
+            classes.append("num")
+        if self.pinned:
+            classes.append("pin")
+        if self.ranked:
+            classes.append("ranked")
+        return " ".join(classes)
+
+    @property
+    def header_html(self) -> Markup:
+        return Markup("<br>").join(escape(line) for line in self.header.split("\n"))
+
+    def title(self, row: Row) -> str | None:
+        return self.cell_title(row) if self.cell_title else None
+
+
+def _pct(key: str, digits: int = 2) -> Callable[[Row], Markup]:
+    return lambda row: escape(pct(row[key], digits))
+
+
+def _sort(key: str) -> Callable[[Row], str]:
+    return lambda row: sort_value(row[key])
+
+
+def _model_cell(row: Row) -> Markup:
+    e, m = row.entry, row.entry.model
+    if e.method:
+        method = e.method
+        head = Markup('<a href="{}" title="{}">{}</a>').format(method.href, method.venue_year, method.display_name)
+        if e.method.paper_url:
+            head += Markup(' <a class="small" href="{}" title="{}">paper</a>').format(
+                e.method.paper_url, e.method.paper_title or ""
+            )
+    else:
+        head = Markup('<span class="badge dense">{}</span>').format("dense parent" if row.is_parent else "dense")
+    slug = model_slug(m)
+    return head + Markup('<br><a class="name" href="models/{}.html">{}</a>').format(slug, word_breaks(m.name))
+
+
+def _autoattack_cell(row: Row) -> Markup:
+    return Markup('<strong>{}</strong><br><span class="ci">[{}, {}]</span>').format(
+        pct(row["autoattack"]), pct(row["autoattack_low"], 1), pct(row["autoattack_high"], 1)
+    )
+
+
+def _drop_cell(row: Row) -> Markup:
+    drop = row["drop_points"]
+    return escape("–" if drop is None else f"{drop:+.2f}")
+
+
+def _distance_cell(row: Row) -> Markup:
+    d = row["fmn_median_distance"]
+    return escape("–" if d is None else f"{d:.4f}")
+
+
+def _claim_title(row: Row) -> str | None:
+    rep = row.entry.reported
+    return f"{rep.attack or 'attack not stated'} — {rep.source}" if rep else None
+
+
+def _reevaluation_title(row: Row) -> str | None:
+    r = row.entry.reevaluation
+    if not r:
+        return None
+    return f"{r.label or 're-evaluation'}: {r.attack or 'attack not stated'} — {r.source}"
+
+
+def _flags_cell(row: Row) -> Markup:
+    out = Markup("")
+    if row["potentially_unreliable"]:
+        out += Markup('<span class="badge unreliable" title="{}">potentially unreliable</span>').format(
+            ", ".join(map(str, row["flags"]))
+        )
+    if row["fmn_beat_autoattack"]:
+        n = row["n_fmn_beat_autoattack"] or 0
+        out += Markup(
+            '<span class="badge fmn" title="FMN broke {} sample(s) within eps that AutoAttack left robust">'
+            "FMN beat AA: {}</span>"
+        ).format(n, n)
+    return out
+
+
+def _count(key: str) -> Callable[[Row], Markup]:
+    return lambda row: escape(human_count(row[key]))
+
+
+COLUMNS: list[Column] = [
+    Column(
+        "rank",
+        "#",
+        "Rank by AutoAttack robust accuracy",
+        cell=lambda row: escape(str(row["rank"])),
+        sort=_sort("rank"),
+        pinned=True,
+        initial_sort="ascending",
+    ),
+    Column(
+        "model",
+        "Method / model",
+        "Method (links to its page and its paper) and model (links to its page)",
+        cell=_model_cell,
+        sort=lambda row: f"{row['method_name']} {row['model']}",
+        numeric=False,
+        pinned=True,
+        classes="model",
+    ),
+    Column(
+        "autoattack",
+        "AutoAttack\n% [95 % CI]",
+        "AutoAttack robust accuracy with its Wilson 95 % interval (the rows are ranked by it)",
+        cell=_autoattack_cell,
+        sort=_sort("autoattack"),
+        ranked=True,
+    ),
+    Column(
+        "sparsity",
+        "Sparsity\n%",
+        "Fraction of Conv2d/Linear weights that are exactly zero",
+        cell=_pct("sparsity", 1),
+        sort=_sort("sparsity"),
+    ),
+    Column("clean", "Clean\n%", "Clean accuracy", cell=_pct("clean"), sort=_sort("clean")),
+    Column(
+        "best_known",
+        "Best\nknown %",
+        "Broken by neither AutoAttack nor FMN within eps",
+        cell=_pct("best_known"),
+        sort=_sort("best_known"),
+    ),
+    Column(
+        "claimed",
+        "Claimed\n%",
+        "Robust accuracy claimed by the method's authors (their paper or submission)",
+        cell=_pct("reported_robust"),
+        sort=_sort("reported_robust"),
+        cell_title=_claim_title,
+    ),
+    Column(
+        "drop",
+        "Drop\npts",
+        "Re-evaluation drop: the authors' claim minus our AutoAttack robust accuracy, percentage points",
+        cell=_drop_cell,
+        sort=_sort("drop_points"),
+    ),
+    Column(
+        "other_aa",
+        "Other\nAA %",
+        "Robust accuracy another benchmark measured with AutoAttack (APB leaderboard, RobustBench, thin-ice Table 1)",
+        cell=_pct("reevaluation_robust"),
+        sort=_sort("reevaluation_robust"),
+        cell_title=_reevaluation_title,
+    ),
+    Column(
+        "fmn_median",
+        "FMN\nmedian",
+        "Median FMN distance over correctly classified samples",
+        cell=_distance_cell,
+        sort=_sort("fmn_median_distance"),
+    ),
+    Column(
+        "params",
+        "Non-zero\nparams",
+        "Non-zero parameters (all parameters in the tooltip)",
+        cell=_count("nonzero_params"),
+        sort=_sort("nonzero_params"),
+        cell_title=lambda row: f"{row['nonzero_params']} of {row['params']}",
+    ),
+    Column(
+        "flops",
+        "FLOPs\nnon-zero",
+        "Multiply-accumulates of Conv2d/Linear counting non-zero weights only",
+        cell=_count("nonzero_flops"),
+        sort=_sort("nonzero_flops"),
+        cell_title=lambda row: f"{row['nonzero_flops']} of {row['flops']} (dense)",
+    ),
+    Column(
+        "flags",
+        "Flags",
+        "Sanity checks that fired: potentially unreliable evaluations, samples FMN broke that AutoAttack missed",
+        cell=_flags_cell,
+        sort=lambda row: str(int(bool(row["potentially_unreliable"])) * 2 + int(bool(row["fmn_beat_autoattack"]))),
+        numeric=False,
+        classes="flags",
+    ),
+]
+
+
+def check_order(columns: list[Column]) -> None:
+    """Pinned columns first, then the ranked one: the layout on a phone relies on it (a test calls this)."""
+    pinned = [c.pinned for c in columns]
+    n_pinned = sum(pinned)
+    if pinned[:n_pinned] != [True] * n_pinned:
+        raise ValueError("pinned columns must come first")
+    if not columns[n_pinned].ranked:
+        raise ValueError("the ranked column must come right after the pinned ones")
+
+
+check_order(COLUMNS)
