@@ -3,9 +3,12 @@
 The store is made here with real evaluations (the project's evaluator on the first digits test samples): a small
 clean-trained MLP and two copies of it with 50 % and 70 % of their weights removed by global magnitude pruning,
 registered as its children. The test checks that the index opens from file://, that clicking a column header
-re-orders the rows, that the filter box hides rows, and that a model page's SVG plots load and are visible.
+re-orders the rows and so do Tab and Enter, that the filter box hides rows (and says so when none is left), and
+that a model page's SVG plots load and are visible; all at 1400 px. At 390 px (a phone) it checks that the ranked
+AutoAttack column is on screen, that a wide table shows it scrolls and keeps its first columns in view, and that
+no page is wider than the screen.
 
-Screenshots of the index and of one model page are written to the test's tmp folder; with
+Screenshots of the index (1400 and 390 px) and of one model page are written to the test's tmp folder; with
 ``APBENCH_UPDATE_SCREENSHOTS=1`` they are also copied to ``docs/screenshots/`` (the ones the README shows).
 The test is skipped, with the reason, only when ``/usr/bin/chromium`` is missing (``make test`` installs it).
 """
@@ -113,7 +116,154 @@ def _column(page, table, header: str) -> tuple[list[str], list[str]]:
     return names, values
 
 
-def test_site_works_in_chromium_from_file_urls(real_site, tmp_path):
+def _page_width(page) -> int:
+    return page.evaluate("document.documentElement.scrollWidth")
+
+
+def _tab_to(page, label: str, limit: int = 80) -> None:
+    """Press Tab until the focused element is the sort button of the header starting with ``label``."""
+    for _ in range(limit):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "() => { const el = document.activeElement; const th = el && el.closest('th');"
+            " return el && el.tagName === 'BUTTON' && th ? th.innerText.replace(/\\s+/g, ' ') : ''; }"
+        )
+        if focused.startswith(label):
+            return
+    raise AssertionError(f"Tab never reached the {label!r} header")
+
+
+def _wide(page, index: Path, dense, children, shots: Path) -> None:
+    """1400 px: ranking, mouse and keyboard sorting, the filter and its empty state, a model and a method page."""
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(index.as_uri())
+    assert page.title().startswith("Leaderboard")
+    assert page.locator("section.protocol.main").count() == 1  # one protocol: one section, the main one
+    page.screenshot(path=str(shots / "index.png"), full_page=True)
+    table = page.locator("table.leaderboard").first
+    names, values = _column(page, table, "AutoAttack")
+    assert sorted(names) == sorted([dense.name, *(c.name for c in children)])
+    numbers = [float(v) for v in values]
+    assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) > 1  # ranked, not all tied
+    assert table.locator("thead th").first.get_attribute("aria-sort") == "ascending"  # rank order
+    assert _page_width(page) <= 1400
+
+    # Every header is a button: clicking sorts by that column's data-sort value; clicking again reverses it.
+    headers = table.locator("thead th")
+    assert table.locator("thead th > button.sort").count() == headers.count()
+    table.locator("thead th", has_text="AutoAttack").click()
+    asc_names, asc_values = _column(page, table, "AutoAttack")
+    assert [float(v) for v in asc_values] == sorted(numbers)
+    assert asc_names != names
+    assert table.locator("thead th", has_text="AutoAttack").get_attribute("aria-sort") == "ascending"
+    assert table.locator("thead th").first.get_attribute("aria-sort") is None
+    table.locator("thead th", has_text="Sparsity").click()
+    by_sparsity, sparsity_values = _column(page, table, "Sparsity")
+    assert [float(v) for v in sparsity_values] == sorted(float(v) for v in sparsity_values)
+    assert by_sparsity[0] == dense.name
+    table.locator("thead th", has_text="Sparsity").click()
+    assert _column(page, table, "Sparsity")[0][0] == children[-1].name
+
+    # The keyboard alone: Tab to the Clean header, Enter sorts ascending, Space reverses.
+    page.goto(index.as_uri())
+    table = page.locator("table.leaderboard").first
+    before, _ = _column(page, table, "Clean")
+    _tab_to(page, "Clean")
+    page.keyboard.press("Enter")
+    clean_names, clean_values = _column(page, table, "Clean")
+    assert [float(v) for v in clean_values] == sorted(float(v) for v in clean_values)
+    assert clean_names != before
+    assert table.locator("thead th", has_text="Clean").get_attribute("aria-sort") == "ascending"
+    page.keyboard.press("Space")
+    desc_names, desc_values = _column(page, table, "Clean")
+    assert [float(v) for v in desc_values] == sorted((float(v) for v in desc_values), reverse=True)
+    assert table.locator("thead th", has_text="Clean").get_attribute("aria-sort") == "descending"
+
+    # The filter hides the rows that do not match, and the count follows; no match at all says so.
+    count = page.locator(".table-block .count").first
+    no_match = page.locator(".table-block .no-match").first
+    assert count.inner_text() == "3 models" and not no_match.is_visible()
+    page.fill("#filter", children[0].name)
+    assert table.locator("tbody tr:visible td.model a.name").all_inner_texts() == [children[0].name]
+    assert count.inner_text() == "1 of 3 models"
+    page.fill("#filter", "no model is called this")
+    assert table.locator("tbody tr:visible").count() == 0
+    assert no_match.is_visible() and no_match.inner_text() == "No matching models in this table."
+    assert count.inner_text() == "0 of 3 models" and not table.is_visible()
+    assert page.locator("#filter-status").inner_text() == "no matching models"
+    page.fill("#filter", "")
+    assert table.locator("tbody tr:visible").count() == 3
+    assert count.inner_text() == "3 models" and not no_match.is_visible() and table.is_visible()
+
+    # A model link opens its page; its SVG plots load (natural size) and are visible (bounding box).
+    child = children[0]
+    page.locator("a.name", has_text=child.name).click()
+    page.wait_for_load_state("load")
+    assert page.url.endswith(f"/models/{model_slug(child)}.html")
+    plots = page.locator("img.plot")
+    assert plots.count() == 2  # security curve and thin-ice scatter
+    for i in range(plots.count()):
+        img = plots.nth(i)
+        img.scroll_into_view_if_needed()
+        assert img.is_visible()
+        box = img.bounding_box()
+        assert box and box["width"] > 200 and box["height"] > 100
+        assert img.evaluate("el => el.complete && el.naturalWidth > 0 && el.naturalHeight > 0")
+        assert img.get_attribute("src").endswith(".svg")
+    assert page.get_by_text("Samples on thin ice").is_visible()
+    assert _page_width(page) <= 1400
+    page.screenshot(path=str(shots / "model.png"), full_page=True)
+
+    # The method page (an unregistered method: what the store holds) has its sparsity plot.
+    page.locator('a[href$="methods/magnitude.html"]').first.click()
+    page.wait_for_load_state("load")
+    method_plot = page.locator("img.plot")
+    assert method_plot.count() == 1
+    assert method_plot.evaluate("el => el.complete && el.naturalWidth > 0")
+
+
+def _phone(page, index: Path, children, shots: Path) -> None:
+    """390 px: the ranked column in view, a visible cue that the table scrolls, pinned columns, pages that fit."""
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.goto(index.as_uri())
+    assert _page_width(page) <= 390, "the index overflows the phone's width"
+    table = page.locator("table.leaderboard").first
+    first = table.locator("tbody tr").first
+    for column in ("td.col-rank", "td.col-model", "td.col-autoattack"):
+        box = first.locator(column).bounding_box()
+        assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, f"{column} is off screen: {box}"
+    # The table is wider than the phone: it says so, and its right edge fades.
+    scroller = page.locator(".scroll").filter(has=table)
+    assert scroller.evaluate("el => el.scrollWidth > el.clientWidth")
+    cue = page.locator(".table-block .scroll-cue").first
+    assert cue.is_visible() and "scroll the table sideways" in cue.inner_text()
+    assert scroller.evaluate("el => el.parentNode.classList.contains('more-right')")
+    page.screenshot(path=str(shots / "index-390.png"), full_page=True)
+    # Scrolled to its end, the rank and model columns stay in view next to the last column.
+    scroller.evaluate("el => { el.scrollLeft = el.scrollWidth; el.dispatchEvent(new Event('scroll')); }")
+    name_box = first.locator("td.col-model").bounding_box()
+    assert name_box and 0 <= name_box["x"] < 390 / 2
+    assert first.locator("td.col-flags").bounding_box()["x"] + 10 < 390
+    assert scroller.evaluate("el => el.parentNode.classList.contains('more-left')")
+    # Keyboard sorting works at this width too.
+    _tab_to(page, "Sparsity")
+    page.keyboard.press("Enter")
+    assert table.locator("thead th", has_text="Sparsity").get_attribute("aria-sort") == "ascending"
+
+    # Model and method pages fit the width; their wide tables scroll inside their own box.
+    page.goto((index.parent / "models" / f"{model_slug(children[0])}.html").as_uri())
+    assert _page_width(page) <= 390, "the model page overflows the phone's width"
+    for i in range(page.locator("img.plot").count()):
+        box = page.locator("img.plot").nth(i).bounding_box()
+        assert box and box["width"] <= 390
+    page.goto((index.parent / "methods" / "magnitude.html").as_uri())
+    assert _page_width(page) <= 390, "the method page overflows the phone's width"
+    for other in ("methods.html", "methodology.html", "downloads.html"):
+        page.goto((index.parent / other).as_uri())
+        assert _page_width(page) <= 390, f"{other} overflows the phone's width"
+
+
+def test_site_works_in_chromium_from_file_urls_at_both_widths(real_site, tmp_path):
     from playwright.sync_api import sync_playwright
 
     index, dense, children = real_site
@@ -131,66 +281,14 @@ def test_site_works_in_chromium_from_file_urls(real_site, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1360, "height": 900}, device_scale_factor=1)
+            context = browser.new_context(viewport={"width": 1400, "height": 900}, device_scale_factor=1)
             context.route("**/*", route)
             page = context.new_page()
             page.on("request", lambda req: requested.append(req.url))
             page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
             page.on("pageerror", lambda err: errors.append(str(err)))
-
-            page.goto(index.as_uri())
-            assert page.title().startswith("Leaderboard")
-            page.screenshot(path=str(shots / "index.png"), full_page=True)
-            table = page.locator("table.leaderboard").first
-            names, values = _column(page, table, "AutoAttack")
-            assert sorted(names) == sorted([dense.name, *(c.name for c in children)])
-            numbers = [float(v) for v in values]
-            assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) > 1  # ranked, not all tied
-
-            # Clicking a header sorts by that column's data-sort value; clicking again reverses it.
-            table.locator("thead th", has_text="AutoAttack").click()
-            asc_names, asc_values = _column(page, table, "AutoAttack")
-            assert [float(v) for v in asc_values] == sorted(numbers)
-            assert asc_names != names
-            assert table.locator("thead th", has_text="AutoAttack").get_attribute("aria-sort") == "ascending"
-            table.locator("thead th", has_text="Sparsity").click()
-            by_sparsity, sparsity_values = _column(page, table, "Sparsity")
-            assert [float(v) for v in sparsity_values] == sorted(float(v) for v in sparsity_values)
-            assert by_sparsity[0] == dense.name
-            table.locator("thead th", has_text="Sparsity").click()
-            assert _column(page, table, "Sparsity")[0][0] == children[-1].name
-
-            # The filter box hides the rows that do not match.
-            page.fill("#filter", children[0].name)
-            visible = table.locator("tbody tr:visible td.model a.name").all_inner_texts()
-            assert visible == [children[0].name]
-            page.fill("#filter", "")
-            assert table.locator("tbody tr:visible").count() == 3
-
-            # A model link opens its page; its SVG plots load (natural size) and are visible (bounding box).
-            child = children[0]
-            page.locator("a.name", has_text=child.name).click()
-            page.wait_for_load_state("load")
-            assert page.url.endswith(f"/models/{model_slug(child)}.html")
-            plots = page.locator("img.plot")
-            assert plots.count() == 2  # security curve and thin-ice scatter
-            for i in range(plots.count()):
-                img = plots.nth(i)
-                img.scroll_into_view_if_needed()
-                assert img.is_visible()
-                box = img.bounding_box()
-                assert box and box["width"] > 200 and box["height"] > 100
-                assert img.evaluate("el => el.complete && el.naturalWidth > 0 && el.naturalHeight > 0")
-                assert img.get_attribute("src").endswith(".svg")
-            assert page.get_by_text("Samples on thin ice").is_visible()
-            page.screenshot(path=str(shots / "model.png"), full_page=True)
-
-            # The method page (an unregistered method: what the store holds) has its sparsity plot.
-            page.locator('a[href$="methods/magnitude.html"]').first.click()
-            page.wait_for_load_state("load")
-            method_plot = page.locator("img.plot")
-            assert method_plot.count() == 1
-            assert method_plot.evaluate("el => el.complete && el.naturalWidth > 0")
+            _wide(page, index, dense, children, shots)
+            _phone(page, index, children, shots)
         finally:
             browser.close()
 
