@@ -2,7 +2,9 @@
 
 Checkpoints are untrusted files from the internet, so they are only ever loaded weights-only
 (``torch.load(..., weights_only=True)`` or safetensors): a file that needs arbitrary unpickling is refused
-with :class:`UnsafeCheckpointError`, never executed.
+with :class:`UnsafeCheckpointError`, never executed. Before any of that, the path must be a regular file (a
+symlink is followed to one; a FIFO, a device or a kernel file is refused without being opened) whose first bytes
+are one of the formats read (:func:`checkpoint_format`); the weights read must be finite (:func:`check_finite`).
 
 Sparsity means one thing everywhere in the project: the fraction of exactly-zero entries over all
 Conv2d/Linear weights, biases and BatchNorm excluded (:func:`measure_sparsity`). Compute is counted in
@@ -15,6 +17,7 @@ import hashlib
 import os
 import pickle
 import re
+import stat
 import tarfile
 import zipfile
 from collections.abc import Collection, Mapping
@@ -29,9 +32,14 @@ from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "CheckpointMismatchError",
+    "NonFiniteWeightsError",
+    "NotACheckpointError",
     "SparsityReport",
     "UnsafeCheckpointError",
+    "check_finite",
+    "check_input_file",
     "check_torch_archive",
+    "checkpoint_format",
     "count_flops",
     "drop_unused_keys",
     "load_state_dict",
@@ -52,6 +60,14 @@ _SHOWN_KEYS = 10
 
 class UnsafeCheckpointError(ValueError):
     """The checkpoint holds pickled Python objects that a weights-only load refuses."""
+
+
+class NotACheckpointError(ValueError):
+    """The path is not a file a checkpoint can be read from: a special file, an empty one, or another format."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """The weights hold NaN or infinite entries: a model computed from them is meaningless."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -94,6 +110,116 @@ def _extension(path: Path) -> str | None:
     return None
 
 
+# Linux's kernel filesystems: their "regular files" report sizes they do not hold and may block on read.
+_KERNEL_FILESYSTEMS = ("/proc", "/sys")
+_SNIFF_BYTES = 512  # a tar header's "ustar" magic sits at offset 257
+# A legacy torch.save file starts with torch's magic number pickled at the protocol it was saved with.
+_LEGACY_MAGICS = tuple(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1))
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def check_input_file(path: str | os.PathLike[str], what: str = "checkpoint") -> Path:
+    """Refuse, before anything opens it, a user-supplied path that is not a regular file with content.
+
+    A symlink is followed: checkpoints often are symlinks (the Hugging Face cache's ``snapshots/`` are links
+    into ``blobs/``, ``last.pt -> epoch_99.pt``), and a link grants nothing its target's path would not, since
+    the file is read with the user's own rights. What is refused is what lies at the end of it: a FIFO or a
+    socket (opening one blocks until a writer comes, so its type is checked with ``stat``, never by reading),
+    a device, a directory, a dangling link or a loop, an empty file, and a file of the kernel's ``/proc`` or
+    ``/sys`` (they report sizes they do not hold). Every message names the link's target when ``path`` is one.
+    A regular file that is not a checkpoint (a link to ``/etc/passwd``) is :func:`checkpoint_format`'s to refuse.
+
+    Args:
+        path: the file as the user gave it.
+        what: what the file is meant to be, for the messages ("checkpoint", "dense checkpoint").
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path` (not resolved: the user's spelling stays in later messages).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a symlink to nothing.
+        NotACheckpointError: a special file, a directory, a symlink loop, an empty or a kernel file.
+    """
+    path = Path(path)
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as e:
+        raise NotACheckpointError(f"cannot look at {what} {path}: {e.strerror}; pass a readable file") from None
+    link, fix = _link_note(path), f"pass the {what} file itself"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}{link} points to nothing: the target does not exist; {fix}") from None
+    except OSError as e:  # ELOOP: a symlink loop; EACCES: a folder on the way is closed
+        raise NotACheckpointError(f"cannot reach {what} {path}{link}: {e.strerror}; {fix}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise NotACheckpointError(f"{what} {path}{link} is {_file_kind(info.st_mode)}, not a regular file; {fix}")
+    real = os.path.realpath(path)
+    kernel = next((fs for fs in _KERNEL_FILESYSTEMS if real == fs or real.startswith(fs + os.sep)), None)
+    if kernel is not None:
+        raise NotACheckpointError(f"{what} {path}{link} is a kernel file under {kernel}, not a file on disk; {fix}")
+    if info.st_size == 0:
+        raise NotACheckpointError(f"{what} {path}{link} is empty (0 bytes); {fix}, fully written")
+    return path
+
+
+def _link_note(path: Path) -> str:
+    # Where a symlink points, as it is written (relative targets included): what the user can check and pass.
+    return f" (a symlink to {os.readlink(path)})" if path.is_symlink() else ""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def checkpoint_format(path: str | os.PathLike[str], what: str = "checkpoint") -> str:
+    """What a checkpoint file holds, from its first bytes: ``"zip"`` (torch.save since 1.6), ``"legacy"`` (the
+    pre-1.6 pickle), ``"tar"`` (pre-0.4 torch, refused later as unsafe) or ``"safetensors"``.
+
+    :func:`check_input_file` runs first, so a FIFO or a device is never opened.
+
+    Raises:
+        FileNotFoundError, NotACheckpointError: as :func:`check_input_file`, or when the content is none of those
+            formats (the message names the ones accepted; it quotes none of the file's bytes).
+    """
+    path = check_input_file(path, what)
+    link = _link_note(path)
+    try:
+        # O_NONBLOCK, and fstat on what was opened: a FIFO swapped in after the check cannot hang the read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise NotACheckpointError(f"cannot open {what} {path}{link}: {e.strerror}; pass a readable file") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotACheckpointError(f"{what} {path}{link} is {_file_kind(info.st_mode)}, not a regular file")
+        head = os.read(fd, _SNIFF_BYTES)
+    finally:
+        os.close(fd)
+    if head.startswith(_ZIP_MAGICS):
+        return "zip"
+    if head.startswith(_LEGACY_MAGICS):
+        return "legacy"
+    if len(head) > 262 and head[257:262] == b"ustar":
+        return "tar"
+    # safetensors: an 8-byte little-endian header length, then that many bytes of JSON.
+    if len(head) > 8 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= info.st_size:
+        return "safetensors"
+    raise NotACheckpointError(
+        f"{path}{link} is not a checkpoint: it is neither a torch.save file (zip archive or legacy pre-1.6 pickle) "
+        f"nor a safetensors file; pass the {what} file itself"
+    )
+
+
 def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """Read a checkpoint weights-only and return a flat ``name -> tensor`` state dict.
 
@@ -110,19 +236,23 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         The state dict, tensors on the CPU.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist (or is a symlink to nothing).
+        NotACheckpointError: ``path`` is not a regular file with content, or holds none of the accepted formats
+            (:func:`check_input_file`, :func:`checkpoint_format`); nothing was read beyond its first bytes.
+        NonFiniteWeightsError: a floating-point tensor holds NaN or Inf (:func:`check_finite`).
         ValueError: unsupported extension, an unreadable (corrupt) file, or no tensors in the file.
         UnsafeCheckpointError: the file needs arbitrary unpickling (it is not executed).
     """
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ext = _extension(path)
     if ext is None:
         raise ValueError(
             f"unsupported checkpoint file {path.name!r}; supported extensions: {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    if ext == ".safetensors":
+    # The content decides how the file is read, not its name: a safetensors file saved as .pt loads too.
+    if checkpoint_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
@@ -142,7 +272,50 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             raise ValueError(
                 f"could not read {path} as a checkpoint (corrupt, truncated, or not written by torch.save): {e!r}"
             ) from None
-    return _extract_state_dict(obj, path)
+    state_dict = _extract_state_dict(obj, path)
+    # Every tensor the file gives, not only those a model will take: NaN scores in a HYDRA file are as corrupt.
+    check_finite(state_dict, source=path)
+    return state_dict
+
+
+def check_finite(state_dict: Mapping[str, Tensor], *, source: str | os.PathLike[str] | None = None) -> None:
+    """Refuse weights with NaN or infinite entries in any floating-point (or complex) tensor.
+
+    Such a model's logits are NaN or constant: evaluated, it reads as 0 % clean accuracy with NaN margins, a
+    result about the file, not about the network. BatchNorm running statistics count like weights; integer
+    tensors (``num_batches_tracked``) cannot be non-finite.
+
+    Args:
+        state_dict: the tensors.
+        source: the file they came from, named in the message.
+
+    Raises:
+        NonFiniteWeightsError: one line naming the file, the first offending tensors with their NaN and Inf
+            counts, the total, and the fix.
+    """
+    bad: list[tuple[str, int, int]] = []
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        finite = int(torch.isfinite(value).sum())
+        if finite != value.numel():
+            nan = int(torch.isnan(value).sum())
+            bad.append((key, nan, value.numel() - finite - nan))
+    if not bad:
+        return
+    total = sum(nan + inf for _, nan, inf in bad)
+
+    def counts(nan: int, inf: int) -> str:
+        return " and ".join(f"{n:,} {label}" for n, label in ((nan, "NaN"), (inf, "Inf")) if n)
+
+    shown = ", ".join(f"{key} ({counts(nan, inf)})" for key, nan, inf in bad[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    where = f"checkpoint {source} holds" if source is not None else "the weights hold"
+    raise NonFiniteWeightsError(
+        f"{where} {total:,} non-finite entr{'y' if total == 1 else 'ies'} in {len(bad)} "
+        f"tensor{'s' if len(bad) > 1 else ''}: {shown}{more}; the checkpoint is corrupt or diverged; re-export it "
+        "from a finite training state"
+    )
 
 
 _STORAGE_ELEMENT_BYTES = {
@@ -162,9 +335,12 @@ def check_torch_archive(path: str | os.PathLike[str]) -> None:
     refused. Call it before :func:`torch.load` on untrusted files (:func:`load_state_dict` does).
 
     Raises:
+        FileNotFoundError, NotACheckpointError: see :func:`checkpoint_format`, which runs first.
         UnsafeCheckpointError: the file declares more data than it holds, or uses compression or the tar format.
     """
     path = Path(path)
+    if checkpoint_format(path) == "safetensors":
+        raise NotACheckpointError(f"{path} is a safetensors file where a torch.save file was expected")
     size = path.stat().st_size
     fix = "Fix: re-save the weights with torch.save(model.state_dict(), path) (torch >= 1.6) or as safetensors."
     if zipfile.is_zipfile(path):
@@ -314,7 +490,11 @@ def drop_unused_keys(state_dict: Mapping[str, Tensor], expected: Collection[str]
 
 
 def load_weights(
-    model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True
+    model: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    *,
+    strict: bool = True,
+    source: str | os.PathLike[str] | None = None,
 ) -> torch.nn.modules.module._IncompatibleKeys:
     """Load ``state_dict`` into ``model``, explaining any mismatch.
 
@@ -327,12 +507,14 @@ def load_weights(
         model: the model to load into.
         state_dict: the weights, e.g. from :func:`load_state_dict`.
         strict: whether missing or unexpected keys are an error. Shape mismatches always are.
+        source: the file the weights came from, named if they are refused as non-finite.
 
     Returns:
         The missing and unexpected keys, as ``nn.Module.load_state_dict`` returns them.
 
     Raises:
         CheckpointMismatchError: keys or shapes do not match, naming them.
+        NonFiniteWeightsError: a tensor to be loaded holds NaN or Inf (:func:`check_finite`); the model is untouched.
     """
     sd = dict(state_dict)
     if isinstance(model, NormalizedModel) and not any(k.startswith(_NET_PREFIX) for k in sd):
@@ -350,6 +532,9 @@ def load_weights(
         raise CheckpointMismatchError(
             _mismatch_message(missing, unexpected, mismatched), missing, unexpected, mismatched
         )
+    # Again here, on exactly what the model takes: every path ends here, including converters whose arithmetic
+    # (MAD's softplus masks) or loaders (MAD's own, RobustBench's) bypass load_state_dict.
+    check_finite({k: v for k, v in sd.items() if k in expected}, source=source)
     return model.load_state_dict(sd, strict=strict)
 
 

@@ -280,7 +280,7 @@ def load_converted_model(
     state_dict = load_converted(path, fmt, k=k)
     model = build_model(arch, dataset, normalization or converted_provenance(fmt, dataset)["normalization"])
     try:
-        load_weights(model, state_dict)
+        load_weights(model, state_dict, source=path)
     except CheckpointMismatchError as e:
         if not spec.archs or arch in spec.archs:
             raise

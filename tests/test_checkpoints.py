@@ -15,6 +15,7 @@ from torch import nn
 from bench.checkpoints import (
     SUPPORTED_EXTENSIONS,
     CheckpointMismatchError,
+    NotACheckpointError,
     UnsafeCheckpointError,
     count_flops,
     drop_unused_keys,
@@ -158,9 +159,17 @@ def test_missing_file_and_unknown_extension(tmp_path: Path) -> None:
 
 
 def test_corrupt_file_is_not_called_unsafe(tmp_path: Path) -> None:
+    # A torch.save zip cut short: recognised as a checkpoint by its first bytes, unreadable after them.
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.arange(1000.0)}, whole)
     path = tmp_path / "broken.pt"
-    path.write_bytes(bytes(range(100)))
+    path.write_bytes(whole.read_bytes()[:2000])
     with pytest.raises(ValueError, match="could not read") as info:
+        load_state_dict(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    # Bytes that are no checkpoint format at all are refused by their first bytes, not as a corrupt archive.
+    path.write_bytes(bytes(range(100)))
+    with pytest.raises(NotACheckpointError, match="is not a checkpoint") as info:
         load_state_dict(path)
     assert not isinstance(info.value, UnsafeCheckpointError)
 

@@ -252,7 +252,7 @@ def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path)
     (root / "dense").mkdir(parents=True)
     (root / "dense" / f"{entry_id}.yaml").write_bytes((repo / "dense" / f"{entry_id}.yaml").read_bytes())
     download = tmp_path / "model_best_dense.pth.tar"
-    download.write_bytes(b"weights downloaded by hand")
+    torch.save({"w": torch.zeros(3)}, download)  # --from takes checkpoints only
     first = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert first.exit_code == 0, first.output
     assert "the hash is recorded" in first.output
@@ -261,7 +261,7 @@ def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path)
     second = _invoke("zoo", "fetch", entry_id, "--submissions", root)
     assert second.exit_code == 0, second.output
     assert "verified against the recorded hash" in second.output
-    download.write_bytes(b"some other file")
+    torch.save({"w": torch.ones(3)}, download)
     third = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert third.exit_code != 0 and "the hash recorded at its first download" in third.output
 
@@ -372,7 +372,7 @@ def test_a_file_given_by_hand_is_recorded_as_its_own_origin_not_the_manifest_url
     (root / "mad").mkdir(parents=True)
     (root / "mad" / f"{entry_id}.yaml").write_bytes((repo / "mad" / f"{entry_id}.yaml").read_bytes())
     download = tmp_path / "from_a_colleague.t7"
-    download.write_bytes(b"weights copied by hand")
+    torch.save({"w": torch.zeros(3)}, download)
     result = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert result.exit_code == 0, result.output
     assert read_records()[entry_id]["url"] == "file:from_a_colleague.t7"

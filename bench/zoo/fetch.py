@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from bench.checkpoints import sha256_file
+from bench.checkpoints import NotACheckpointError, checkpoint_format, sha256_file
 from bench.download import DownloadTooSlowError, TransferGuard
 from bench.provenance import utcnow
 from bench.zoo.limits import DEFAULT_MAX_SIZE
@@ -74,7 +74,7 @@ class ChecksumMismatch(FetchError):
 
 
 class NotACheckpoint(FetchError):
-    """The server returned a web page instead of the file."""
+    """The server returned a web page instead of the file, or a file given by hand is no checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -211,8 +211,14 @@ def import_local_file(
     """
     target, expected, verified_by, limit = _prepare(key, file_name, url, sha256, size, max_size, root)
     source = Path(source)
-    if not source.is_file():
-        raise DownloadFailed(f"{source} is not a file")
+    # The checks every checkpoint path gets: a FIFO is never opened, a symlink's target is named, and a file that
+    # is no checkpoint (a link to /etc/passwd) is not copied, nor its hash recorded as the entry's first one.
+    try:
+        checkpoint_format(source, what="checkpoint file")
+    except FileNotFoundError as err:
+        raise DownloadFailed(str(err)) from None
+    except NotACheckpointError as err:
+        raise NotACheckpoint(str(err)) from None
     actual = source.stat().st_size
     if actual > limit:
         raise CheckpointTooLarge(_too_large_message(actual, limit, size, max_size, str(source)))
