@@ -60,10 +60,23 @@ def _clip(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _sign_ascent(
-    model: nn.Module, x: torch.Tensor, objective, *, eps: float, steps: int, step_size: float
+    model: nn.Module,
+    x: torch.Tensor,
+    objective,
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    random_start: bool = False,
 ) -> torch.Tensor:
-    # TRADES and MART both start at x + 0.001·N(0, 1) rather than a uniform point of the ball.
-    x_adv = x + 0.001 * torch.randn_like(x)
+    if random_start:
+        # A uniform point of the ε-ball (Madry et al.): every input coordinate starts up to ε away from x, so a
+        # coordinate whose first-layer ReLUs are all off at x (zero gradient, sign 0) is still explored.
+        x_adv = _clip(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+    else:
+        # TRADES and MART both start at x + 0.001·N(0, 1): sign ascent can never move a coordinate whose gradient
+        # is exactly 0 there, e.g. a blank pixel inside the dead zone of every first-layer unit that sees it.
+        x_adv = x + 0.001 * torch.randn_like(x)
     with torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -74,12 +87,19 @@ def _sign_ascent(
 
 
 def trades_adversarial(
-    model: nn.Module, x: torch.Tensor, *, eps: float, steps: int = 10, step_size: float = 2 / 255
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    eps: float,
+    steps: int = 10,
+    step_size: float = 2 / 255,
+    random_start: bool = False,
 ) -> torch.Tensor:
     """TRADES inner maximisation: L∞ sign ascent on Σ_i KL(f(x) ‖ f(x'_i)), run in eval mode.
 
-    Starts at ``x + 0.001·N(0, 1)``; every step is projected onto the ε-ball and [0, 1]. The natural
-    distribution f(x) is computed once (the released code recomputes it every step, to the same values).
+    Starts at ``x + 0.001·N(0, 1)`` (the released code) or, with ``random_start``, at a uniform point of the
+    ε-ball; every step is projected onto the ε-ball and [0, 1]. The natural distribution f(x) is computed once
+    (the released code recomputes it every step, to the same values).
 
     Args:
         model: the network; its train/eval flags are restored on return.
@@ -87,6 +107,7 @@ def trades_adversarial(
         eps: L∞ radius.
         steps: sign-gradient steps (10 in HYDRA).
         step_size: α (2/255 in HYDRA for ε = 8/255).
+        random_start: start at a uniform point of the ε-ball instead of TRADES' ``x + 0.001·N(0, 1)``.
 
     Returns:
         Detached adversarial inputs with ‖x' − x‖∞ ≤ ε and x' ∈ [0, 1].
@@ -102,6 +123,7 @@ def trades_adversarial(
             eps=eps,
             steps=steps,
             step_size=step_size,
+            random_start=random_start,
         )
 
 
@@ -113,6 +135,7 @@ def mart_adversarial(
     eps: float,
     steps: int = 10,
     step_size: float = 2 / 255,
+    random_start: bool = False,
 ) -> torch.Tensor:
     """MART inner maximisation: L∞ sign ascent on the cross-entropy, from ``x + 0.001·N(0, 1)``, in eval mode.
 
@@ -124,6 +147,7 @@ def mart_adversarial(
         eps: L∞ radius.
         steps: sign-gradient steps (10 in MART and MAD).
         step_size: α (MART uses 0.007, MAD 0.03/10·2.3 for ε = 0.03).
+        random_start: start at a uniform point of the ε-ball instead of ``x + 0.001·N(0, 1)``.
 
     Returns:
         Detached adversarial inputs with ‖x' − x‖∞ ≤ ε and x' ∈ [0, 1].
@@ -137,6 +161,7 @@ def mart_adversarial(
             eps=eps,
             steps=steps,
             step_size=step_size,
+            random_start=random_start,
         )
 
 
@@ -180,17 +205,18 @@ def trades_loss(
     steps: int = 10,
     step_size: float = 2 / 255,
     beta: float = 6.0,
+    random_start: bool = False,
 ) -> torch.Tensor:
     """TRADES loss (Zhang et al. 2019) as HYDRA trains with it; see :func:`trades_objective`.
 
-    The adversarial point comes from :func:`trades_adversarial` (eval mode); the two outer forward passes
-    run in the caller's mode. f(x) is evaluated once (the released code runs it twice in train mode, which only
-    updates the BatchNorm running statistics one more time).
+    The adversarial point comes from :func:`trades_adversarial` (eval mode; ``random_start`` is passed on);
+    the two outer forward passes run in the caller's mode. f(x) is evaluated once (the released code runs it
+    twice in train mode, which only updates the BatchNorm running statistics one more time).
 
     Returns:
         A scalar to minimise.
     """
-    x_adv = trades_adversarial(model, x, eps=eps, steps=steps, step_size=step_size)
+    x_adv = trades_adversarial(model, x, eps=eps, steps=steps, step_size=step_size, random_start=random_start)
     return trades_objective(model(x), model(x_adv), y, beta)
 
 
@@ -203,13 +229,16 @@ def mart_loss(
     steps: int = 10,
     step_size: float = 2 / 255,
     beta: float = 6.0,
+    random_start: bool = False,
 ) -> torch.Tensor:
     """MART loss (Wang et al. 2020); β = 6 is MART's default, MAD passes 0.5. See :func:`mart_objective`.
+
+    ``random_start`` is passed on to :func:`mart_adversarial`.
 
     Returns:
         A scalar to minimise.
     """
-    x_adv = mart_adversarial(model, x, y, eps=eps, steps=steps, step_size=step_size)
+    x_adv = mart_adversarial(model, x, y, eps=eps, steps=steps, step_size=step_size, random_start=random_start)
     return mart_objective(model(x), model(x_adv), y, beta)
 
 

@@ -14,7 +14,7 @@ from bench.catalog import build_model
 from bench.checkpoints import load_weights, measure_sparsity
 from bench.models import BasicBlock, Normalize, NormalizedModel
 from methods.base import PruneData, get_method
-from methods.common import magnitude_masks, prunable_layers
+from methods.common import magnitude_masks, prunable_layers, trades_adversarial
 from methods.hydra import (
     SCORES,
     Hydra,
@@ -84,6 +84,7 @@ def test_card_and_paper_defaults():
     assert (cfg.lr_prune, cfg.lr_finetune, cfg.momentum, cfg.weight_decay, cfg.beta) == (0.1, 0.01, 0.9, 1e-4, 6.0)
     assert cfg.step_size_ratio * 8 / 255 == pytest.approx(2 / 255)
     assert cfg.scaled_score_init
+    assert not cfg.random_start  # TRADES' own x + 0.001·N(0, I) start
     assert method.digits_config().prune_epochs < cfg.prune_epochs
     with pytest.raises(ValueError, match="unknown option"):
         method.config(k=0.1)
@@ -285,3 +286,74 @@ def test_subnet_forward_uses_masked_weights():
     masked.load_state_dict(convert_hydra_checkpoint(model.state_dict(), k=K))
     with torch.no_grad():
         torch.testing.assert_close(subnet(x), masked(x), atol=1e-6, rtol=0)
+
+
+class _BlankThreshold(nn.Module):
+    """What HYDRA at k = 0.05 makes of small_cnn's first conv: one tap per channel, ``relu(x − 0.1)`` per pixel.
+
+    A blank pixel (exactly 0) is inside the dead zone, so its input gradient is exactly 0, yet raising it above
+    0.1 (well inside ε = 0.2) changes the logits through a fixed random readout.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.readout = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.readout(F.relu(x - 0.1).flatten(1))
+
+
+def test_digits_trades_start_reaches_blank_pixels_that_sign_ascent_cannot_move(digits):
+    """Regression: with TRADES' own start HYDRA 95 % collapsed on some digits-track seeds (gradient masking).
+
+    Sign ascent from x + 0.001·N(0, I) leaves every blank pixel where it started (its gradient is exactly 0), so
+    TRADES never trains against a perturbed background; the digits schedule starts uniformly in the ε-ball.
+    """
+    x = digits[0][:128]
+    blank = x == 0
+    assert blank.float().mean() > 0.3
+    model = _BlankThreshold()
+    cfg = get_method("hydra").digits_config()
+    step_size = cfg.step_size_ratio * 0.2
+    torch.manual_seed(0)
+    paper = trades_adversarial(model, x, eps=0.2, steps=cfg.pgd_steps, step_size=step_size, random_start=False)
+    torch.manual_seed(0)
+    track = trades_adversarial(
+        model, x, eps=0.2, steps=cfg.pgd_steps, step_size=step_size, random_start=cfg.random_start
+    )
+    for x_adv in (paper, track):
+        assert float((x_adv - x).abs().max()) <= 0.2 + 1e-6 and 0 <= float(x_adv.min()) and float(x_adv.max()) <= 1
+    # The paper's start: blank pixels stay within the 0.001-scale start noise, below the 0.1 kink.
+    assert float(paper[blank].max()) < 0.01
+    # The digits schedule: about a quarter of the blank pixels start past the kink, where they have a gradient,
+    # and sign ascent takes many of them on to ε (those it moves down, or that start below 0.1, stay dead).
+    assert float((track[blank] > 0.1).float().mean()) > 0.05
+    assert float((track[blank] >= 0.2 - 1e-6).float().mean()) > 0.05
+    # Pixels past the kink at x have a gradient, and both starts move them up to ε.
+    strokes = x > 0.1 + 0.2
+    for x_adv in (paper, track):
+        assert float(((x_adv - x).abs()[strokes] >= 0.2 - 1e-6).float().mean()) > 0.5
+
+
+def test_training_passes_the_configured_start_to_trades(small, monkeypatch):
+    import methods.hydra as hydra_module
+
+    seen = []
+    real = hydra_module.trades_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["random_start"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hydra_module, "trades_loss", spy)
+    model = tiny_resnet()
+    subnet = attach_scores(model, K)
+    set_phase(model, "prune")
+    one_batch = PruneData(small.x[:16], small.y[:16], eps=small.eps)
+    for start in (True, False):
+        cfg = tiny_config(random_start=start)
+        _train(subnet, one_batch, cfg, torch.Generator().manual_seed(0), phase="prune", epochs=1, lr=0.1)
+        assert seen and set(seen) == {start}
+        seen.clear()
+    assert get_method("hydra").digits_config().random_start
