@@ -473,8 +473,8 @@ def _order_protocols(evaluations: Iterable[Evaluation]) -> list[Protocol]:
     """The protocols of the shown evaluations: per dataset (by name) its main protocol, then the dataset's others.
 
     The main protocol of a dataset is its canonical one when the store holds it: AutoAttack *plus*, the
-    dataset's default threat model (L∞ at its default ε) on the full test split (``default_n`` samples, or the
-    most any stored protocol of the dataset used when the whole split is the default). Otherwise, and among the
+    dataset's default threat model (L∞ at its default ε) on the full test split (its ``test_size``; for a dataset
+    this installation does not know, the most samples any stored protocol of it used). Otherwise, and among the
     others: full split first, then AutoAttack plus, then the most models, then the most samples.
     """
     protocols: dict[str, Protocol] = {}
@@ -509,7 +509,7 @@ def _protocol_rank(p: Protocol, most_samples: int) -> tuple[int, ...]:
     except Exception:  # a dataset this installation does not know: no default threat model to compare with
         info = None
     n = _int(spec.get("n_samples"))
-    full = n >= (info.default_n if info is not None and info.default_n else most_samples)
+    full = n >= (getattr(info, "test_size", None) or most_samples)
     plus = spec.get("version") == "plus"
     default_threat = info is None or (
         spec.get("norm") == "Linf" and _close(spec.get("eps_value"), info.default_eps_value)
@@ -639,6 +639,11 @@ def _pool(store: Store, workers: int | None, n_tasks: int) -> ProcessPoolExecuto
     )
 
 
+def is_ranked(model: Model) -> bool:
+    """False for a sanity run (``bench evaluate --unranked``): shown on its page and listed apart, never ranked."""
+    return getattr(model, "ranked", True) is not False
+
+
 def _tables(data: SiteData) -> list[Table]:
     """One table per (protocol, architecture, structure), in protocol order; a dense parent joins every structure
     of its architecture under the same protocol. A table never holds two protocols."""
@@ -648,7 +653,7 @@ def _tables(data: SiteData) -> list[Table]:
         dense: dict[str, list[Entry]] = defaultdict(list)
         for model in data.models:
             entry = data.entry(model.id, protocol.hash)
-            if entry is None:
+            if entry is None or not is_ranked(model):
                 continue
             if model.structure == "dense":
                 dense[model.arch].append(entry)
@@ -785,7 +790,13 @@ def _environment() -> Environment:
         url=safe_url,
         wbr=word_breaks,
     )
-    env.globals.update(version=bench.__version__, FLAG_TEXT=FLAG_TEXT, POPULATIONS=POPULATIONS, model_slug=model_slug)
+    env.globals.update(
+        version=bench.__version__,
+        FLAG_TEXT=FLAG_TEXT,
+        POPULATIONS=POPULATIONS,
+        model_slug=model_slug,
+        is_ranked=is_ranked,
+    )
     return env
 
 
@@ -986,13 +997,20 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
         mi.unevaluated = [m for m in data.models if m.method == mi.key and not data.entries.get(m.id)]
         mi.plot = _method_plot(data, mi)
     not_evaluated = [m for m in data.models if not data.entries.get(m.id)]
+    unranked = [e for m in data.models if not is_ranked(m) for e in data.entries.get(m.id, [])]
 
     common = {"env": env, "data": data, "methods": methods, "tables": tables, "structure_names": STRUCTURE_NAMES}
     ctx = {k: v for k, v in common.items() if k != "env"}
     w.text(
         "index.html",
         env.get_template("index.html.j2").render(
-            root="", page="index", rows=shown_rows, columns=COLUMNS, not_evaluated=not_evaluated, **ctx
+            root="",
+            page="index",
+            rows=shown_rows,
+            columns=COLUMNS,
+            not_evaluated=not_evaluated,
+            unranked=unranked,
+            **ctx,
         ),
     )
     w.text("methodology.html", env.get_template("methodology.html.j2").render(root="", page="methodology", **ctx))
@@ -1067,13 +1085,17 @@ def _method_plot(data: SiteData, mi: MethodInfo) -> str | None:
         return None
     groups: dict[tuple[str, str], dict[int, Entry]] = defaultdict(dict)
     for e in mi.entries:
+        if not is_ranked(e.model):
+            continue
         key = (e.ev.protocol_hash, e.model.arch)
         groups[key][e.model.id] = e
         parent = data.by_id.get(e.model.parent_id) if e.model.parent_id else None
         if parent is not None:
             pe = data.entry(parent.id, e.ev.protocol_hash)
-            if pe is not None:
+            if pe is not None and is_ranked(parent):
                 groups[key].setdefault(parent.id, pe)
+    if not groups:
+        return None
     order = {p.hash: i for i, p in enumerate(data.protocols)}
     series = []
     for key in sorted(groups, key=lambda k: (order[k[0]], k[1])):

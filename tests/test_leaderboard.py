@@ -817,3 +817,24 @@ def test_a_build_killed_at_random_moments_never_blocks_the_next_or_leaves_broken
     assert result.returncode == 0, result.stderr
     _site_is_whole(site)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_unranked_sanity_runs_are_shown_apart_never_ranked(synthetic, tmp_path):
+    store, ids = synthetic
+    with store.session() as s:
+        sanity = s.get(Model, ids[2])
+        sanity.ranked = False  # bench evaluate --unranked
+        name, slug = sanity.name, model_slug(sanity)
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+    rows = json.loads((site / "data" / "leaderboard.json").read_text())
+    assert name not in {r["model"] for r in rows} and len(rows) == len(ids) - 1
+    assert [r["rank"] for r in rows] == list(range(1, len(ids)))
+    index = (site / "index.html").read_text().replace("<wbr>", "")
+    tables, unranked = index.split('id="unranked"')
+    assert sum(name in _text(t) for t in _sections(index)) == 0 and name in index
+    assert name not in _text(tables) and name in _text(unranked.split('id="not-evaluated"')[0])
+    page = _text((site / "models" / f"{slug}.html").read_text())
+    assert "Unranked: a sanity run ( bench evaluate --unranked ). Its evaluations are shown here" in page
+    assert "AutoAttack robust accuracy" in page  # its figures are still there
+    assert _broken_links(site) == []
