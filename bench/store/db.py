@@ -4,10 +4,17 @@ The store runs on SQLite (one machine) or PostgreSQL (a server every worker of a
 psycopg 3 driver: ``pip install 'apbench[postgres]'``). Anything that stops a store from opening (a missing
 driver or file, a stopped server, a schema newer than this code) raises :class:`StoreError` with one line that
 names the problem and the fix.
+
+Creating or migrating a store is one transaction under a lock (:func:`migration_transaction`): an interrupted
+creation (a full disk, a killed process) leaves the store as it was, and processes that first open one new store
+at once wait for each other instead of racing to create the same tables. A store left half-created by an older
+apbench (tables but no schema revision) is repaired when its tables hold no rows, else refused with the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sqlite3
@@ -19,10 +26,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select, table
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+from bench.store.schema import Base
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DB_URL = "sqlite:///results.db"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -31,6 +42,9 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 PG_CONNECT_TIMEOUT_S = 30
 SUPPORTED = "SQLite (sqlite:///results.db or a file path) or PostgreSQL (postgresql://user@host/db)"
 POSTGRES_INSTALL = "pip install 'apbench[postgres]'"
+# The key of the PostgreSQL advisory lock every creation or migration of a store holds (any fixed 64-bit number;
+# advisory locks are per database, so stores in other databases of the same server do not wait for each other).
+PG_MIGRATION_LOCK = 0x61706265_6E636801  # "apbench" + 1
 
 
 class StoreError(RuntimeError):
@@ -108,6 +122,47 @@ def alembic_config(url: str) -> Config:
     # ConfigParser interpolation would read a %-escaped password in the URL as a reference.
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+@contextmanager
+def migration_transaction(conn: Connection) -> Iterator[None]:
+    """One transaction on ``conn`` holding the store's migration lock; DDL run inside it commits or rolls back whole.
+
+    PostgreSQL's DDL is transactional; ``pg_advisory_xact_lock`` makes concurrent creators or migrators of one
+    database wait for each other and is released with the transaction. SQLite's DDL is transactional too, but
+    pysqlite's legacy transaction handling only opens a transaction before INSERT, UPDATE and DELETE, so every
+    CREATE TABLE would run, and commit, on its own. With the DBAPI connection in autocommit mode we emit
+    ``BEGIN IMMEDIATE`` ourselves (SQLAlchemy's documented recipe for transactional DDL on pysqlite): the DDL stays
+    in our transaction, and the write lock, taken at once, makes a second creator wait on the busy timeout.
+    ``conn`` must not be in a transaction yet.
+    """
+    if conn.dialect.name != "sqlite":
+        with conn.begin():
+            conn.execute(select(func.pg_advisory_xact_lock(PG_MIGRATION_LOCK)))
+            yield
+        return
+    dbapi = conn.connection.driver_connection
+    saved = dbapi.isolation_level
+    dbapi.isolation_level = None
+    try:
+        # SQLAlchemy's begin emits nothing on pysqlite; its commit and rollback end the transaction BEGIN opened.
+        with conn.begin():
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            yield
+    finally:
+        # A connection that broke meanwhile is closed and discarded by the pool; nothing left to restore.
+        with contextlib.suppress(sqlite3.Error):
+            dbapi.isolation_level = saved
+
+
+def _store_tables(conn: Connection) -> dict[str, int]:
+    """The store's own tables present in the database, dependents first, with their row counts."""
+    present = set(inspect(conn).get_table_names())
+    return {
+        t.name: conn.execute(select(func.count()).select_from(table(t.name))).scalar_one()
+        for t in reversed(Base.metadata.sorted_tables)
+        if t.name in present
+    }
 
 
 def _sqlite_file(url: URL) -> Path | None:
@@ -217,10 +272,32 @@ class Store:
             where = path if path is not None else self.url
             if "file is not a database" in reason:
                 return StoreError(f"{where} is not a SQLite database ({reason}); give a results store or a new file")
-            return StoreError(f"cannot open the store {where}: {reason}")
+            return StoreError(
+                f"cannot open the store {where}: {reason}; check the file, and the free space on its disk"
+            )
         return StoreError(
             f"cannot connect to the store {shown_url(self.url)}: {reason}; "
             "check that the server runs and that the URL's host, port, user and database are right"
+        )
+
+    def _where(self) -> str:
+        """The store as messages name it: a SQLite file's path, else the URL with any password masked."""
+        path = _sqlite_file(make_url(self.url)) if self.engine.dialect.name == "sqlite" else None
+        return str(path) if path is not None else shown_url(self.url)
+
+    def _half_created(self, tables: dict[str, int]) -> StoreError:
+        where = self._where()
+        names = ", ".join(sorted(tables))
+        rows = sum(tables.values())
+        if rows == 0:
+            return StoreError(
+                f"the store {where} was left half-created by an interrupted creation (tables {names}, no rows, no "
+                f"schema revision); bench db upgrade --db {where} repairs it"
+            )
+        aside = "move the file aside" if self.engine.dialect.name == "sqlite" else "use a new database (or drop them)"
+        return StoreError(
+            f"the store {where} holds tables {names} with {rows} rows but no schema revision (alembic_version is empty "
+            f"or missing), so apbench cannot tell their schema; {aside} and run bench db upgrade --db {where}"
         )
 
     def _check_revision(self, *, upgrade: bool) -> None:
@@ -233,16 +310,15 @@ class Store:
             # that is not SQLite or an unreadable one shows up.
             with self.engine.connect() as conn:
                 current = MigrationContext.configure(conn).get_current_revision()
+                leftovers = _store_tables(conn) if current is None and not upgrade else {}
         except DBAPIError as err:
             raise self._unreachable(err) from None
         if current == head:
             return
-        if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
-            raise StoreError(
-                f"the store {shown_url(self.url)} is at schema revision {current}, which this apbench does not "
-                "know (written by a newer version?); upgrade apbench, or use another --db"
-            )
+        self._check_known(current, script)
         if not upgrade:
+            if leftovers:
+                raise self._half_created(leftovers)
             if current is None:
                 raise StoreError(
                     f"no store at {shown_url(self.url)}; create one with bench db upgrade --db "
@@ -252,9 +328,52 @@ class Store:
                 f"the store {shown_url(self.url)} is at schema revision {current}, older than this apbench's "
                 f"{head}; upgrade it with bench db upgrade --db {shown_url(self.url)}"
             )
-        with self.engine.begin() as conn:
-            cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+        self._migrate(cfg, script)
+
+    def _check_known(self, current: str | None, script: ScriptDirectory) -> None:
+        if current is not None and current not in {rev.revision for rev in script.walk_revisions()}:
+            raise StoreError(
+                f"the store {shown_url(self.url)} is at schema revision {current}, which this apbench does not "
+                "know (written by a newer version?); upgrade apbench, or use another --db"
+            )
+
+    def _migrate(self, cfg: Config, script: ScriptDirectory) -> None:
+        """Create or migrate the store to head in one transaction under the migration lock."""
+        dropped: list[str] = []
+        try:
+            with self.engine.connect() as conn, migration_transaction(conn):
+                # Another process may have created or migrated the store while this one waited for the lock.
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == script.get_current_head():
+                    return
+                self._check_known(current, script)
+                if current is None:
+                    dropped = self._drop_empty_leftovers(conn)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except DBAPIError as err:
+            reason = str(err.orig).strip().splitlines()[0] if err.orig is not None else str(err).splitlines()[0]
+            where = self._where()
+            raise StoreError(
+                f"could not create or migrate the store {where}: {reason}; it was left as it was (one transaction): "
+                f"fix that (free disk space?) and run bench db upgrade --db {where} again"
+            ) from None
+        if dropped:  # said once the new store is committed, not before
+            log.warning(
+                "the store %s was left half-created by an interrupted creation (tables %s, no rows, no schema "
+                "revision): dropped the empty tables and created it again",
+                self._where(),
+                ", ".join(sorted(dropped)),
+            )
+
+    def _drop_empty_leftovers(self, conn: Connection) -> list[str]:
+        """Repair a store an older apbench left half-created: its tables go when they hold no rows at all."""
+        leftovers = _store_tables(conn)
+        if any(leftovers.values()):
+            raise self._half_created(leftovers)
+        for name in leftovers:  # dependents first
+            Base.metadata.tables[name].drop(conn)
+        return list(leftovers)
 
     def upgrade(self) -> None:
         """Bring the schema to the newest Alembic revision (no-op when already there)."""
