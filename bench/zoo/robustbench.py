@@ -256,7 +256,7 @@ def match_architecture(
     keys = ", ".join(list(wanted)[:6])
     raise ValueError(
         f"no registered architecture has these weights ({len(wanted)} tensors: {keys}, ...); "
-        "register it in bench/models.py (bench models lists those there are)"
+        "register it in bench/models/ (bench models lists those there are)"
     )
 
 
@@ -296,7 +296,7 @@ def import_robustbench(
         if not torch.allclose(model(probe), source(probe), atol=1e-4, rtol=1e-4):
             raise ValueError(
                 f"{name}'s weights load into {arch} but its outputs differ from RobustBench's model; it needs an "
-                "architecture of its own (bench/models.py)"
+                "architecture of its own (bench/models/)"
             )
     path = folder / dataset / threat_model / f"{name}.apbench.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
