@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from bench import data
+from bench.data import digits as digits_data
 from bench.registry import UnknownNameError
 
 # --------------------------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def test_digits_mean_std_constants_match_train_split():
 
 
 def test_digits_split_change_fails_loudly(monkeypatch):
-    monkeypatch.setattr(data, "_DIGITS_TEST_INDEX_SHA256", "0" * 64)
+    monkeypatch.setattr(digits_data, "_DIGITS_TEST_INDEX_SHA256", "0" * 64)
     with pytest.raises(RuntimeError, match="different digits test split"):
         data.load_split("digits", "test")
 

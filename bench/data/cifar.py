@@ -1,13 +1,9 @@
-"""Datasets: the built-in digits track and CIFAR-10/100 read from their official python archives.
+"""CIFAR-10 / CIFAR-100, python version, read from the official archives with a restricted unpickler.
 
-Every dataset returns its splits as float32 NCHW tensors in [0, 1] with int64 labels, in a fixed canonical
-order. ``sample_id`` (protocol section 1) is the index of a sample in the canonical *test* split, so two
-evaluations on the first N samples see exactly the same images. Normalisation is not applied here: the
-``mean``/``std`` of a :class:`DatasetInfo` are the constants of the fixed normalisation layer inside models.
-
-The CIFAR archives are the ones published at https://www.cs.toronto.edu/~kriz/cifar.html. They are read
-straight from the ``.tar.gz`` (or from an already-extracted folder) with a restricted unpickler, because the
-batches are Python pickles and a tampered archive must not be able to run code.
+The archives are the ones published at https://www.cs.toronto.edu/~kriz/cifar.html. They are read straight from
+the ``.tar.gz`` (or from an already-extracted folder) with a restricted unpickler, because the batches are Python
+pickles and a tampered archive must not be able to run code. A file found on disk is checked against the
+published md5 like a download.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import logging
-import math
 import os
 import pickle
 import tarfile
@@ -24,257 +19,29 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from bench.data.registry import (
+    ENV_DATA_DIR,
+    DatasetChecksumError,
+    DatasetFormatError,
+    DatasetInfo,
+    DatasetNotFoundError,
+    Loader,
+    register_dataset,
+)
 from bench.download import DownloadTooSlowError, TransferGuard
-from bench.registry import Registry
 
 log = logging.getLogger(__name__)
-
-ENV_DATA_DIR = "BENCH_DATA_DIR"
-DEFAULT_DATA_DIR = Path("~/.cache/apbench/data")
-SPLITS = ("train", "test")
-
-Loader = Callable[[str, Path, bool], tuple[torch.Tensor, torch.Tensor]]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are absent and could not (or may not) be downloaded; the message says what to do."""
-
-
-class DatasetChecksumError(ValueError):
-    """A downloaded archive does not have the published md5; nothing was kept."""
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file exists but is not in the expected format (truncated, tampered or a different file)."""
 
 
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle referenced a global that the CIFAR format never needs; it was refused before any call."""
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the benchmark knows about a dataset.
-
-    Attributes:
-        name: registry name (``"cifar10"``).
-        num_classes: number of classes; labels are ``0 .. num_classes - 1``.
-        input_shape: ``(C, H, W)`` of one image.
-        mean: per-channel mean of the fixed normalisation layer inside models.
-        std: per-channel standard deviation of that layer.
-        default_eps: default L∞ budget as a fraction string (``"8/255"``); see :func:`parse_eps`.
-        default_n: default number of test samples evaluated (the first N); ``None`` means the whole split.
-        test_size: images in the test split: the largest N an evaluation can ask for, known without loading it.
-        default_batch_size: default samples per evaluation chunk (attack batch and unit of resumption).
-        description: one line for listings.
-        url: where the data comes from.
-        loader: ``loader(split, data_dir, download) -> (images, labels)``; use :func:`load_split` instead.
-    """
-
-    name: str
-    num_classes: int
-    input_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    default_eps: str
-    default_n: int | None
-    test_size: int
-    description: str
-    url: str
-    loader: Loader = field(repr=False, compare=False)
-    default_batch_size: int = 250
-
-    @property
-    def default_eps_value(self) -> float:
-        """``default_eps`` as a float."""
-        return parse_eps(self.default_eps)
-
-
-DATASETS: Registry[DatasetInfo] = Registry("dataset", "bench datasets")
-
-
-def _register(info: DatasetInfo) -> DatasetInfo:
-    return DATASETS.register(info.name)(info)
-
-
-def get_dataset_info(name: str) -> DatasetInfo:
-    """The registered :class:`DatasetInfo` called ``name``; unknown names raise ``UnknownNameError``."""
-    return DATASETS.get(name)
-
-
-def default_data_dir() -> Path:
-    """``$BENCH_DATA_DIR`` if set, else ``~/.cache/apbench/data``."""
-    env = os.environ.get(ENV_DATA_DIR)
-    return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
-
-
-def load_split(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | Path | None = None,
-    download: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load one split of a registered dataset in its canonical order.
-
-    Args:
-        name: registered dataset name (``bench datasets`` lists them).
-        split: ``"train"`` or ``"test"``.
-        data_dir: folder holding downloaded archives; default :func:`default_data_dir`. Ignored by datasets
-            that need no files (digits).
-        download: fetch a missing archive from its canonical URL; with ``False`` a missing archive raises.
-
-    Returns:
-        ``(images, labels)``: float32 ``(N, C, H, W)`` in [0, 1] and int64 ``(N,)``. Fresh tensors on every
-        call, safe to modify. Row ``i`` of the test split is ``sample_id`` ``i``.
-
-    Raises:
-        UnknownNameError: ``name`` is not registered.
-        ValueError: ``split`` is neither ``"train"`` nor ``"test"``.
-        DatasetNotFoundError: the files are missing and were not downloaded.
-        DatasetChecksumError: a download did not match the published md5.
-        DatasetFormatError: the files exist but are not the expected format.
-    """
-    info = get_dataset_info(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r} for dataset {name!r}; expected 'train' or 'test'")
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    images, labels = info.loader(split, root, download)
-    # A loader bug here would silently shift every sample_id, so check the contract where it is cheap.
-    if images.dtype != torch.float32 or tuple(images.shape[1:]) != info.input_shape:
-        raise DatasetFormatError(
-            f"{name} {split}: expected float32 images of shape (N, {', '.join(map(str, info.input_shape))}), "
-            f"got {images.dtype} {tuple(images.shape)}"
-        )
-    if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
-        raise DatasetFormatError(
-            f"{name} {split}: want {images.shape[0]} int64 labels, got {labels.dtype} {tuple(labels.shape)}"
-        )
-    return images, labels
-
-
-def clear_cache() -> None:
-    """Forget the in-process copies of decoded datasets (the next load reads the files again)."""
-    _digits_split.cache_clear()
-    _CIFAR_CACHE.clear()
-
-
-def parse_eps(text: str) -> float:
-    """Parse a perturbation budget written as a fraction or a decimal.
-
-    Args:
-        text: ``"8/255"``, ``"0.031"``, ``"0.5"``, ``"1e-2"``; surrounding spaces are allowed.
-
-    Returns:
-        The budget as a float (``"8/255"`` gives ``8 / 255``).
-
-    Raises:
-        ValueError: the text is not a number or a fraction of two numbers, or the value is not a finite
-            positive number.
-    """
-    hint = "expected a positive number or fraction such as '8/255', '0.031' or '0.5'"
-    if not isinstance(text, str):
-        raise ValueError(f"invalid eps {text!r}: give it as a string; {hint}")
-    parts = [_float_or_none(part) for part in text.split("/")]
-    if len(parts) > 2 or None in parts:
-        raise ValueError(f"invalid eps {text!r}: {hint}")
-    if len(parts) == 2 and parts[1] == 0:
-        raise ValueError(f"invalid eps {text!r}: division by zero; {hint}")
-    value = parts[0] / parts[1] if len(parts) == 2 else parts[0]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"invalid eps {text!r}: must be finite and > 0; {hint}")
-    return value
-
-
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)  # float() itself ignores surrounding whitespace
-    except ValueError:
-        return None
-
-
-# --------------------------------------------------------------------------------------------------------
-# digits: scikit-learn's bundled 8x8 handwritten digits, no download.
-
-DIGITS_TEST_SIZE = 360
-DIGITS_SPLIT_SEED = 0
-# sha256 of the int64 little-endian test-row indices (into ``load_digits()``) that train_test_split returned
-# when the track was defined (scikit-learn 1.9). sample_ids of stored results refer to this order, so a
-# library change that reshuffles the split must fail loudly instead of silently re-keying every result.
-_DIGITS_TEST_INDEX_SHA256 = "d9101e2e97e19974905f1336a8ef53c03166d6af2c53833be35ff03a33e7e0cd"
-
-
-@cache
-def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    rows = np.arange(len(digits.target))
-    train_rows, test_rows = train_test_split(
-        rows, test_size=DIGITS_TEST_SIZE, random_state=DIGITS_SPLIT_SEED, stratify=digits.target
-    )
-    got = hashlib.sha256(np.asarray(test_rows, dtype="<i8").tobytes()).hexdigest()
-    if got != _DIGITS_TEST_INDEX_SHA256:
-        import sklearn
-
-        raise RuntimeError(
-            f"scikit-learn {sklearn.__version__} produced a different digits test split than the one the "
-            "benchmark's sample_ids refer to (train_test_split(test_size=360, random_state=0, stratify=y)); "
-            "results would not be comparable. Use the scikit-learn version the results were made with."
-        )
-    images = digits.images.astype(np.float32)  # integers 0..16, exact in float32
-    labels = digits.target.astype(np.int64)
-    return images[train_rows], labels[train_rows], images[test_rows], labels[test_rows]
-
-
-def _load_digits(split: str, data_dir: Path, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    del data_dir, download  # the data ships inside scikit-learn
-    train_x, train_y, test_x, test_y = _digits_split()
-    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
-    # torch.tensor copies, so callers can never modify the cached arrays.
-    images = torch.tensor(x).div_(16.0).unsqueeze(1)
-    return images, torch.tensor(y)
-
-
-_register(
-    DatasetInfo(
-        name="digits",
-        num_classes=10,
-        input_shape=(1, 8, 8),
-        # Mean and std of all pixels of the train split after /16 (0.305383, 0.376119), rounded; they are the
-        # constants of the models' normalisation layer, so they must not change once models are trained.
-        mean=(0.3054,),
-        std=(0.3761,),
-        # Chosen on the PGD-trained dense small CNN (bench/track.py): clearly robust, not saturated.
-        default_eps="0.2",
-        default_n=None,
-        test_size=DIGITS_TEST_SIZE,
-        # Two chunks of 180, one per core. On 8x8 inputs AutoAttack's per-iteration overhead dominates
-        # (Square's 5000 queries and FAB's iterations run once per batch), so fewer, larger chunks are faster.
-        default_batch_size=180,
-        description=(
-            "scikit-learn's 8x8 handwritten digits (UCI optdigits, 1797 images), values /16; built in. "
-            "Split: train_test_split(test_size=360, random_state=0, stratify=y) -> 1437 train / 360 test, "
-            "both in the order train_test_split returns them"
-        ),
-        url="https://archive.ics.uci.edu/dataset/80/optical+recognition+of+handwritten+digits",
-        loader=_load_digits,
-    )
-)
-
-
-# --------------------------------------------------------------------------------------------------------
-# CIFAR-10 / CIFAR-100, python version.
 
 
 @dataclass(frozen=True)
@@ -613,7 +380,7 @@ def _cifar_loader(key: str) -> Loader:
     return loader
 
 
-_register(
+register_dataset(
     DatasetInfo(
         name="cifar10",
         num_classes=10,
@@ -628,7 +395,7 @@ _register(
         loader=_cifar_loader("cifar10"),
     )
 )
-_register(
+register_dataset(
     DatasetInfo(
         name="cifar100",
         num_classes=100,
