@@ -27,6 +27,7 @@ Not used, because each changes the arithmetic itself: folding BatchNorm into the
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -147,14 +148,16 @@ def fast_model(
     *,
     channels_last: bool | None = None,
     sample: Tensor | None = None,
+    inplace: bool = False,
 ) -> nn.Module:
-    """Prepare ``model`` in place for attack throughput on ``device``; returns the same module.
+    """A copy of ``model`` (or ``model`` itself with ``inplace``) prepared for attack throughput on ``device``.
 
     The model is moved to ``device``, put in eval mode, its parameters frozen, converted to channels_last when
     :func:`prefers_channels_last` (or the ``channels_last`` argument) says so, and on CUDA the float backends are
     set for exact float32 (:func:`exact_float_backends`). Its class, submodules and state-dict keys are
-    unchanged. Calling it again re-prepares the model without stacking hooks. The model is for evaluation
-    afterwards: its parameters no longer collect gradients.
+    unchanged. Preparing a prepared model again re-prepares it without stacking hooks. The prepared model is for
+    evaluation: its parameters no longer collect gradients, which is why the caller's model is left alone by
+    default (a model trained or pruned after its evaluation must still train).
 
     Args:
         model: a network mapping inputs in [0, 1] to logits.
@@ -163,11 +166,14 @@ def fast_model(
         sample: a few inputs of the evaluation's shape: when given, channels_last is kept only if the model's
             logits on them agree with the standard layout's to float rounding (a model that reinterprets memory,
             e.g. with ``.view`` on a feature map, falls back to the standard layout instead of failing later).
+        inplace: prepare ``model`` itself instead of a copy (saves one copy of the weights).
 
     Returns:
-        ``model``, prepared; :func:`execution_settings` reads back how.
+        The prepared model; :func:`execution_settings` reads back how.
     """
     dev = torch.device(device)
+    if not inplace:
+        model = copy.deepcopy(model)
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -72,7 +72,7 @@ def test_autoattack_and_fmn_outcomes_equal_plain_model(digits, digits_cnn):
     _, _, xte, yte = digits
     x, y = xte[:24], yte[:24]
     plain = copy.deepcopy(digits_cnn)
-    fast = fast_model(copy.deepcopy(digits_cnn), "cpu")
+    fast = fast_model(digits_cnn, "cpu")
     assert execution_settings(fast)["channels_last"]
 
     a = run_autoattack(plain, x, y, norm="Linf", eps=EPS, version="standard", seed=0)
@@ -95,7 +95,7 @@ def test_frozen_parameters_alone_are_bitwise_equal(digits, digits_cnn):
     _, _, xte, yte = digits
     x, y = xte[:24], yte[:24]
     plain = copy.deepcopy(digits_cnn)
-    frozen = fast_model(copy.deepcopy(digits_cnn), "cpu", channels_last=False)
+    frozen = fast_model(digits_cnn, "cpu", channels_last=False)
     assert not any(p.requires_grad for p in frozen.parameters())
     for norm in (math.inf, 2.0):
         fa, fb = _fmn(plain, x, y, norm), _fmn(frozen, x, y, norm)
@@ -110,7 +110,7 @@ def test_fab_per_class_gradients(digits, digits_cnn, channels_last):
     _, _, xte, yte = digits
     x, y = xte[:16], yte[:16]
     plain = copy.deepcopy(digits_cnn)
-    fast = fast_model(copy.deepcopy(digits_cnn), "cpu", channels_last=channels_last)
+    fast = fast_model(digits_cnn, "cpu", channels_last=channels_last)
     df_a, dg_a = FABAttack_PT(plain, device="cpu").get_diff_logits_grads_batch(x, y)
     df_b, dg_b = FABAttack_PT(fast, device="cpu").get_diff_logits_grads_batch(x, y)
     # The plain model's parameters collected gradients as a side effect; the prepared model's cannot.
@@ -133,6 +133,18 @@ def test_input_gradient_keeps_the_standard_layout():
     # The attacks reduce over and .view() this gradient; it must look like the plain model's.
     assert g.is_contiguous()
     g.view(4, -1)
+
+
+def test_the_callers_model_is_left_alone():
+    torch.manual_seed(0)
+    plain = _ThreeChannelNet().eval()
+    fast = fast_model(plain, "cpu")
+    assert fast is not plain and execution_settings(fast)["channels_last"]
+    # A model evaluated and then trained or pruned must still train.
+    assert all(p.requires_grad for p in plain.parameters())
+    assert plain.conv1.weight.is_contiguous() and not _hooks(plain) and execution_settings(plain) is None
+    inplace = fast_model(plain, "cpu", inplace=True)
+    assert inplace is plain and not any(p.requires_grad for p in plain.parameters())
 
 
 def test_class_keys_and_pickling_are_unchanged():
