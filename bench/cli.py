@@ -126,12 +126,12 @@ def _format_interval(value: float, interval: tuple[float, float]) -> str:
     return f"{value:7.2%}  [{low:.2%}, {high:.2%}]"
 
 
-def _resolve_device(device: str) -> str:
+def _resolve_device(device: str, here: bool = True) -> str:
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise ValueError(f"invalid --device {device!r}; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if here and dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but torch sees no CUDA device here; use --device cpu")
     return str(dev)
 
@@ -260,6 +260,61 @@ def _resolve_device(device: str) -> str:
     "(bench db rank MODEL --on ranks it later).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "slurm"]),
+    default=None,
+    help="Attack the missing chunks as shards: slurm (a job array through submitit; needs a PostgreSQL --db) or "
+    "local (processes here: one per GPU, or --workers CPU processes) [default: in this process].",
+)
+@click.option("--partition", default=None, help="SLURM partition of the job array (--executor slurm).")
+@click.option(
+    "--gpus-per-task", type=click.IntRange(min=0), default=None, help="GPUs per SLURM array task [default: 0]."
+)
+@click.option(
+    "--time-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="MINUTES",
+    help="Time limit of each SLURM array task; one that reaches it requeues itself [default: 240].",
+)
+@click.option(
+    "--array-parallelism", type=click.IntRange(min=1), default=None, help="SLURM array tasks running at once."
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Shards per evaluation: task i of N attacks the missing chunks i, i+N, ... [default: 4 on SLURM, one per "
+    "process with --executor local].",
+)
+@click.option(
+    "--cpus-per-task", type=click.IntRange(min=1), default=None, help="CPUs per SLURM array task [default: --threads]."
+)
+@click.option(
+    "--setup",
+    multiple=True,
+    metavar="LINE",
+    help="Shell line each SLURM array task runs first, e.g. 'source /shared/venv/bin/activate' (repeatable).",
+)
+@click.option(
+    "--executor-folder",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of the SLURM array's pickles and logs; every node must see it [default: ./apbench-jobs].",
+)
+@click.option(
+    "--executor-config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="YAML file with the SLURM keys (partition, gpus_per_task, time_limit, array_parallelism, tasks, setup, "
+    "executor_folder, cpus_per_task, mem_gb); options given on the command line override it.",
+)
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Return once the SLURM array is submitted: its last task finalises each evaluation (bench status follows).",
+)
 @friendly_errors
 def evaluate(
     checkpoint,
@@ -293,6 +348,17 @@ def evaluate(
     overwrite,
     unranked,
     no_progress,
+    executor,
+    partition,
+    gpus_per_task,
+    time_limit,
+    array_parallelism,
+    tasks,
+    cpus_per_task,
+    setup,
+    executor_folder,
+    executor_config,
+    no_wait,
 ):
     """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it.
 
@@ -305,7 +371,27 @@ def evaluate(
 
     _check_eps(eps, norm)
     torch.set_num_threads(threads)
-    device = _resolve_device(device)
+    # A SLURM job's GPUs are on its nodes, not necessarily on the machine that submits it.
+    device = _resolve_device(device, here=executor != "slurm")
+    sharded = _sharded_run(
+        executor,
+        db=db,
+        data_dir=data_dir,
+        threads=threads,
+        workers=workers,
+        config=executor_config,
+        wait=not no_wait,
+        partition=partition,
+        gpus_per_task=gpus_per_task,
+        time_limit=time_limit,
+        array_parallelism=array_parallelism,
+        tasks=tasks,
+        cpus_per_task=cpus_per_task,
+        setup=setup,
+        folder=executor_folder,
+    )
+    if sharded is not None and no_wait and method is not None:
+        raise ValueError("--method compares the dense and the pruned evaluations, so it waits for them; drop --no-wait")
     if workers is None:
         workers = (os.cpu_count() or 1) if device == "cpu" else 1
     # The run spec (and the test split) for a dataset, from the options; the zoo path builds one per dataset.
@@ -349,9 +435,18 @@ def evaluate(
             # One spec (and one test split loaded) per dataset, whatever the number of entries.
             make_spec=functools.cache(run_spec),
             run=functools.partial(
-                _evaluate_row, overwrite=overwrite, progress=not no_progress, workers=workers, unranked=unranked
+                _evaluate_row,
+                overwrite=overwrite,
+                progress=not no_progress,
+                workers=workers,
+                unranked=unranked,
+                sharded=sharded,
+                defer=True,
             ),
         )
+        if sharded is not None:
+            # One submission for every entry: the whole zoo's shards share one job array.
+            _finish_sharded(sharded)
         return
     # Everything the user typed is checked before the store is opened, so a typo leaves no results.db behind.
     register_kw: dict = {"name": name}
@@ -403,6 +498,7 @@ def evaluate(
         progress=not no_progress,
         workers=workers,
         unranked=unranked,
+        sharded=sharded,
     )
     if checkpoint is None:
         if name is not None:
@@ -583,9 +679,12 @@ def _run_spec(dataset, *, n_samples, eps, norm, aa_version, fmn_steps, batch_siz
     return spec, x, y
 
 
-def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers, unranked=False):
+def _evaluate_row(
+    store, row, model, *, x, y, spec, overwrite, progress, workers, unranked=False, sharded=None, defer=False
+):
     """Evaluate one stored model under ``spec`` and print its summary (``unranked``: marked a sanity run first, so
-    no ranked table ever shows its evaluation)."""
+    no ranked table ever shows its evaluation). With ``sharded`` (``--executor``) the evaluation is opened and its
+    missing chunks run as shards, now or (``defer``) with every other evaluation of the command."""
     from bench.evaluate import evaluate as run_evaluation
 
     if unranked and row.ranked:
@@ -602,6 +701,9 @@ def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers
         f"protocol {spec.protocol}: AutoAttack-{spec.version} {spec.norm} eps={spec.eps}, "
         f"FMN {spec.fmn_steps} steps, N={spec.n_samples}, seed {spec.seed}, {spec.device}"
     )
+    if sharded is not None:
+        sharded.add(store, row, spec, overwrite=overwrite)
+        return None if defer else _finish_sharded(sharded)[0]
     start = time.perf_counter()
     summary = run_evaluation(
         store,
@@ -617,6 +719,66 @@ def _evaluate_row(store, row, model, *, x, y, spec, overwrite, progress, workers
     )
     _print_summary(summary, spec, store, time.perf_counter() - start)
     return summary
+
+
+def _sharded_run(kind, *, db, data_dir, threads, workers, config, wait, **given):
+    """The ``--executor`` run of this command (None without one), its options checked before any work."""
+    named = {
+        "--partition": given["partition"],
+        "--gpus-per-task": given["gpus_per_task"],
+        "--time-limit": given["time_limit"],
+        "--array-parallelism": given["array_parallelism"],
+        "--tasks": given["tasks"],
+        "--cpus-per-task": given["cpus_per_task"],
+        "--setup": given["setup"] or None,
+        "--executor-folder": given["folder"],
+        "--executor-config": config,
+        "--no-wait": None if wait else True,
+    }
+    if kind is None:
+        stray = [name for name, value in named.items() if value is not None]
+        if stray:
+            raise ValueError(f"{', '.join(stray)} need --executor slurm (or --executor local for --tasks)")
+        return None
+    from bench.executors import ShardedRun, executor_options, refuse_sqlite
+    from bench.store import resolve_db_url
+
+    if kind == "slurm" and workers is not None:
+        raise ValueError("--workers is for this machine; with --executor slurm each array task is a process (--tasks)")
+    options = executor_options(
+        kind, config, **given, threads=threads, workers=workers if kind == "local" else None, wait=wait
+    )
+    url = resolve_db_url(db)
+    if kind == "slurm":
+        refuse_sqlite(url)
+    return ShardedRun(options, url, data_dir=data_dir, log=click.echo)
+
+
+def _finish_sharded(sharded) -> list:
+    """Run the collected shards, print each evaluation's summary; one line and exit 1 when chunks are missing."""
+    from types import SimpleNamespace
+
+    from bench.store.db import shown_url
+
+    start = time.perf_counter()
+    plans = list(sharded.run())
+    sharded.planned.clear()
+    if not sharded.options.wait:
+        arrays = " ".join(sharded.job_ids)
+        click.echo(
+            f"submitted without waiting (--no-wait): follow with bench status --db {shown_url(sharded.db_url)}; "
+            f"scancel {arrays} stops it. Each evaluation's last task finalises it; the same command run again "
+            "submits only the chunks still missing (or finalises)"
+        )
+        return [None] * len(plans)
+    where = SimpleNamespace(url=shown_url(sharded.db_url))
+    for plan in plans:
+        if plan.summary is not None:
+            _print_summary(plan.summary, plan.spec, where, time.perf_counter() - start)
+    incomplete = [plan for plan in plans if plan.summary is None]
+    if incomplete:
+        raise RuntimeError(sharded.failure_message(incomplete))
+    return [plan.summary for plan in plans]
 
 
 def _print_summary(summary, spec, store, elapsed: float) -> None:
@@ -871,7 +1033,9 @@ def results(db, fmt, by_setting):
     """
     df = _settings_frame(db) if by_setting else _results_frame(db)
     if fmt == "csv":
-        click.echo(df.to_csv(index=False), nl=False)
+        from bench.analysis.export import csv_text
+
+        click.echo(csv_text(df.columns, df.itertuples(index=False, name=None)), nl=False)
         return
     if fmt == "json":
         records = json.loads(df.to_json(orient="records"))
@@ -1099,6 +1263,63 @@ def formats():
 
     for name, fmt in FORMATS.items():
         click.echo(f"{name:<13} {fmt.description}")
+
+
+@main.command()
+@click.argument("model", required=False, metavar="[MODEL]")
+@_db_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@friendly_errors
+def status(model, db, fmt):
+    """Where each evaluation stands (of MODEL: a stored name, a shell pattern or an id): chunks done, samples
+    stored, workers seen recently, attack time so far, an estimate of what remains, and running, stalled or
+    complete. Reads the store only (any worker's, SLURM or not)."""
+    from bench.executors.status import evaluation_status, format_duration
+    from bench.store import Store
+
+    store = Store(db, read_only=True)
+    try:
+        states = evaluation_status(store, model)
+    finally:
+        store.dispose()
+    if fmt == "json":
+        out = []
+        for st in states:
+            d = {k: v for k, v in vars(st).items() if k not in ("last_chunk_at", "started_at")}
+            d["last_chunk_at"] = st.last_chunk_at.isoformat() if st.last_chunk_at else None
+            d["started_at"] = st.started_at.isoformat() if st.started_at else None
+            out.append(d)
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not states:
+        click.echo("no evaluations stored yet; run `bench evaluate`")
+        return
+    rows = [
+        {
+            "evaluation": f"#{st.evaluation_id}",
+            "model": st.model,
+            "protocol": st.protocol,
+            "chunks": f"{st.chunks_done}/{st.chunks_total}",
+            "samples": f"{st.samples_stored}/{st.n_samples}",
+            "workers": f"{len(st.workers_recent)} recent / {st.workers_total}",
+            "attack time": format_duration(st.attack_seconds),
+            "per chunk": format_duration(st.seconds_per_chunk),
+            "remaining": format_duration(st.remaining_s) if st.remaining_s is not None else "-",
+            "status": st.status,
+        }
+        for st in states
+    ]
+    click.echo(_fmt_table(rows))
+    for st in states:
+        if st.status == "stalled":
+            click.echo(
+                f"#{st.evaluation_id}: no chunk finished for a while (last at {st.last_chunk_at:%Y-%m-%d %H:%M} UTC); "
+                "run its bench evaluate command again to attack the missing chunks"
+            )
+        elif st.status == "unfinalised":
+            click.echo(f"#{st.evaluation_id}: every chunk is stored; its bench evaluate command run again finalises it")
+        elif st.status == "running" and st.workers_recent:
+            click.echo(f"#{st.evaluation_id}: recent workers {', '.join(st.workers_recent)}")
 
 
 @main.group()

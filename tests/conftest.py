@@ -3,11 +3,17 @@
 ``store_url`` runs a test on SQLite and on a real PostgreSQL server (a throwaway cluster that the first test
 needing it starts, see tests/pg_cluster.py). Where PostgreSQL cannot be started the PostgreSQL tests fail, with
 the reason; a developer without PostgreSQL may set APBENCH_NO_POSTGRES=1 to skip them instead (CI never does).
+``slurm_cluster`` does the same for a single-node SLURM (scripts/slurm-test-cluster; APBENCH_NO_SLURM=1 skips).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +148,58 @@ def any_store(store_url):
     s = Store(store_url)
     yield s
     s.dispose()
+
+
+NO_SLURM_ENV = "APBENCH_NO_SLURM"
+SLURM_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm-test-cluster"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A private single-node SLURM for the whole run (scripts/slurm-test-cluster: munge, slurmctld, slurmd, its
+    configuration, state and logs in a temporary folder); yields its SLURM_CONF, also set in os.environ so that
+    sbatch, squeue and submitit find it. Stopped (the daemons it started, by their pid) and removed at the end.
+
+    Where it cannot start (not root, no apt-get) the tests that need it fail with the reason; a developer without
+    root may set APBENCH_NO_SLURM=1 to skip them instead (CI never does).
+    """
+    if os.environ.get(NO_SLURM_ENV) == "1":
+        pytest.skip(f"{NO_SLURM_ENV}=1: SLURM executor tests skipped on this machine")
+    # Directly under the system's temporary folder: munged runs as its own user, which cannot enter pytest's
+    # private (0700) temporary folders.
+    folder = Path(tempfile.mkdtemp(prefix="apbench-slurm-"))
+    env = {**os.environ, "APBENCH_SLURM_DIR": str(folder)}
+    # GNU nproc, which sizes the node, honours OMP_NUM_THREADS: the node gets every CPU whatever the tests' setting.
+    env.pop("OMP_NUM_THREADS", None)
+    try:
+        up = subprocess.run([SLURM_SCRIPT, "up"], env=env, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"cannot start the single-node SLURM for the executor tests: {err}", pytrace=False)
+    last = up.stdout.strip().splitlines()[-1] if up.stdout.strip() else ""
+    if up.returncode != 0 or not last.startswith("export SLURM_CONF="):
+        reason = " | ".join((up.stderr or up.stdout).strip().splitlines()[-4:]) or f"exit status {up.returncode}"
+        subprocess.run([SLURM_SCRIPT, "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(
+            f"cannot start the single-node SLURM for the executor tests ({SLURM_SCRIPT.name} up): {reason} "
+            f"(or set {NO_SLURM_ENV}=1 to skip them)",
+            pytrace=False,
+        )
+    conf = last.split("=", 1)[1]
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    print(f"\nsingle-node SLURM up: {(up.stderr.strip().splitlines() or [''])[-1]}")
+    try:
+        yield conf
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        # Jobs a failed test left behind first (SIGKILL: submitit's tasks ignore SIGTERM), so that no task outlives
+        # the daemons that started it.
+        user = pwd.getpwuid(os.getuid()).pw_name
+        subprocess.run(["scancel", "--signal=KILL", "--full", f"--user={user}"], capture_output=True, timeout=60)
+        subprocess.run([SLURM_SCRIPT, "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
