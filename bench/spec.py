@@ -6,11 +6,11 @@ same checkpoint are the same evaluation ("already done" = its stored per-sample 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from bench.paths import stable_hash
 
 PROTOCOL_NAME = "apbench-1"
 NORMS = ("Linf", "L2")
@@ -96,7 +96,7 @@ class RunSpec:
     @property
     def hash(self) -> str:
         """sha256 of the canonical JSON of :meth:`to_dict`: the key of stored results."""
-        return _stable_hash(self.to_dict())
+        return stable_hash(self.to_dict())
 
     @property
     def protocol_hash(self) -> str:
@@ -104,12 +104,8 @@ class RunSpec:
         d = self.to_dict()
         for key in ("device", "batch_size"):
             d.pop(key)
-        return _stable_hash(d)
+        return stable_hash(d)
 
     def chunks(self) -> list[range]:
         """Sample-id ranges attacked together and committed together."""
         return [range(s, min(s + self.batch_size, self.n_samples)) for s in range(0, self.n_samples, self.batch_size)]
-
-
-def _stable_hash(d: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

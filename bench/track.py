@@ -7,10 +7,7 @@ store as a dense model and evaluates it under the standard protocol.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +16,10 @@ import torch
 
 from bench.catalog import build_model
 from bench.data import get_dataset_info, load_split, parse_eps
+from bench.paths import atomic_write, cache_dir, stable_hash
 from bench.provenance import cpu_info
 from methods.training import AdversarialTrainingConfig, adversarial_training
 
-ENV_CACHE_DIR = "BENCH_CACHE_DIR"
 # Bump when the training code changes in a way that changes the trained weights.
 TRACK_RECIPE_VERSION = 3  # 2: the initial weights are seeded too; 3: small_cnn narrowed to 16/32/32
 
@@ -47,7 +44,7 @@ class Track:
             "training": self.training.to_dict(),
             "recipe_version": TRACK_RECIPE_VERSION,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return stable_hash(payload, compact=False)
 
 
 # eps = 0.2 on digits (pixels in [0, 1], 17 grey levels): the PGD-trained dense model keeps ~99 % clean and
@@ -72,11 +69,6 @@ TRACKS = {
         ),
     )
 }
-
-
-def cache_dir() -> Path:
-    """``$BENCH_CACHE_DIR`` if set, else ``~/.cache/apbench``."""
-    return Path(os.environ.get(ENV_CACHE_DIR) or "~/.cache/apbench").expanduser()
 
 
 def dense_checkpoint(
@@ -114,14 +106,3 @@ def dense_checkpoint(
     atomic_write(path, lambda f: torch.save(model.state_dict(), f))
     atomic_write(meta_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
     return path, record
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -48,9 +48,10 @@ from bench.attacks.autoattack import WarningCollector, run_autoattack
 from bench.catalog import load_checkpoint_model, register_model
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import evaluate
+from bench.paths import cache_dir
 from bench.spec import RunSpec
 from bench.store import Evaluation, SampleResult, Store
-from bench.track import TRACKS, cache_dir, dense_checkpoint
+from bench.track import TRACKS, dense_checkpoint
 
 
 def run_ours(model, x, y, spec: RunSpec) -> tuple[float, torch.Tensor, dict[str, float]]:

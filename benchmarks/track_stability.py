@@ -109,7 +109,7 @@ def job_key(job: Job, *, track_key: str, dense_sha: str, config: dict, code: str
 
 
 def cache_root() -> Path:
-    from bench.track import cache_dir
+    from bench.paths import cache_dir
 
     return cache_dir() / "track_stability"
 
@@ -138,8 +138,9 @@ def run_job(job: Job, root: str) -> dict:
     from bench.catalog import load_checkpoint_model
     from bench.checkpoints import measure_sparsity, sha256_file
     from bench.data import load_split
+    from bench.paths import atomic_write
     from bench.provenance import environment
-    from bench.track import TRACKS, atomic_write, dense_checkpoint
+    from bench.track import TRACKS, dense_checkpoint
     from methods.base import PruneData, config_dict, get_method
 
     track = TRACKS["digits"]
@@ -373,7 +374,8 @@ def dense_figures(autoattack: bool, root: Path) -> dict:
     from bench.catalog import load_checkpoint_model
     from bench.checkpoints import sha256_file
     from bench.data import load_split
-    from bench.track import TRACKS, atomic_write, dense_checkpoint
+    from bench.paths import atomic_write
+    from bench.track import TRACKS, dense_checkpoint
 
     track = TRACKS["digits"]
     dense_path, _ = dense_checkpoint(track)

@@ -11,7 +11,6 @@ interrupted training) leaves no model behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,9 +26,9 @@ from sqlalchemy.orm import Session
 from bench.catalog import load_checkpoint_model, register_model
 from bench.checkpoints import sha256_file
 from bench.data import load_split
+from bench.paths import atomic_write, cache_dir, stable_hash
 from bench.provenance import environment
 from bench.store import Model, Store
-from bench.track import atomic_write, cache_dir
 from methods.base import PruneData, config_dict, get_method
 
 # Hex digits of the setting hash in a model name: 8 make an accidental clash between two settings of one
@@ -65,7 +64,7 @@ def config_tag(config: dict[str, Any], eps: float, dense_sha256: str) -> str:
     """Short hash of what, beside method, sparsity and seed, makes a pruned model distinct: the resolved method
     config, the training eps and the dense parent's checkpoint."""
     payload = {"config": config, "eps": eps, "dense": dense_sha256}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:CONFIG_TAG_LENGTH]
+    return stable_hash(payload, compact=False, default=str)[:CONFIG_TAG_LENGTH]
 
 
 def model_name(card, arch: str, dataset: str, sparsity: float, seed: int, tag: str | None = None) -> str:
@@ -189,7 +188,7 @@ def prune_checkpoint(
         "config": cfg_dict,
         "eps": eps,
     }
-    key = hashlib.sha256(json.dumps(key_payload, sort_keys=True).encode()).hexdigest()
+    key = stable_hash(key_payload, compact=False)
     folder = out_dir or cache_dir() / "pruned"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{method_key}-{arch}-{dataset}-{key[:16]}.pt"

@@ -20,13 +20,13 @@ through ``model``, ``status``, ``protocol_hash``, ``finished_at``, ``id`` and th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from bench.paths import stable_hash
 
 # Metric name → evaluation attribute, in the order tables show them (the names `bench results` uses).
 METRICS = (
@@ -117,7 +117,7 @@ def setting_key(model: Any) -> str | None:
     setting = setting_of(model)
     if setting is None:
         return None
-    return hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()
+    return stable_hash(setting, compact=False, default=str)
 
 
 def setting_label(name: str) -> str:

@@ -11,7 +11,6 @@ register their datasets when imported below (CIFAR's safe reader, checksums and 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -20,8 +19,6 @@ from bench.data.cifar import _CIFAR_CACHE, CIFAR_ARCHIVES, CifarArchive, UnsafeP
 from bench.data.digits import DIGITS_SPLIT_SEED, DIGITS_TEST_SIZE, _digits_split
 from bench.data.registry import (
     DATASETS,
-    DEFAULT_DATA_DIR,
-    ENV_DATA_DIR,
     SPLITS,
     DatasetChecksumError,
     DatasetFormatError,
@@ -32,6 +29,7 @@ from bench.data.registry import (
     parse_eps,
     register_dataset,
 )
+from bench.paths import DEFAULT_DATA_DIR, ENV_DATA_DIR, default_data_dir
 
 __all__ = [
     "CIFAR_ARCHIVES",
@@ -55,12 +53,6 @@ __all__ = [
     "parse_eps",
     "register_dataset",
 ]
-
-
-def default_data_dir() -> Path:
-    """``$BENCH_DATA_DIR`` if set, else ``~/.cache/apbench/data``."""
-    env = os.environ.get(ENV_DATA_DIR)
-    return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
 
 
 def load_split(

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from bench.data.registry import (
-    ENV_DATA_DIR,
     DatasetChecksumError,
     DatasetFormatError,
     DatasetInfo,
@@ -36,6 +35,7 @@ from bench.data.registry import (
     register_dataset,
 )
 from bench.download import DownloadTooSlowError, TransferGuard
+from bench.paths import ENV_DATA_DIR
 
 log = logging.getLogger(__name__)
 

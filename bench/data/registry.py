@@ -12,8 +12,6 @@ import torch
 
 from bench.registry import Registry
 
-ENV_DATA_DIR = "BENCH_DATA_DIR"
-DEFAULT_DATA_DIR = Path("~/.cache/apbench/data")
 SPLITS = ("train", "test")
 
 Loader = Callable[[str, Path, bool], tuple[torch.Tensor, torch.Tensor]]

@@ -38,6 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from bench.checkpoints import NotACheckpointError, checkpoint_format, sha256_file
 from bench.download import DownloadTooSlowError, TransferGuard
+from bench.paths import atomic_write, cache_dir
 from bench.provenance import utcnow
 from bench.zoo.limits import DEFAULT_MAX_SIZE
 from bench.zoo.manifest import FILE_NAME_PATTERN, check_download_url, printable, refused_address
@@ -101,8 +102,6 @@ def zoo_cache_dir(root: Path | None = None) -> Path:
     """``$BENCH_CACHE_DIR/zoo`` (``~/.cache/apbench/zoo``), or ``root`` when given."""
     if root is not None:
         return Path(root)
-    from bench.track import cache_dir
-
     return cache_dir() / "zoo"
 
 
@@ -578,8 +577,6 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_record(key: str, url: str, target: Path, digest: str, root: Path | None) -> None:
-    from bench.track import atomic_write  # the track module pulls in training; only this writer needs it
-
     folder = zoo_cache_dir(root)
     path = folder / RECORDS_FILE
     with _locked(folder):

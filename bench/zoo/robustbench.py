@@ -273,8 +273,8 @@ def import_robustbench(
     from bench.catalog import build_model, register_model
     from bench.checkpoints import load_weights
     from bench.data import get_dataset_info
+    from bench.paths import atomic_write
     from bench.provenance import package_version
-    from bench.track import atomic_write
     from bench.zoo.fetch import zoo_cache_dir
 
     info = get_dataset_info(dataset)
