@@ -1035,7 +1035,8 @@ def results(db, fmt, by_setting):
     if fmt == "csv":
         from bench.analysis.export import csv_text
 
-        click.echo(csv_text(df.columns, df.itertuples(index=False, name=None)), nl=False)
+        cells = df.astype(object).where(df.notna(), None)  # pandas' missing values as empty cells
+        click.echo(csv_text(df.columns, cells.itertuples(index=False, name=None)), nl=False)
         return
     if fmt == "json":
         records = json.loads(df.to_json(orient="records"))

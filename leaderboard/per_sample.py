@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bench.analysis.curves import ROBUST, attack_breakdown, security_curve
+from bench.analysis.export import FORMULA_STARTS
 from bench.analysis.paired import McNemar, mcnemar
 from bench.analysis.records import CSV_COLUMNS, EvaluationRecords, load_records
 from bench.analysis.report import failure
@@ -73,11 +74,11 @@ def records_csv(rec: EvaluationRecords) -> str:
         elif values.dtype.kind in "iu":
             cells = [str(v) for v in values.tolist()]
         elif values.dtype.kind == "f":
-            cells = ["" if v != v else repr(v) for v in values.tolist()]
+            cells = [repr(v) if math.isfinite(v) else "" for v in values.tolist()]
         else:
             cells = ["" if v is None else str(v) for v in values.tolist()]
-            if any(ch in c for c in set(cells) for ch in ',"\r\n'):
-                return rec.to_csv()  # a value that needs CSV quoting: leave it to the csv module
+            if any(ch in c for c in set(cells) for ch in ',"\r\n') or any(c.startswith(FORMULA_STARTS) for c in cells):
+                return rec.to_csv()  # quoting or a formula guard: leave it to the project's CSV writer
         columns.append([name, *cells])
     return "".join(",".join(row) + "\n" for row in zip(*columns, strict=True))
 

@@ -6,8 +6,6 @@ Loading is the only I/O here; the analyses (:mod:`~bench.analysis.thin_ice`, :mo
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +14,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from bench.analysis.export import csv_text
 from bench.spec import AA_ATTACKS
 from bench.store import Evaluation, SampleResult
 
@@ -132,27 +131,13 @@ class EvaluationRecords:
     def to_csv(self) -> str:
         """The per-sample records as CSV text: a header, then one row per sample in sample_id order.
 
-        Booleans are written 1/0, missing values (FMN failures, a sample no stage broke) as empty fields,
-        floats with Python's shortest round-trip repr, so the same records always give the same bytes.
+        Written by the project's one CSV writer (:func:`bench.analysis.export.csv_text`): booleans 1/0, missing
+        values (FMN failures, a sample no stage broke) as empty fields, floats with Python's shortest round-trip
+        repr (the same records always give the same bytes), text that could start a spreadsheet formula guarded.
         """
         columns = {name: getattr(self, name) for name in CSV_COLUMNS}
         present = [name for name in CSV_COLUMNS if columns[name] is not None]
-        cells = [[_csv_cell(v) for v in columns[name].tolist()] for name in present]
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(present)
-        writer.writerows(zip(*cells, strict=True))
-        return out.getvalue()
-
-
-def _csv_cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return "" if math.isnan(value) else repr(value)
-    return str(value)
+        return csv_text(present, zip(*(columns[name].tolist() for name in present), strict=True))
 
 
 def latest_evaluation(session: Session, model_id: int, protocol_hash: str | None = None) -> Evaluation | None:
