@@ -17,9 +17,12 @@ float32 matrix product measured on the same device and threads (``torch.mm`` and
 which reach different libraries: :func:`matmul_ceiling`); "model alone" is the network's own forward +
 input-gradient rate on a batch of N, the best any attack can do at that batch size. A 3x3 convolution that oneDNN
 or cuDNN computes with Winograd's algorithm needs fewer multiplications than its MAC count, so a fraction of the
-ceiling above 100 % is possible and means exactly that. The first variant is the
-reference for the speed-ups and for the outcome check: robust flags, adversarial predictions and FMN's success must
-be equal between variants, distances equal up to float rounding (the largest difference is printed).
+ceiling above 100 % is possible and means exactly that. Beside the evaluator's wall-clock stage times, the
+process's CPU seconds per stage are kept: on a machine shared with other work they vary much less.
+
+The first variant is the reference for the speed-ups and for the outcome check: robust flags, adversarial
+predictions and FMN's success must be equal between variants, distances equal up to float rounding (the largest
+difference is printed).
 
 ``--bare`` also runs pyautoattack's ``run_standard_evaluation`` on the plain model and the same inputs (its sanity
 checks included, as a bare run does them), to compare with the evaluator's AutoAttack stages.
@@ -35,8 +38,8 @@ Models: ``digits``, the digits track's dense PGD-trained ``small_cnn`` (trained 
 pyautoattack's own CIFAR-shaped ResNet-18 (``pyautoattack/examples/resnet.py`` with ``model_test.pt``). There is
 no CIFAR data here, so its inputs are made: uniform random images moved by signed gradient ascent on the model's
 logit margin z_y − max_{j≠y} z_j for labels 0..9 in turn, each until its margin reaches a target spread evenly
-over ``--margin`` (default 5:40). On the CPU, 8 of 16 such inputs survived APGD-CE and APGD-T at 8/255, about
-the robust share of an adversarially trained CIFAR-10 model.
+over ``--margin``. The default, 5:40, was chosen so that about half of the inputs survive AutoAttack at 8/255,
+the robust share of an adversarially trained CIFAR-10 model (the script prints the share it got).
 
 Usage::
 
@@ -69,11 +72,11 @@ import torch
 from sqlalchemy import event, select
 from torch import nn
 
-from bench.checkpoints import count_flops
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import attack_chunk, evaluate
 from bench.performance import exact_float_backends, execution_settings, fast_model
 from bench.provenance import cpu_info, git_commit, package_version, utcnow
+from bench.sparsity import count_flops
 from bench.spec import RunSpec
 
 VARIANTS = ("plain", "frozen", "fast")
@@ -435,11 +438,10 @@ def scale_out(args, data: dict, workers: list[int], out: dict, write) -> None:
         seed=args.seed,
         device="cpu",
     )
-    model = prepare(args.scale_variant, data["model"], "cpu", data["x"][:2])
     n_chunks = len(spec.chunks())
     print(
         f"scale-out: evaluate() on {args.n} samples in {n_chunks} chunks of {batch}, AutoAttack-{spec.version} "
-        f"{spec.norm} eps={eps}, model variant {args.scale_variant} {execution_settings(model)}",
+        f"{spec.norm} eps={eps} (the evaluator prepares the model itself)",
         flush=True,
     )
     runs: dict[str, dict] = {}
@@ -450,7 +452,9 @@ def scale_out(args, data: dict, workers: list[int], out: dict, write) -> None:
             row = register_model(store, data["path"], data["model"], arch=data["arch"], dataset=data["dataset"])
             timer = StoreTimer(store)
             start = time.perf_counter()
-            summary = evaluate(store, row.id, model, data["x_all"], data["y_all"], spec, progress=False, workers=k)
+            summary = evaluate(
+                store, row.id, data["model"], data["x_all"], data["y_all"], spec, progress=False, workers=k
+            )
             wall = time.perf_counter() - start
             with store.session() as s:
                 stored = s.scalars(
@@ -459,10 +463,13 @@ def scale_out(args, data: dict, workers: list[int], out: dict, write) -> None:
                     .order_by(SampleResult.sample_id)
                 ).all()
                 rows = [{c.name: getattr(r, c.name) for c in SampleResult.__table__.columns} for r in stored]
-                attack_s = sum(s.get(Evaluation, summary.evaluation_id).attack_seconds.values())
+                ev = s.get(Evaluation, summary.evaluation_id)
+                attack_s = sum(ev.attack_seconds.values())
+                execution = ev.provenance.get("execution")
             store.dispose()
         run = {
             "workers": k,
+            "execution": execution,
             "wall_s": wall,
             "attack_s": attack_s,
             "store_s": timer.session_s,
@@ -480,7 +487,7 @@ def scale_out(args, data: dict, workers: list[int], out: dict, write) -> None:
         run["efficiency"] = first["wall_s"] * first["workers"] / (k * wall)
         run["attack_s_ratio"] = attack_s / first["attack_s"]
         runs[str(k)] = run
-        out["scale_out"] = {"spec": spec.to_dict(), "variant": args.scale_variant, "runs": runs}
+        out["scale_out"] = {"spec": spec.to_dict(), "runs": runs}
         write()
         print(
             f"  workers {k}: wall {wall:7.2f} s  speed-up {run['speedup']:5.2f}  efficiency {run['efficiency']:6.1%}  "
@@ -567,7 +574,6 @@ def main() -> None:
         help="scale-out mode: worker counts, e.g. 1,2,4",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="scale-out chunk size (default N/8)")
-    parser.add_argument("--scale-variant", choices=VARIANTS, default="fast", help="model variant in scale-out mode")
     parser.add_argument("--json", type=Path, default=None, help="write figures and provenance here")
     args = parser.parse_args()
 
