@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pkgutil
+
 import pytest
 import torch
 from torch import nn
@@ -195,6 +197,19 @@ def test_unknown_architecture_suggests() -> None:
 def test_duplicate_registration_fails() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_arch("resnet18", description="again")(lambda num_classes: nn.Linear(1, num_classes))
+
+
+def test_every_family_module_is_imported_and_registers() -> None:
+    # Registration happens on import, so a family module that bench/models/__init__.py forgot would register
+    # nothing and its architectures would silently be unknown.
+    import bench.models
+
+    infrastructure = {"registry", "normalize"}
+    families = {m.name for m in pkgutil.iter_modules(bench.models.__path__)} - infrastructure
+    modules = {info.builder.__module__ for _, info in ARCHS.items()}
+    registered_by = {m.removeprefix("bench.models.") for m in modules if m.startswith("bench.models.")}
+    assert {"small_cnn", "resnet", "vgg", "wide_resnet", "mobilenet"} <= families
+    assert registered_by == families
 
 
 @pytest.mark.parametrize(
