@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from bench.checkpoints import count_flops, load_state_dict, load_weights, measure_sparsity, sha256_file
+from bench.checkpoints import load_state_dict, load_weights, sha256_file
 from bench.data import get_dataset_info
 from bench.models import NormalizedModel, create_model
 from bench.provenance import utcnow
+from bench.sparsity import count_flops, measure_sparsity
 from bench.store import Model, Store
 
 # The key of a model that standardises its inputs with its dataset's own constants (bench datasets).

@@ -136,10 +136,11 @@ def run_job(job: Job, root: str) -> dict:
     torch.set_num_threads(1)
     from bench.attacks.autoattack import run_autoattack
     from bench.catalog import load_checkpoint_model
-    from bench.checkpoints import measure_sparsity, sha256_file
+    from bench.checkpoints import sha256_file
     from bench.data import load_split
     from bench.paths import atomic_write
     from bench.provenance import environment
+    from bench.sparsity import measure_sparsity
     from bench.track import TRACKS, dense_checkpoint
     from methods.base import PruneData, config_dict, get_method
 

@@ -66,8 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from bench.checkpoints import measure_sparsity
 from bench.models import unwrap
+from bench.sparsity import measure_sparsity
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import eval_mode, global_masks, prunable_layers
 from methods.training import pgd_linf

@@ -25,6 +25,7 @@ from torch import nn
 
 from bench.models import unwrap
 from bench.registry import Registry
+from bench.sparsity import weight_layers
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ class PruningMethod:
         The generic tests check that the canonical sparsity over these layers matches the target and that
         every other layer stays dense.
         """
-        net = unwrap(model)  # bare layer names, as bench.checkpoints.measure_sparsity reports them
-        return [name for name, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        net = unwrap(model)  # bare layer names, as bench.sparsity.measure_sparsity reports them
+        return [name for name, _ in weight_layers(net)]
 
     def prune(self, model: nn.Module, sparsity: float, data: PruneData, config: Any, *, seed: int = 0) -> PruneResult:
         raise NotImplementedError  # pragma: no cover - abstract

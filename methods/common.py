@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.sparsity import weight_layers
 from methods.training import pgd_linf
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,8 +276,7 @@ def pgd_ce_loss(
 
 def prunable_layers(model: nn.Module, *, include_linear: bool = True) -> list[tuple[str, nn.Module]]:
     """The Conv2d (and Linear) modules of ``model`` in ``named_modules()`` order, first conv and classifier included."""
-    kinds = (nn.Conv2d, nn.Linear) if include_linear else (nn.Conv2d,)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+    return [(name, m) for name, m in weight_layers(model) if include_linear or isinstance(m, nn.Conv2d)]
 
 
 def _check_fraction(sparsity: float) -> None:
@@ -593,7 +593,7 @@ class ADMMState:
 def sparsity_of_layers(model: nn.Module, layers: Iterable[str]) -> float:
     """Fraction of exactly-zero weights over the named Conv2d/Linear layers (bare names, as in
     :func:`bench.checkpoints.measure_sparsity`): the sparsity by a local method's own rule."""
-    from bench.checkpoints import measure_sparsity
+    from bench.sparsity import measure_sparsity
 
     per_layer = measure_sparsity(model).per_layer
     layers = list(layers)

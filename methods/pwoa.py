@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.checkpoints import measure_sparsity
 from bench.models import unwrap
+from bench.sparsity import measure_sparsity
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import ADMMState, eval_mode, masked_step, prunable_layers, sparsity_of_layers
 from methods.training import pgd_linf

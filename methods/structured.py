@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.models import SmallCNN, unwrap
+from bench.sparsity import weight_layers
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import apply_masks, masked_step
 
@@ -332,7 +333,7 @@ def compact_model(model: nn.Module, widths: Mapping[str, int], removed_blocks: S
 
 
 def _count_weights(net: nn.Module) -> int:
-    return sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return sum(m.weight.numel() for _, m in weight_layers(net))
 
 
 @register_method("structured")

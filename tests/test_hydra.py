@@ -11,8 +11,9 @@ from torch import nn
 from torch.func import functional_call
 
 from bench.catalog import build_model
-from bench.checkpoints import load_weights, measure_sparsity
+from bench.checkpoints import load_weights
 from bench.models import BasicBlock, Normalize, NormalizedModel
+from bench.sparsity import measure_sparsity
 from methods.base import PruneData, get_method
 from methods.common import magnitude_masks, prunable_layers, trades_adversarial
 from methods.hydra import (

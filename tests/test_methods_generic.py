@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 
-from bench.checkpoints import measure_sparsity
 from bench.models import NormalizedModel
+from bench.sparsity import measure_sparsity
 from methods.base import PruneData, PruneResult, get_method, list_methods
 
 METHODS = list_methods()

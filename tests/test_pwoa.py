@@ -16,8 +16,8 @@ import methods.common as common_module
 import methods.pwoa as pwoa_module
 import methods.training as training_module
 from bench.catalog import build_model
-from bench.checkpoints import measure_sparsity
 from bench.models import unwrap
+from bench.sparsity import measure_sparsity
 from methods.base import PruneData, get_method
 from methods.pwoa import (
     PwoA,

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from bench.checkpoints import measure_sparsity
 from bench.cli import main
 from bench.data import load_split
+from bench.sparsity import measure_sparsity
 from bench.store import Evaluation, Model, Store
 from bench.zoo.fetch import (
     CheckpointTooLarge,

@@ -88,7 +88,7 @@ def load_entry_model(report: FileReport, path: Path):
 
 
 def _check_sparsity(report: FileReport, model, options: ValidationOptions) -> None:
-    from bench.checkpoints import measure_sparsity
+    from bench.sparsity import measure_sparsity
 
     m = report.manifest
     measured = measure_sparsity(model).sparsity
