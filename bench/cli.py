@@ -31,6 +31,7 @@ Examples:
   bench evaluate --model-id MAD_Lee2022Masking_R18_CIFAR10_US_90 --device cuda     # a zoo entry (bench zoo list)
   bench evaluate --method hydra --sparsity 0.95 --dataset cifar10 --arch resnet18   # resolved through the zoo
   bench evaluate --zoo --method hydra --device cuda          # every hydra entry not yet evaluated (resumable)
+  bench evaluate --zoo --executor slurm --db postgresql://host/db --partition gpu --gpus-per-task 1 --device cuda
 """
 
 
@@ -763,7 +764,7 @@ def _finish_sharded(sharded) -> list:
     start = time.perf_counter()
     plans = list(sharded.run())
     sharded.planned.clear()
-    if not sharded.options.wait:
+    if not sharded.options.wait and sharded.job_ids:
         arrays = " ".join(sharded.job_ids)
         click.echo(
             f"submitted without waiting (--no-wait): follow with bench status --db {shown_url(sharded.db_url)}; "

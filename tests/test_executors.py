@@ -379,7 +379,8 @@ def test_slurm_task_killed_mid_chunk_then_resubmitted(
     assert _rows(pg_url) == reference["rows"]
     assert _aggregates(pg_url) == reference["aggregates"]
     chunks = _chunks(pg_url)
-    assert chunks[4][0] == f"slurm:{arrays[1]}_0"
+    # submitit submits a single shard as a plain job (no array task id).
+    assert chunks[4][0] in (f"slurm:{arrays[1]}", f"slurm:{arrays[1]}_0")
     assert {i: w for i, (w, _) in chunks.items() if i != 4} == {i: f"slurm:{array}_{i % 3}" for i in (0, 1, 2, 3, 5)}
     print(f"job ids: {', '.join(arrays)}")
 

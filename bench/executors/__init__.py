@@ -452,16 +452,22 @@ class ShardedRun:
         return self.planned
 
     def _progress(self, store) -> str:
-        """Chunks stored per evaluation, read from the store: one line for the waiting command's log."""
+        """Chunks stored, read from the store: one line for the waiting command's log."""
         from bench.evaluate import missing_chunks
 
-        parts = []
+        counts = []
         for plan in self.planned:
             if not plan.reused:
                 total = len(plan.spec.chunks())
-                done = total - len(missing_chunks(store, plan.evaluation_id, plan.spec))
-                parts.append(f"#{plan.evaluation_id} {done}/{total}")
-        return "chunks stored: " + ", ".join(parts)
+                counts.append(
+                    (plan.evaluation_id, total - len(missing_chunks(store, plan.evaluation_id, plan.spec)), total)
+                )
+        if len(counts) <= 4:
+            return "chunks stored: " + ", ".join(f"#{i} {done}/{total}" for i, done, total in counts)
+        done = sum(c[1] for c in counts)
+        total = sum(c[2] for c in counts)
+        finished = sum(c[1] == c[2] for c in counts)
+        return f"chunks stored: {done}/{total} over {len(counts)} evaluations ({finished} with every chunk)"
 
     def _finalize(self, store) -> None:
         from bench.evaluate import finalize_evaluation, missing_chunks
@@ -476,10 +482,11 @@ class ShardedRun:
         """One line for the evaluations left incomplete (failed or killed tasks) and what to do."""
         parts = [f"#{p.evaluation_id} ({p.model_name}) misses {len(p.missing)} chunk(s)" for p in incomplete]
         failed = [o for o in self.outcomes if o.error is not None]
-        logs = f"; first failed task's log: {failed[0].log}" if failed and failed[0].log else ""
+        first = f"; task {failed[0].task} {failed[0].error}" if failed else ""
+        logs = f", its log: {failed[0].log}" if failed and failed[0].log else ""
         return (
             f"{len(failed)} task(s) failed or were killed, so evaluation {', '.join(parts)}: run the same command "
-            f"again to attack only the missing chunks{logs}"
+            f"again to attack only the missing chunks{first}{logs}"
         )
 
 

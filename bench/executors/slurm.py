@@ -76,7 +76,7 @@ def submit(shards: list[Shard], options: ExecutorOptions, *, log: Callable[[str]
         raise ExecutorError(f"sbatch refused the job array: {reason}") from None
     array = jobs[0].job_id.split("_")[0]
     log(f"submitted SLURM job array {array}: {len(jobs)} task(s), {describe(options)}")
-    log(f"task logs in {Path(options.folder or DEFAULT_FOLDER).resolve()} ({array}_<task>_0_log.out/.err)")
+    log(f"task logs in {jobs[0].paths.stdout.parent} ({jobs[0].paths.stdout.name}, ...; .err beside)")
     return jobs
 
 
