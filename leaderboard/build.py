@@ -50,7 +50,15 @@ from sqlalchemy.engine import make_url
 
 import bench
 from bench.analysis.export import csv_text
-from bench.analysis.report import missing_parent_evaluation
+from bench.analysis.replicates import (
+    ReplicateSummary,
+    group_replicates,
+    seed_of,
+    setting_key,
+    setting_label,
+    summarize_evaluations,
+)
+from bench.analysis.report import failure, missing_parent_evaluation
 from bench.analysis.reported import Reported, reevaluation_drop, reported_numbers
 from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import POPULATIONS, format_p
@@ -61,9 +69,11 @@ from leaderboard.formatting import (  # noqa: F401  (re-exported: tests and call
     format_value,
     human_count,
     model_slug,
+    number,
     pct,
     safe_slug,
     safe_url,
+    seeds_text,
     slugify,
     sort_value,
     word_breaks,
@@ -93,7 +103,20 @@ FLAG_TEXT = {
         "AutoAttack's own clean pass disagreed with ours on some samples (a randomised or input-dependent "
         "model); a sample counts as robust only if both passes classified it correctly"
     ),
+    "autoattack_adversarial_not_reproduced": (
+        "an adversarial example AutoAttack returned was not adversarial in our forward pass (a randomised or "
+        "input-dependent model): FMN did not start from it and its norm is no best-known distance"
+    ),
+    "best_known_above_eps": (
+        "a sample AutoAttack broke at ε has a best-known distance just above ε (AutoAttack's perturbation, rounded "
+        "in float32, exceeds ε by a last-place unit, and neither FMN run found a smaller one); shown, not unreliable"
+    ),
 }
+# The badge a flag gets: FMN's and the best-known notes inform; every other flag is an AutoAttack or consistency
+# check that marks the evaluation potentially unreliable (bench.evaluate.UNRELIABLE_FLAGS; a test checks the split).
+FLAG_BADGE = {"fmn_beat_autoattack": "fmn", "best_known_above_eps": "notice"}
+# Who found a sample's best-known distance (SampleResult.best_attack), in words.
+BEST_ATTACK_TEXT = {"fmn": "plain FMN", "fmn_from_autoattack": "FMN from AutoAttack's adversarial"}
 
 # Papers the protocol rests on (cited on the methodology page and in papers.bib).
 PROTOCOL_PAPERS = [
@@ -201,10 +224,39 @@ class Entry:
     # Filled by the per-sample jobs (leaderboard.per_sample).
     results: SampleResults = field(default_factory=SampleResults)
     thin_error: str | None = None
+    # The model's training-seed replicates under this protocol (itself included), when two or more are evaluated.
+    setting: Setting | None = None
 
     @property
     def spec(self) -> dict[str, Any]:
         return self.ev.spec
+
+    @property
+    def seed(self) -> int | None:
+        """The pruning seed recorded in the model's provenance (None for dense, zoo and submitted models)."""
+        return seed_of(self.model)
+
+    @property
+    def has_setting(self) -> bool:
+        """Whether the model was pruned by ``bench prune`` with a recorded seed and config: other seeds of its setting
+        would be its replicates (:func:`bench.analysis.replicates.setting_key`)."""
+        return setting_key(self.model) is not None
+
+    @property
+    def has_best_known(self) -> bool:
+        """Whether the evaluation's protocol stores best-known distances (FMN also started from AutoAttack's
+        adversarial examples); the figures themselves may still be missing (shown as "–")."""
+        return (self.spec or {}).get("fmn_init", "none") != "none"
+
+    @property
+    def inputs(self) -> str:
+        """The model's input normalisation as ``--normalization`` spells it: ``dataset``, ``none`` or ``MEAN/STD``."""
+        return inputs_label(self.model)
+
+    @property
+    def inputs_text(self) -> str | None:
+        """The normalisation in words, or None for the dataset's own mean/std (the default)."""
+        return inputs_text(self.model)
 
     @property
     def n(self) -> int:
@@ -222,6 +274,92 @@ class Entry:
     @property
     def file_stem(self) -> str:
         return f"{model_slug(self.model)}-e{self.ev.id}"
+
+
+@dataclass(eq=False)
+class Setting:
+    """Training-seed replicates: the models of one setting (everything that defines a pruned model but its seed,
+    :func:`bench.analysis.replicates.setting_of`) evaluated under one protocol, ordered by seed.
+
+    Attributes:
+        key: the setting key (:func:`bench.analysis.replicates.setting_key`).
+        entries: one entry per seed (each model's newest complete evaluation under the protocol).
+        summary: ``{"clean"|"autoattack"|"fmn"|"best_known": ReplicateSummary}`` across the seeds.
+        error: why there is no summary (two models of the setting share a seed), else None.
+    """
+
+    key: str
+    protocol_hash: str
+    entries: list[Entry]
+    summary: dict[str, ReplicateSummary] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The first replicate's name without its seed suffix."""
+        return setting_label(self.entries[0].model.name)
+
+    @property
+    def n(self) -> int:
+        return len(self.entries)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [e.seed for e in self.entries if e.seed is not None]
+
+    @property
+    def seeds_text(self) -> str:
+        return seeds_text(self.seeds)
+
+    @property
+    def sparsity(self) -> float:
+        """Mean measured sparsity of the replicates (their masks differ, so may their sparsities, slightly)."""
+        return math.fsum(e.model.measured_sparsity for e in self.entries) / len(self.entries)
+
+    @property
+    def model(self) -> Model:
+        return self.entries[0].model
+
+    @property
+    def slug(self) -> str:
+        return f"setting-{self.key[:12]}-{self.protocol_hash[:8]}"
+
+    def sentence(self, metric: str = "autoattack") -> str | None:
+        """ "seeds 0–2: mean 43.20 %, range 41.00–45.10 %" (as ``bench report`` words it), or None."""
+        s = self.summary.get(metric)
+        if s is None:
+            return None
+        return f"seeds {seeds_text(s.seeds)}: mean {pct(s.mean)} %, range {pct(s.min)}–{pct(s.max)} %"
+
+
+def best_attack_text(name: str) -> str:
+    """A ``best_attack`` value in words: "plain FMN", "AutoAttack (apgd-ce)"."""
+    if name.startswith("autoattack:"):
+        return f"AutoAttack ({name.split(':', 1)[1]})"
+    return BEST_ATTACK_TEXT.get(name, name)
+
+
+def inputs_label(model: Model) -> str:
+    """A model's input normalisation as ``--normalization`` spells it (:func:`bench.catalog.normalization_label`)."""
+    from bench.catalog import normalization_label
+
+    key = getattr(model, "normalization", None)
+    try:
+        return normalization_label(key)
+    except ValueError:  # a stored key that is not MEAN/STD numbers: shown as stored (as text), never the default
+        return str(key)
+
+
+def inputs_text(model: Model) -> str | None:
+    """A model's input normalisation in words, None for the dataset's own
+    (:func:`bench.catalog.describe_normalization`)."""
+    from bench.catalog import describe_normalization
+
+    key = getattr(model, "normalization", None)
+    try:
+        return describe_normalization(key)
+    except ValueError:
+        return f"mean/std {key}"
 
 
 # Spec fields that are not part of the protocol hash (bench.spec.RunSpec.protocol_hash) and fields shown by name.
@@ -243,6 +381,8 @@ class Protocol:
     main: bool = False
     canonical: bool = False
     tables: list[Table] = field(default_factory=list)
+    # Settings with two or more seeds evaluated under this protocol (the index's "by setting" table).
+    seed_settings: list[Setting] = field(default_factory=list)
 
     @property
     def short(self) -> str:
@@ -424,6 +564,7 @@ class SiteData:
         for entries in self.entries.values():
             for entry in entries:
                 _link_parent(self, entry)
+        _link_replicates(self)
         self.as_of = max((ev.finished_at for ev in evaluations if ev.finished_at), default=None)
 
     def entry(self, model_id: int, protocol_hash: str) -> Entry | None:
@@ -448,6 +589,29 @@ def _attach_reported(entry: Entry) -> None:
     entry.reported = found.claim
     entry.reevaluation = found.reevaluation
     entry.drop = reevaluation_drop(entry.reported, entry.ev.aa_robust_accuracy)
+
+
+def _link_replicates(data: SiteData) -> None:
+    """Group the shown evaluations of ranked models into settings (:func:`group_replicates`, the rule ``bench
+    results`` uses) and attach each setting with two seeds or more to its entries and its protocol.
+
+    Unranked models (sanity runs) never join a setting: their figures are not averaged with real models'.
+    """
+    by_evaluation = {e.ev.id: e for entries in data.entries.values() for e in entries if is_ranked(e.model)}
+    groups = group_replicates(e.ev for e in by_evaluation.values())
+    for (key, protocol_hash), evaluations in groups.items():
+        if key.startswith("model:") or len(evaluations) < 2:
+            continue
+        setting = Setting(key, protocol_hash, [by_evaluation[ev.id] for ev in evaluations])
+        try:
+            setting.summary = summarize_evaluations(evaluations)
+        except ValueError as err:  # two models of the setting share a seed: shown, never averaged
+            setting.error = failure("the summary across seeds", err)
+        for entry in setting.entries:
+            entry.setting = setting
+        data.protocol_of[protocol_hash].seed_settings.append(setting)
+    for p in data.protocols:
+        p.seed_settings.sort(key=lambda st: (st.model.method, st.model.arch, st.model.target_sparsity or 0.0, st.label))
 
 
 def _newer(a: Evaluation, b: Evaluation) -> bool:
@@ -694,6 +858,7 @@ def _row_record(table: Table, rank: int, e: Entry) -> dict[str, Any]:
     m, ev = e.model, e.ev
     aa_low, aa_high = e.interval(ev.aa_robust_accuracy)
     rep = e.reported
+    across = e.setting.summary.get("autoattack") if e.setting else None
     return {
         "rank": rank,
         "model": m.name,
@@ -718,7 +883,19 @@ def _row_record(table: Table, rank: int, e: Entry) -> dict[str, Any]:
         "reevaluation_robust": getattr(e.reevaluation, "robust", None),
         "reevaluation_attack": getattr(e.reevaluation, "attack", None),
         "reevaluation_source": getattr(e.reevaluation, "source", None),
+        "seed": e.seed,
+        "replicates": across.n if across else None,
+        "replicate_seeds": list(across.seeds) if across else [],
+        "autoattack_seeds_mean": across.mean if across else None,
+        "autoattack_seeds_min": across.min if across else None,
+        "autoattack_seeds_max": across.max if across else None,
+        "autoattack_seeds_std": across.std if across else None,
         "fmn_median_distance": ev.fmn_median_distance,
+        "best_median_distance": ev.best_median_distance,
+        "fmn_local_optimality": ev.fmn_local_optimality,
+        "fmn_best_median_ratio": ev.fmn_best_median_ratio,
+        "n_fmn_above_best": ev.n_fmn_above_best,
+        "normalization": e.inputs,
         "params": m.params,
         "nonzero_params": m.nonzero_params,
         "flops": m.flops,
@@ -726,6 +903,7 @@ def _row_record(table: Table, rank: int, e: Entry) -> dict[str, Any]:
         "potentially_unreliable": bool(ev.unreliable),
         "fmn_beat_autoattack": e.fmn_beat_aa,
         "n_fmn_beat_autoattack": ev.n_fmn_beat_aa,
+        "best_known_above_eps": "best_known_above_eps" in (ev.flags or []),
         "flags": list(ev.flags or []),
         "n": ev.n_samples,
         "version": e.spec.get("version"),
@@ -755,7 +933,19 @@ TABLE_CSV_COLUMNS = [
     "drop_points",
     "reevaluation_robust",
     "reevaluation_attack",
+    "seed",
+    "replicates",
+    "replicate_seeds",
+    "autoattack_seeds_mean",
+    "autoattack_seeds_min",
+    "autoattack_seeds_max",
+    "autoattack_seeds_std",
     "fmn_median_distance",
+    "best_median_distance",
+    "fmn_local_optimality",
+    "fmn_best_median_ratio",
+    "n_fmn_above_best",
+    "normalization",
     "params",
     "nonzero_params",
     "flops",
@@ -789,10 +979,16 @@ def _environment() -> Environment:
         norm=plots.norm_symbol,
         url=safe_url,
         wbr=word_breaks,
+        num=number,
     )
     env.globals.update(
         version=bench.__version__,
         FLAG_TEXT=FLAG_TEXT,
+        FLAG_BADGE=FLAG_BADGE,
+        best_attack_text=best_attack_text,
+        normalization_label=inputs_label,
+        normalization_text=inputs_text,
+        seed_of=seed_of,
         POPULATIONS=POPULATIONS,
         model_slug=model_slug,
         is_ranked=is_ranked,
@@ -986,6 +1182,8 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
         ]
         for t in tables
     }
+    # A column that only some evaluations have (seeds, best-known figures) is drawn in the tables where a row has it.
+    table_columns = {t.slug: [c for c in COLUMNS if c.shown(shown_rows[t.slug])] for t in tables}
     methods = sorted(data.methods.values(), key=lambda mi: (not mi.registered, mi.display_name.lower(), mi.key))
     for mi in methods:
         mi.entries = [e for e in all_entries if e.model.method == mi.key]
@@ -1007,7 +1205,7 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
             root="",
             page="index",
             rows=shown_rows,
-            columns=COLUMNS,
+            columns=table_columns,
             not_evaluated=not_evaluated,
             unranked=unranked,
             **ctx,
@@ -1080,7 +1278,8 @@ def _csv_value(value: Any) -> Any:
 
 def _method_plot(data: SiteData, mi: MethodInfo) -> str | None:
     """Robust accuracy against sparsity, one series per (protocol, architecture) with its dense parents under the
-    same protocol: points from different protocols are never joined by a line."""
+    same protocol: points from different protocols are never joined by a line. A setting pruned with several seeds
+    is one point: the mean over its seeds with a min–max bar."""
     if not mi.entries:
         return None
     groups: dict[tuple[str, str], dict[int, Entry]] = defaultdict(dict)
@@ -1101,15 +1300,27 @@ def _method_plot(data: SiteData, mi: MethodInfo) -> str | None:
     for key in sorted(groups, key=lambda k: (order[k[0]], k[1])):
         protocol_hash, arch = key
         p = data.protocol_of[protocol_hash]
-        entries = sorted(groups[key].values(), key=lambda e: (e.model.measured_sparsity, e.model.id))
-        intervals = [e.interval(e.ev.aa_robust_accuracy) for e in entries]
+        points: list[tuple[float, int, float, float, float, int]] = []
+        seen: set[int] = set()
+        for e in sorted(groups[key].values(), key=lambda e: (e.model.measured_sparsity, e.model.id)):
+            across = e.setting.summary.get("autoattack") if e.setting else None
+            if across is None:
+                low, high = e.interval(e.ev.aa_robust_accuracy)
+                robust = e.ev.aa_robust_accuracy or 0.0
+                points.append((e.model.measured_sparsity, e.model.id, robust, low, high, 1))
+            elif id(e.setting) not in seen:
+                seen.add(id(e.setting))
+                first = min(x.model.id for x in e.setting.entries)
+                points.append((e.setting.sparsity, first, across.mean, across.min, across.max, across.n))
+        points.sort()
         series.append(
             plots.Series(
                 label=f"{arch} · {p.dataset} · {p.threat} · AA {p.spec.get('version', '?')} · N = {p.n}",
-                sparsity=[e.model.measured_sparsity for e in entries],
-                robust=[e.ev.aa_robust_accuracy or 0.0 for e in entries],
-                low=[lo for lo, _ in intervals],
-                high=[hi for _, hi in intervals],
+                sparsity=[pt[0] for pt in points],
+                robust=[pt[2] for pt in points],
+                low=[pt[3] for pt in points],
+                high=[pt[4] for pt in points],
+                replicates=[pt[5] for pt in points],
             )
         )
     return plots.sparsity_svg(series, ylabel="AutoAttack robust accuracy (%)")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup, escape
 
-from leaderboard.formatting import human_count, model_slug, pct, sort_value, word_breaks
+from leaderboard.formatting import human_count, model_slug, number, pct, seeds_text, sort_value, word_breaks
 
 if TYPE_CHECKING:
     from leaderboard.build import Entry
@@ -52,6 +52,9 @@ class Column:
         ranked: the column the rows are ranked by (shown right after the pinned ones, so a phone sees it).
         initial_sort: ``aria-sort`` of the header as the page opens (the rows come in rank order).
         classes: more CSS classes of the header and the cells (the stylesheet's ``model``, ``flags``).
+        present: for a column only some evaluations have a value for (seed replicates, best-known figures):
+            whether a row has one; the column is drawn in the tables where some row has (:meth:`shown`). None:
+            always drawn.
     """
 
     key: str
@@ -65,6 +68,11 @@ class Column:
     ranked: bool = False
     initial_sort: str | None = None
     classes: str = ""
+    present: Callable[[Row], bool] | None = None
+
+    def shown(self, rows: list[Row]) -> bool:
+        """Whether a table of these rows draws the column."""
+        return self.present is None or any(self.present(row) for row in rows)
 
     @property
     def css(self) -> str:
@@ -105,12 +113,48 @@ def _model_cell(row: Row) -> Markup:
     else:
         head = Markup('<span class="badge dense">{}</span>').format("dense parent" if row.is_parent else "dense")
     slug = model_slug(m)
-    return head + Markup('<br><a class="name" href="models/{}.html">{}</a>').format(slug, word_breaks(m.name))
+    out = head + Markup('<br><a class="name" href="models/{}.html">{}</a>').format(slug, word_breaks(m.name))
+    if row["normalization"] != "dataset":
+        # Another input normalisation than the dataset's is another model (bench.catalog): say so beside its name.
+        label = "none" if row["normalization"] == "none" else "own mean/std"
+        out += Markup(
+            ' <span class="badge inputs" title="Input normalisation: {}, not the dataset\'s mean/std">inputs: {}</span>'
+        ).format(row.entry.inputs_text or row["normalization"], label)
+    return out
 
 
 def _autoattack_cell(row: Row) -> Markup:
     return Markup('<strong>{}</strong><br><span class="ci">[{}, {}]</span>').format(
         pct(row["autoattack"]), pct(row["autoattack_low"], 1), pct(row["autoattack_high"], 1)
+    )
+
+
+def _seeds_cell(row: Row) -> Markup:
+    if row["replicates"] is None:
+        return escape("–")
+    seeds = seeds_text(row["replicate_seeds"])
+    return Markup('<strong>{}</strong><br><span class="ci">{}–{}</span><br><span class="ci">{}</span>').format(
+        pct(row["autoattack_seeds_mean"]),
+        pct(row["autoattack_seeds_min"]),
+        pct(row["autoattack_seeds_max"]),
+        f"seeds {seeds}" if len(seeds) <= 10 else f"{row['replicates']} seeds",
+    )
+
+
+def _seeds_title(row: Row) -> str | None:
+    setting = row.entry.setting
+    if setting is None:
+        return None
+    return setting.sentence() or setting.error
+
+
+def _local_optimality_title(row: Row) -> str | None:
+    if row["fmn_local_optimality"] is None:
+        return None
+    return (
+        f"median ratio plain FMN / best known {number(row['fmn_best_median_ratio'], 3)}; "
+        f"{row['n_fmn_above_best']} samples more than 1 % above the best known or not found; "
+        f"best-known median distance {number(row['best_median_distance'])}"
     )
 
 
@@ -148,6 +192,10 @@ def _flags_cell(row: Row) -> Markup:
             '<span class="badge fmn" title="FMN broke {} sample(s) within eps that AutoAttack left robust">'
             "FMN beat AA: {}</span>"
         ).format(n, n)
+    if row["best_known_above_eps"]:
+        out += Markup('<span class="badge notice" title="{}">best known &gt; ε</span>').format(
+            "a sample AutoAttack broke has a best-known distance a float32 unit above eps (not unreliable)"
+        )
     return out
 
 
@@ -184,6 +232,17 @@ COLUMNS: list[Column] = [
         ranked=True,
     ),
     Column(
+        "seeds",
+        "Across\nseeds %",
+        "AutoAttack robust accuracy across training-seed replicates (the same method, dense parent, sparsity and "
+        "config pruned with other seeds) under this protocol: mean, min–max range, seeds. The Wilson interval "
+        "beside it covers only the test samples drawn",
+        cell=_seeds_cell,
+        sort=_sort("autoattack_seeds_mean"),
+        cell_title=_seeds_title,
+        present=lambda row: row["replicates"] is not None,
+    ),
+    Column(
         "sparsity",
         "Sparsity\n%",
         "Fraction of Conv2d/Linear weights that are exactly zero",
@@ -204,6 +263,7 @@ COLUMNS: list[Column] = [
         "Robust accuracy claimed by the method's authors (their paper or submission)",
         cell=_pct("reported_robust"),
         sort=_sort("reported_robust"),
+        present=lambda row: row["reported_robust"] is not None,
         cell_title=_claim_title,
     ),
     Column(
@@ -212,6 +272,7 @@ COLUMNS: list[Column] = [
         "Re-evaluation drop: the authors' claim minus our AutoAttack robust accuracy, percentage points",
         cell=_drop_cell,
         sort=_sort("drop_points"),
+        present=lambda row: row["drop_points"] is not None,
     ),
     Column(
         "other_aa",
@@ -219,14 +280,25 @@ COLUMNS: list[Column] = [
         "Robust accuracy another benchmark measured with AutoAttack (APB leaderboard, RobustBench, thin-ice Table 1)",
         cell=_pct("reevaluation_robust"),
         sort=_sort("reevaluation_robust"),
+        present=lambda row: row["reevaluation_robust"] is not None,
         cell_title=_reevaluation_title,
     ),
     Column(
         "fmn_median",
         "FMN\nmedian",
-        "Median FMN distance over correctly classified samples",
+        "Median plain-FMN distance over the correctly classified samples it broke (the thin-ice paper's figure)",
         cell=_distance_cell,
         sort=_sort("fmn_median_distance"),
+    ),
+    Column(
+        "local_optimality",
+        "FMN local\noptimality",
+        "How close plain FMN came to the best-known distances (FMN, FMN from AutoAttack's adversarial, "
+        "AutoAttack): AttackBench's local optimality, 1 = the best known on every sample",
+        cell=lambda row: escape(number(row["fmn_local_optimality"], 3)),
+        sort=_sort("fmn_local_optimality"),
+        cell_title=_local_optimality_title,
+        present=lambda row: row["fmn_local_optimality"] is not None,
     ),
     Column(
         "params",
@@ -247,9 +319,14 @@ COLUMNS: list[Column] = [
     Column(
         "flags",
         "Flags",
-        "Sanity checks that fired: potentially unreliable evaluations, samples FMN broke that AutoAttack missed",
+        "Sanity checks that fired: potentially unreliable evaluations, samples FMN broke that AutoAttack missed, "
+        "a best-known distance a float32 unit above eps",
         cell=_flags_cell,
-        sort=lambda row: str(int(bool(row["potentially_unreliable"])) * 2 + int(bool(row["fmn_beat_autoattack"]))),
+        sort=lambda row: str(
+            int(bool(row["potentially_unreliable"])) * 4
+            + int(bool(row["fmn_beat_autoattack"])) * 2
+            + int(bool(row["best_known_above_eps"]))
+        ),
         numeric=False,
         classes="flags",
     ),
@@ -264,6 +341,8 @@ def check_order(columns: list[Column]) -> None:
         raise ValueError("pinned columns must come first")
     if not columns[n_pinned].ranked:
         raise ValueError("the ranked column must come right after the pinned ones")
+    if any(c.present is not None for c in columns[: n_pinned + 1]):
+        raise ValueError("the pinned and ranked columns are drawn in every table; they cannot be optional")
 
 
 check_order(COLUMNS)

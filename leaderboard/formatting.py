@@ -84,3 +84,26 @@ def format_value(value: Any) -> str:
 def word_breaks(text: Any) -> Markup:
     """``text`` escaped, with a line-break opportunity after each ``_`` (long model names wrap on a phone)."""
     return Markup("_<wbr>").join(escape(part) for part in str(text).split("_"))
+
+
+def seeds_text(seeds: Any) -> str:
+    """Pruning seeds as ``--seeds`` takes them, runs joined: ``[0, 1, 2, 7]`` → ``"0–2,7"``."""
+    values = sorted(int(s) for s in seeds)
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if j == i else f"{values[i]}{'–' if j > i + 1 else ','}{values[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def number(value: Any, digits: int = 4) -> str:
+    """A distance or a ratio with ``digits`` decimals; "–" for a missing value (an evaluation stored without it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return "–"
+    if not math.isfinite(float(value)):
+        return "–"
+    return f"{float(value):.{digits}f}"

@@ -52,6 +52,15 @@ class SampleResults:
     has_thin_ice_plot: bool = False
     has_csv: bool = False
     has_curve: bool = False
+    # The distances the security curve and the thin-ice analysis read: "best" (best-known) or "fmn" (plain FMN's,
+    # for an evaluation stored without best-known distances); and the thin-ice statistics with plain FMN's ε (the
+    # paper's) when ``thin`` used the best-known ones.
+    curve_distance: str | None = None
+    thin_fmn: ThinIce | None = None
+    # Where the best-known distances came from: correctly classified samples per attack that found theirs (in
+    # the protocol's order), and how many have one above 0 (the count of samples plain FMN missed is out of these).
+    best_found_by: list[tuple[str, int]] = field(default_factory=list)
+    n_best_known: int | None = None
     # One line per analysis that failed on this evaluation's records: shown on the model's page, never fatal.
     errors: list[str] = field(default_factory=list)
 
@@ -105,6 +114,30 @@ def breakdown_rows(rec: EvaluationRecords) -> list[dict[str, Any]]:
     return rows
 
 
+def best_known_counts(rec: EvaluationRecords) -> tuple[list[tuple[str, int]], int]:
+    """Correctly classified samples per attack that found their best-known distance (plain FMN, FMN from
+    AutoAttack's adversarial, each AutoAttack stage in run order, then any other name, then "none found"), and
+    the number with a best-known distance above 0 (:func:`bench.analysis.best_known.distance_gap`'s ``n``)."""
+    correct = rec.clean_correct
+    best = rec.best_distance[correct]
+    attacks = [a for a in rec.best_attack[correct].tolist() if a is not None]
+    order = ["fmn", "fmn_from_autoattack", *(f"autoattack:{stage}" for stage in rec.stages)]
+    counts = {name: attacks.count(name) for name in order}
+    for name in sorted(set(attacks) - set(order)):
+        counts[name] = attacks.count(name)
+    out = [(name, n) for name, n in counts.items() if n]
+    none_found = int(np.isnan(best).sum())
+    if none_found:
+        out.append(("none found", none_found))
+    return out, int((np.isfinite(best) & (best > 0)).sum())
+
+
+def _stripped(thin: ThinIce) -> ThinIce:
+    """The statistics without their per-sample arrays (a page needs only the figures)."""
+    empty = np.empty(0)
+    return dataclasses.replace(thin, sample_id=empty, eps=empty, margin=empty, population=empty)
+
+
 def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | None, out: Path) -> SampleResults:
     """Write the CSV and plots of one evaluation under ``out/models`` and return its page results.
 
@@ -123,8 +156,16 @@ def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | 
         result.breakdown = breakdown_rows(rec)
     except Exception as err:
         result.errors.append(failure("the AutoAttack stage breakdown", err))
+    if rec.has_best_known:
+        try:
+            result.best_found_by, result.n_best_known = best_known_counts(rec)
+        except Exception as err:
+            result.errors.append(failure("counting where the best-known distances came from", err))
     try:
+        # Best-known distances where the evaluation stored them, with plain FMN's curve under them.
+        used = rec.distance_used("best")
         grid, robust = security_curve(rec)
+        fmn_robust = security_curve(rec, grid, "fmn")[1] if used == "best" else None
         write_text(
             folder / f"{task.stem}-curve.svg",
             plots.security_curve_svg(
@@ -135,9 +176,12 @@ def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | 
                 nominal_label=str(rec.spec.get("eps", rec.eps)),
                 autoattack=task.autoattack,
                 best_known=task.best_known,
+                distance=used,
+                fmn_robust=fmn_robust,
             ),
         )
         result.has_curve = True
+        result.curve_distance = used
     except Exception as err:
         result.errors.append(failure("the security curve", err))
     if parent is None:
@@ -154,14 +198,24 @@ def process(rec: EvaluationRecords, task: EvalTask, parent: EvaluationRecords | 
         write_text(
             folder / f"{task.stem}-thin-ice.svg",
             plots.thin_ice_svg(
-                thin.eps, thin.margin, thin.population, norm=rec.norm, nominal_eps=rec.eps, counts=thin.counts
+                thin.eps,
+                thin.margin,
+                thin.population,
+                norm=rec.norm,
+                nominal_eps=rec.eps,
+                counts=thin.counts,
+                distance=thin.distance,
             ),
         )
         result.has_thin_ice_plot = True
     except Exception as err:
         result.errors.append(failure("the thin-ice scatter", err))
-    empty = np.empty(0)
-    result.thin = dataclasses.replace(thin, sample_id=empty, eps=empty, margin=empty, population=empty)
+    result.thin = _stripped(thin)
+    if thin.distance == "best":
+        try:  # the figures comparable with the paper, which had plain FMN only
+            result.thin_fmn = _stripped(thin_ice(parent, rec, distance="fmn"))
+        except Exception as err:
+            result.errors.append(failure("the thin-ice analysis with plain FMN distances", err))
     for flag, label in (("aa_robust", "AutoAttack robust"), ("best_robust", "best-known robust")):
         try:
             result.paired.append((label, mcnemar(rec, parent, flag=flag)))

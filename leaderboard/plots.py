@@ -52,6 +52,10 @@ POPULATION_STYLE = {
 }
 # (All below the spines' zorder 2.5: consecutive rasterised artists share one embedded image.)
 
+# What a security curve's main line reads (bench.analysis.records.EvaluationRecords.distance_used).
+CURVE_LABELS = {"best": "best-known distances", "fmn": "plain FMN distances"}
+DISTANCE_WORDS = {"best": "best-known", "fmn": "FMN"}
+
 SERIES_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -89,12 +93,21 @@ class _SecurityCurve:
     def __init__(self) -> None:
         self.fig, ax = _figure()
         self.ax = ax
-        (self.curve,) = ax.plot([], [], color="#1f77b4", label="FMN (minimum-norm distances)")
+        (self.curve,) = ax.plot([], [], color="#1f77b4")
+        # Plain FMN's curve under the best-known one: the gap is what FMN's warm start and AutoAttack added.
+        (self.fmn,) = ax.plot([], [], color="#7fa7cf", linestyle="--", linewidth=1.3, label=CURVE_LABELS["fmn"])
         self.nominal = ax.axvline(0, color="#999999", linestyle="--", linewidth=1)
         (self.autoattack,) = ax.plot(
-            [], [], "o", color="#d62728", markersize=10, markerfacecolor="none", markeredgewidth=1.8, label="AutoAttack"
+            [],
+            [],
+            "o",
+            color="#d62728",
+            markersize=10,
+            markerfacecolor="none",
+            markeredgewidth=1.8,
+            label="AutoAttack at ε",
         )
-        (self.best,) = ax.plot([], [], "D", color="#222222", markersize=5, label="best known (AutoAttack or FMN)")
+        (self.best,) = ax.plot([], [], "D", color="#222222", markersize=5, label="best known at ε (AutoAttack or FMN)")
         self.note = ax.annotate(
             "",
             (0, 1),
@@ -107,10 +120,17 @@ class _SecurityCurve:
         )
         ax.set_ylim(0, 100)
         ax.set_ylabel("robust accuracy (%)")
-        ax.legend(loc="upper right", frameon=False)
 
-    def render(self, eps_grid, robust, norm, nominal_eps, nominal_label, autoattack, best_known) -> str:
+    def render(
+        self, eps_grid, robust, norm, nominal_eps, nominal_label, autoattack, best_known, distance, fmn_robust
+    ) -> str:
         self.curve.set_data(eps_grid, 100 * np.asarray(robust, dtype=float))
+        self.curve.set_label(CURVE_LABELS[distance])
+        overlay = fmn_robust is not None
+        self.fmn.set_data(eps_grid if overlay else [], 100 * np.asarray(fmn_robust, dtype=float) if overlay else [])
+        self.fmn.set_visible(overlay)
+        lines = [self.curve, self.fmn] if overlay else [self.curve]
+        self.ax.legend(handles=[*lines, self.autoattack, self.best], loc="upper right", frameon=False, fontsize=9)
         self.nominal.set_xdata([nominal_eps, nominal_eps])
         self.autoattack.set_data([nominal_eps], [100 * autoattack])
         self.best.set_data([nominal_eps], [100 * best_known])
@@ -139,58 +159,104 @@ def security_curve_svg(
     nominal_label: str,
     autoattack: float,
     best_known: float,
+    distance: str = "fmn",
+    fmn_robust: np.ndarray | None = None,
 ) -> str:
-    """Robust accuracy against the budget from FMN distances, with AutoAttack's point at the nominal eps.
+    """Robust accuracy against the budget from per-sample minimal distances, with AutoAttack's point at the
+    nominal eps.
 
     Args:
         eps_grid, robust: the curve (fractions).
         norm: "Linf" or "L2", for the axis label.
         nominal_eps, nominal_label: the evaluated budget as a float and as written ("8/255").
         autoattack, best_known: robust accuracy (fractions) at the nominal budget.
+        distance: the distances ``robust`` comes from, ``"best"`` (best-known) or ``"fmn"`` (plain FMN), for the
+            legend.
+        fmn_robust: plain FMN's curve on the same grid, drawn dashed under a best-known one [default: none].
     """
+    if distance not in CURVE_LABELS:
+        raise ValueError(f"unknown distance {distance!r}; use one of {', '.join(CURVE_LABELS)}")
     with matplotlib.rc_context(STYLE):
         return _template(_SecurityCurve).render(
-            eps_grid, robust, norm, nominal_eps, nominal_label, autoattack, best_known
+            eps_grid, robust, norm, nominal_eps, nominal_label, autoattack, best_known, distance, fmn_robust
         )
 
 
 @dataclass(frozen=True)
 class Series:
-    """One line of the robustness-against-sparsity plot (sparsity and accuracies as fractions)."""
+    """One line of the robustness-against-sparsity plot (sparsity and accuracies as fractions).
+
+    A point is one model, its bar the Wilson 95 % interval; or, where ``replicates`` gives it two seeds or more,
+    the mean over a setting's training-seed replicates, its bar their min–max range.
+    """
 
     label: str
     sparsity: Sequence[float]
     robust: Sequence[float]
     low: Sequence[float]
     high: Sequence[float]
+    replicates: Sequence[int] = ()
 
 
 def sparsity_svg(series: Sequence[Series], *, ylabel: str) -> str:
-    """Robust accuracy (with Wilson 95 % intervals as error bars) against sparsity, one line per series."""
+    """Robust accuracy against sparsity, one line per series: single models with Wilson 95 % intervals, settings
+    pruned with several seeds as their mean with a min–max bar (labelled with the number of seeds)."""
 
     def draw(fig, ax):
+        handles = []
+        any_replicates = False
         for i, s in enumerate(series):
+            color = SERIES_COLORS[i % len(SERIES_COLORS)]
             order = np.argsort(np.asarray(s.sparsity, dtype=float), kind="stable")
             x = 100 * np.asarray(s.sparsity, dtype=float)[order]
             y = 100 * np.asarray(s.robust, dtype=float)[order]
             lo = 100 * np.asarray(s.low, dtype=float)[order]
             hi = 100 * np.asarray(s.high, dtype=float)[order]
-            ax.errorbar(
-                x,
-                y,
-                yerr=[np.maximum(y - lo, 0), np.maximum(hi - y, 0)],
-                marker="o",
-                markersize=5,
-                capsize=3,
-                color=SERIES_COLORS[i % len(SERIES_COLORS)],
-                label=s.label,
+            reps = np.asarray(s.replicates if len(s.replicates) else np.ones(len(x)), dtype=int)[order]
+            ax.plot(x, y, color=color)
+            yerr = np.vstack([np.maximum(y - lo, 0), np.maximum(hi - y, 0)])
+            single = reps < 2
+            if single.any():
+                ax.errorbar(x[single], y[single], yerr=yerr[:, single], fmt="o", markersize=5, capsize=3, color=color)
+            if (~single).any():
+                any_replicates = True
+                group = ~single
+                ax.errorbar(
+                    x[group],
+                    y[group],
+                    yerr=yerr[:, group],
+                    fmt="s",
+                    markersize=6,
+                    capsize=5,
+                    elinewidth=2.6,
+                    color=color,
+                )
+                for xi, top, n in zip(x[group], hi[group], reps[group], strict=True):
+                    ax.annotate(
+                        f"{n} seeds",
+                        (xi, top),
+                        xytext=(0, 3),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        fontsize=8,
+                        color=color,
+                    )
+            handles.append(Line2D([], [], color=color, marker="o", markersize=5, label=s.label))
+        if any_replicates:
+            grey = "#555555"
+            handles.append(
+                Line2D([], [], linestyle="none", marker="o", markersize=5, color=grey, label="one model, Wilson 95 %")
+            )
+            handles.append(
+                Line2D([], [], linestyle="none", marker="s", markersize=6, color=grey, label="mean over seeds, min–max")
             )
         ax.set_xlim(-3, 103)
         ax.set_ylim(0, 100)
         ax.set_xlabel("sparsity (% of Conv2d/Linear weights that are zero)")
         ax.set_ylabel(ylabel)
         if series:
-            ax.legend(loc="lower left", frameon=False)
+            ax.legend(handles=handles, loc="lower left", frameon=False)
         else:
             ax.text(0.5, 0.5, "no evaluated model", transform=ax.transAxes, ha="center", color="#777777")
 
@@ -243,7 +309,7 @@ class _ThinIce:
             1, 0.01, "", transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#777777"
         )
 
-    def render(self, eps, margin, population, norm, nominal_eps, counts) -> str:
+    def render(self, eps, margin, population, norm, nominal_eps, counts, distance) -> str:
         shown = np.isfinite(eps) & np.isfinite(margin)
         rasterize = int(shown.sum()) > RASTERIZE_ABOVE
         for key, text in zip(self.ORDER, self.legend.get_texts(), strict=True):
@@ -258,10 +324,11 @@ class _ThinIce:
         # Autoscaling ignores set_offsets; the limits of a fresh scatter are the data's with 5 % margins.
         self.ax.set_xlim(*_limits(np.concatenate([eps[shown], [0.0, nominal_eps]])))
         self.ax.set_ylim(*_limits(np.concatenate([margin[shown], [0.0]])))
-        self.ax.set_xlabel(f"ε of the dense model (signed FMN distance, {norm_symbol(norm)})")
+        words = DISTANCE_WORDS[distance]
+        self.ax.set_xlabel(f"ε of the dense model (signed {words} distance, {norm_symbol(norm)})")
         missing = int((~shown).sum())
         self.missing.set_text(
-            f"{missing} of {len(eps)} samples not drawn (no FMN distance on the dense model)" if missing else ""
+            f"{missing} of {len(eps)} samples not drawn (no {words} distance on the dense model)" if missing else ""
         )
         return _svg(self.fig)
 
@@ -280,22 +347,27 @@ def thin_ice_svg(
     norm: str,
     nominal_eps: float,
     counts: dict[str, int] | None = None,
+    distance: str = "fmn",
 ) -> str:
     """The thin-ice scatter (Piras et al., Figure 2): the dense model's logit margin against its signed ε.
 
     Args:
-        eps: the dense model's signed FMN distance per shared sample (NaN where FMN failed; not drawn).
+        eps: the dense model's signed minimal distance per shared sample (NaN where none was found; not drawn).
         margin: the dense model's clean logit margin z_y − max_{j≠y} z_j per sample.
         population: "S00", "S01", "S10" or "S11" per sample.
         norm: "Linf" or "L2", for the axis label.
         nominal_eps: the evaluated budget, drawn as a dashed line.
         counts: samples per population for the legend, as in the statistics table [default: counted from
             ``population``]; the samples not drawn are counted in a note on the plot.
+        distance: what ``eps`` is, ``"best"`` (best-known distances) or ``"fmn"`` (plain FMN's, the paper's), for
+            the axis label.
     """
+    if distance not in DISTANCE_WORDS:
+        raise ValueError(f"unknown distance {distance!r}; use one of {', '.join(DISTANCE_WORDS)}")
     eps = np.asarray(eps, dtype=float)
     margin = np.asarray(margin, dtype=float)
     population = np.asarray(population).astype(str)
     if counts is None:
         counts = {key: int((population == key).sum()) for key in POPULATION_STYLE}
     with matplotlib.rc_context(STYLE):
-        return _template(_ThinIce).render(eps, margin, population, norm, nominal_eps, counts)
+        return _template(_ThinIce).render(eps, margin, population, norm, nominal_eps, counts, distance)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import filecmp
+import hashlib
 import html as html_module
 import io
 import json
@@ -19,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -122,6 +124,19 @@ def test_site_has_every_page_plot_and_download(synthetic, tmp_path):
             assert target.exists(), f"{path}: broken link {link}"
 
 
+def test_a_store_with_seeds_best_known_and_old_evaluations_rebuilds_byte_identically(store, tmp_path, monkeypatch):
+    _replicate_store(store)
+    build_site(store, tmp_path / "a", workers=1)
+    pools = []
+    monkeypatch.setattr(build_module, "MIN_TASKS_FOR_POOL", 1)
+    monkeypatch.setattr(build_module, "_pool", lambda *a: pools.append(real_pool(*a)) or pools[-1])
+    build_site(store.url, tmp_path / "b", workers=2)
+    assert pools and pools[0] is not None
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _files(a) == _files(b)
+    assert [str(p) for p in _files(a) if not filecmp.cmp(a / p, b / p, shallow=False)] == []
+
+
 def test_fast_csv_writer_matches_records_to_csv(synthetic):
     store, _ = synthetic
     with store.session() as s:
@@ -130,8 +145,6 @@ def test_fast_csv_writer_matches_records_to_csv(synthetic):
     # NaN distances, a stage name and negative margins all survive; a value needing quotes falls back.
     odd = rec.aa_broken_by.copy()
     odd[0] = 'a,"b'
-    from dataclasses import replace
-
     odd_rec = replace(rec, aa_broken_by=odd)
     assert records_csv(odd_rec) == odd_rec.to_csv()
 
@@ -162,16 +175,32 @@ def test_plot_templates_redraw_exactly_like_fresh_figures():
 
     a, b = thin(3000, 0.05), thin(200, 0.01)
     grid = np.linspace(0, 0.09, 241)
+    # b: plain FMN distances only (an evaluation stored before best-known ones); a: best known, plain FMN overlaid.
     curve_b = dict(norm="Linf", nominal_eps=0.03, nominal_label="8/255", autoattack=0.4, best_known=0.3)
-    curve_a = dict(norm="L2", nominal_eps=0.5, nominal_label="0.5", autoattack=0.1, best_known=0.0)
+    curve_a = dict(
+        norm="L2",
+        nominal_eps=0.5,
+        nominal_label="0.5",
+        autoattack=0.1,
+        best_known=0.0,
+        distance="best",
+        fmn_robust=np.linspace(0.6, 0.1, 241),
+    )
     plots._templates.clear()
     fresh_b = plots.thin_ice_svg(*b, norm="L2", nominal_eps=0.5)
     fresh_curve = plots.security_curve_svg(grid, np.linspace(1, 0, 241), **curve_b)
-    plots.thin_ice_svg(*a, norm="Linf", nominal_eps=0.03)
-    plots.security_curve_svg(grid * 3, np.linspace(0.5, 0, 241), **curve_a)
+    fresh_a = plots.security_curve_svg(grid * 3, np.linspace(0.5, 0, 241), **curve_a)
+    plots._templates.clear()
+    plots.thin_ice_svg(*a, norm="Linf", nominal_eps=0.03, distance="best")
+    assert plots.security_curve_svg(grid * 3, np.linspace(0.5, 0, 241), **curve_a) == fresh_a
     assert plots.thin_ice_svg(*b, norm="L2", nominal_eps=0.5) == fresh_b
     assert plots.security_curve_svg(grid, np.linspace(1, 0, 241), **curve_b) == fresh_curve
     assert "<dc:date>" not in fresh_b and "<text" in fresh_b and "robust accuracy (%)" in fresh_curve
+    # The legend names the distances each curve reads; the overlay only where there is one.
+    assert "plain FMN distances" in fresh_curve and "best-known distances" not in fresh_curve
+    assert "best-known distances" in fresh_a and "plain FMN distances" in fresh_a
+    with pytest.raises(ValueError, match="unknown distance"):
+        plots.security_curve_svg(grid, np.linspace(1, 0, 241), **{**curve_b, "distance": "aa"})
 
 
 def _poison(store, model_id: int) -> None:
@@ -196,6 +225,7 @@ def _poison(store, model_id: int) -> None:
             "other": [{"robust": 0.4, "attack": XSS, "source": f"other {XSS}", "source_url": "javascript:alert(2)"}],
         }
         m.layer_sparsity = {XSS: {"numel": 10, "zeros": 5, "sparsity": 0.5}}
+        m.normalization = f"{XSS}/1"  # not MEAN/STD numbers: shown as stored, as text
         ev = s.scalars(select(Evaluation).where(Evaluation.model_id == model_id)).one()
         ev.flags = [*ev.flags, XSS]
         ev.unreliable = True
@@ -441,7 +471,8 @@ def test_degenerate_pairs_and_missing_parents_build_and_say_why(store, tmp_path)
     svg = next((site / "models").glob("*-child-fmnfail-e*-thin-ice.svg")).read_text()
     # The legend counts the table's populations, not the points drawn (none: no distance), and says so.
     assert "S11 both correct (24)" in svg and "S10 dense right, pruned wrong (6)" in svg
-    assert "40 of 40 samples not drawn (no FMN distance on the dense model)" in svg
+    # (This protocol stores best-known distances: ε is the best known, which no attack found either.)
+    assert "40 of 40 samples not drawn (no best-known distance on the dense model)" in svg
     allwrong = _text(_page(site, "child-allwrong"))
     assert "S 00 both wrong 40 100.00" in allwrong and "S10 is empty: no AUC(S10 < S11)" in allwrong
     unevaluated = _text(_page(site, "child-of-unevaluated"))
@@ -645,13 +676,19 @@ def test_columns_are_defined_once_with_the_ranked_figures_after_the_pinned_ones(
         check_order([COLUMNS[0], COLUMNS[1], COLUMNS[3], COLUMNS[2]])
     with pytest.raises(ValueError, match="pinned columns must come first"):
         check_order([COLUMNS[2], COLUMNS[0], COLUMNS[1]])
+    optional = next(c for c in COLUMNS if c.present is not None)
+    with pytest.raises(ValueError, match="cannot be optional"):
+        check_order([COLUMNS[0], COLUMNS[1], replace(COLUMNS[2], present=optional.present)])
     store, _ = synthetic
     build_site(store, tmp_path / "site", workers=1)
     html = (tmp_path / "site" / "index.html").read_text()
     head = html[html.index("<thead>") : html.index("</thead>")]
-    assert re.findall(r'<th class="col-([a-z_]+)', head) == [c.key for c in COLUMNS]
+    # No model of this store has seed replicates: that optional column is left out, every other one is drawn (the
+    # RAP-ADMM model has a claim in thin-ice Table 1, the HYDRA ones the APB's re-evaluations).
+    expected = [c.key for c in COLUMNS if c.key != "seeds"]
+    assert re.findall(r'<th class="col-([a-z_]+)', head) == expected
     first_row = html[html.index("<tbody>") :].split("</tr>")[0]
-    assert len(re.findall(r"<td ", first_row)) == len(COLUMNS)
+    assert len(re.findall(r"<td ", first_row)) == len(expected)
     assert 'aria-sort="ascending"' in head.split("</th>")[0]  # the rows arrive in rank order
 
 
@@ -838,3 +875,381 @@ def test_unranked_sanity_runs_are_shown_apart_never_ranked(synthetic, tmp_path):
     assert "Unranked: a sanity run ( bench evaluate --unranked ). Its evaluations are shown here" in page
     assert "AutoAttack robust accuracy" in page  # its figures are still there
     assert _broken_links(site) == []
+
+
+# --------------------------------------------------------------- seeds, best-known distances, input normalisation
+
+SEEDS = (0, 1, 2)
+N = 40
+EPS = 0.2
+
+
+def _outcomes(n_correct: int, n_broken: int, shrink: float) -> dict:
+    """``add_evaluation`` arguments for N samples: the first ``n_correct`` classified correctly, the first
+    ``n_broken`` of them broken by AutoAttack (plain FMN within eps there, beyond it elsewhere); on every other
+    broken sample FMN's start from AutoAttack's adversarial found ``shrink`` times plain FMN's distance, and on the
+    last broken one plain FMN found nothing (only the warm start did)."""
+    signed, best, broken = [], [], []
+    for i in range(N):
+        if i >= n_correct:
+            signed.append(-0.05)
+            best.append(-0.05)
+            broken.append(None)
+            continue
+        d = 0.02 * (i + 1) if i < n_broken else 0.21 + 0.01 * i
+        broken.append("apgd-ce" if i < n_broken else None)
+        if i == n_broken - 1:
+            signed.append(None)
+            best.append(0.9 * d)
+        else:
+            signed.append(d)
+            best.append(round(d * shrink, 6) if i < n_broken and i % 2 == 0 else d)
+    return dict(clean_correct=[i < n_correct for i in range(N)], signed_eps=signed, best_eps=best, aa_broken_by=broken)
+
+
+def _seed_provenance(seed: int, **config) -> dict:
+    # What `bench prune` records: the seed, the method config (with the seed in it) and the schedule.
+    return {"seed": seed, "config": {"epochs": 2, "seed": seed, **config}, "schedule": "digits", "eps": EPS}
+
+
+def _replicate_store(store) -> dict[str, int]:
+    """Digits models under the current protocol (best-known distances stored): a dense parent; a HYDRA 90 % setting
+    pruned with seeds 0, 1, 2 (ranked) and 3 (an unranked sanity run); a HYDRA 95 % setting with one seed; two
+    dense models behind other input normalisations. Under the old protocol (no best-known distances): a dense
+    parent and a child."""
+
+    def model(name: str, **kw) -> int:
+        return add_model(store, name, checkpoint_sha256=hashlib.sha256(name.encode()).hexdigest(), **kw)
+
+    spec = digits_spec(n_samples=N)
+    ids = {"dense": model("dense_digits")}
+    add_evaluation(store, ids["dense"], spec=spec, **_outcomes(36, 6, 0.8))
+    for seed, (n_correct, n_broken) in zip((*SEEDS, 3), ((34, 5), (32, 8), (30, 9), (20, 19)), strict=True):
+        name = f"HYDRA_small_cnn_digits_US_90_c0ffee00_s{seed}"
+        ids[f"s{seed}"] = model(name, parent_id=ids["dense"], provenance=_seed_provenance(seed), ranked=seed != 3)
+        add_evaluation(store, ids[f"s{seed}"], spec=spec, **_outcomes(n_correct, n_broken, 0.7))
+    ids["single"] = model(
+        "HYDRA_small_cnn_digits_US_95_c0ffee00_s0",
+        parent_id=ids["dense"],
+        provenance=_seed_provenance(0),
+        target_sparsity=0.95,
+        measured_sparsity=0.95,
+    )
+    add_evaluation(store, ids["single"], spec=spec, **_outcomes(31, 7, 0.9))
+    ids["raw"] = model("dense_digits_raw", normalization="0.0/1.0")
+    add_evaluation(store, ids["raw"], spec=spec, **_outcomes(33, 4, 1.0))
+    ids["custom"] = model("dense_digits_custom", normalization="0.5/0.25")
+    add_evaluation(store, ids["custom"], spec=spec, **_outcomes(35, 10, 0.5))
+    old = digits_spec(n_samples=N, fmn_init="none")
+    ids["old_dense"] = model("old_dense", arch="mlp")
+    add_evaluation(store, ids["old_dense"], spec=old, **_outcomes(36, 6, 0.8))
+    ids["old_child"] = model("old_child", parent_id=ids["old_dense"], arch="mlp")
+    add_evaluation(store, ids["old_child"], spec=old, **_outcomes(30, 10, 0.8))
+    return ids
+
+
+def _stored(store, model_id: int):
+    """The model's evaluation row and its per-sample rows as arrays, straight from the tables."""
+    with store.session() as s:
+        ev = s.scalars(select(Evaluation).where(Evaluation.model_id == model_id)).one()
+        rows = s.scalars(select(SampleResult).where(SampleResult.evaluation_id == ev.id)).all()
+        s.expunge(ev)
+    col = {
+        name: np.array([getattr(r, name) for r in rows], dtype=float if "distance" in name else None)
+        for name in ("clean_correct", "aa_robust", "fmn_success", "fmn_distance", "best_distance", "best_robust")
+    }
+    col["clean_correct"] = col["clean_correct"].astype(bool)
+    return ev, col
+
+
+def _accuracy(col) -> dict[str, float]:
+    correct = col["clean_correct"]
+    fmn_broke = correct & col["fmn_success"].astype(bool) & (np.nan_to_num(col["fmn_distance"], nan=9.0) <= EPS)
+    return {
+        "clean": correct.mean(),
+        "autoattack": col["aa_robust"].astype(bool).mean(),
+        "fmn": (correct & ~fmn_broke).mean(),
+        "best_known": col["best_robust"].astype(bool).mean(),
+    }
+
+
+def _gap(col) -> dict[str, float]:
+    """Plain FMN against the best known, computed here from the rows: medians and counts directly, the local
+    optimality by integrating the two security curves numerically (AttackBench's way, not the exact areas)."""
+    correct = col["clean_correct"]
+    fmn = np.where(col["fmn_success"].astype(bool), col["fmn_distance"], np.nan)
+    best = col["best_distance"]
+    known = correct & ~np.isnan(best) & (np.nan_to_num(best) > 0)
+    found = known & ~np.isnan(fmn)
+    horizon = np.nanmax(best[known])
+    grid = np.linspace(0, horizon, 200_001)
+
+    def area(d):
+        # Robust accuracy at e: correct and a distance above e (none found: above every e).
+        dist = np.sort(np.where(correct, np.where(np.isnan(d), np.inf, d), 0.0))
+        curve = (len(dist) - np.searchsorted(dist, grid, side="right")) / len(dist)
+        return np.trapezoid(curve, grid)
+
+    area_max = correct.mean() * horizon
+    return {
+        "best_median": float(np.median(best[known])),
+        "ratio": float(np.median(fmn[found] / best[found])),
+        "above": int(np.sum(known & ~(np.nan_to_num(fmn, nan=np.inf) <= best * 1.01))),
+        "n_known": int(known.sum()),
+        "local_optimality": (area_max - area(fmn)) / (area_max - area(best)),
+    }
+
+
+def test_seed_replicates_show_mean_and_range_beside_the_wilson_interval(store, tmp_path):
+    ids = _replicate_store(store)
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+    acc = {seed: _accuracy(_stored(store, ids[f"s{seed}"])[1]) for seed in SEEDS}
+    aa = [acc[s]["autoattack"] for s in SEEDS]
+    mean, low, high = float(np.mean(aa)), min(aa), max(aa)
+    assert len(set(aa)) == 3  # the seeds differ: mean, min and max are three different numbers
+    sentence = f"seeds 0–2: mean {100 * mean:.2f} %, range {100 * low:.2f}–{100 * high:.2f} %"
+    with store.session() as s:
+        names = {k: s.get(Model, i).name for k, i in ids.items()}
+        slugs = {k: model_slug(s.get(Model, i)) for k, i in ids.items()}
+
+    # The downloads carry the figures; the unranked seed 3 is in none of them.
+    rows = {r["model"]: r for r in json.loads((site / "data" / "leaderboard.json").read_text())}
+    for seed in SEEDS:
+        r = rows[names[f"s{seed}"]]
+        assert r["seed"] == seed and r["replicates"] == 3 and r["replicate_seeds"] == list(SEEDS)
+        assert r["autoattack_seeds_mean"] == pytest.approx(mean, abs=1e-12)
+        assert (r["autoattack_seeds_min"], r["autoattack_seeds_max"]) == (pytest.approx(low), pytest.approx(high))
+        assert r["autoattack_seeds_std"] == pytest.approx(float(np.std(aa, ddof=1)))
+    for other in ("dense", "single", "raw"):
+        assert rows[names[other]]["replicates"] is None and rows[names[other]]["autoattack_seeds_mean"] is None
+    assert names["s3"] not in rows
+    # The core's summary of the three ranked runs says the same (the site leaves unranked sanity runs out).
+    from bench.analysis.replicates import summarize_evaluations
+
+    with store.session() as s:
+        ranked = s.scalars(select(Evaluation).where(Evaluation.model_id.in_([ids[f"s{k}"] for k in SEEDS]))).all()
+        reference = summarize_evaluations(ranked)["autoattack"]
+    assert reference.mean == pytest.approx(mean) and reference.seeds == SEEDS
+
+    # The index: a column right of the ranked one, its cell the mean, the range and the seeds; "–" elsewhere.
+    index = (site / "index.html").read_text()
+    main = _sections(index)[0]
+    head = main[main.index("<thead>") : main.index("</thead>")]
+    keys = re.findall(r'<th class="col-([a-z_]+)', head)
+    assert keys[:4] == ["rank", "model", "autoattack", "seeds"] and "local_optimality" in keys
+    # No model here has a claim or another benchmark's figure: those columns are left out of the table.
+    assert not {"claimed", "drop", "other_aa"} & set(keys)
+    cells = dict(re.findall(r'models/(\d+)-[^"]*\.html">.*?<td class="col-seeds num"[^>]*>(.*?)</td>', main, re.S))
+    for seed in SEEDS:
+        cell = cells[str(ids[f"s{seed}"])]
+        assert f"<strong>{100 * mean:.2f}</strong>" in cell and f"{100 * low:.2f}–{100 * high:.2f}" in cell
+        assert "seeds 0–2" in cell
+    assert cells[str(ids["dense"])] == "–" and cells[str(ids["single"])] == "–"
+    assert html_module.escape(sentence) in main  # the cell's tooltip, as `bench report` words it
+    # "By setting": one row for the replicated setting, each seed linked.
+    settings = main[main.index('class="settings"') :]
+    assert "By setting: 1 setting pruned with several seeds" in _text(main)
+    assert "HYDRA_<wbr>small_<wbr>cnn_<wbr>digits_<wbr>US_<wbr>90_<wbr>c0ffee00" in settings
+    text = _text(settings)
+    assert f"3 0–2 {100 * mean:.2f} {100 * low:.2f}–{100 * high:.2f} {100 * np.std(aa, ddof=1):.2f}" in text
+    for seed in SEEDS:
+        assert f'href="models/{slugs[f"s{seed}"]}.html#evaluation-' in settings
+
+    # A replicate's page: the across-seeds column beside each Wilson interval, and each seed with its link.
+    page = (site / "models" / f"{slugs['s1']}.html").read_text()
+    text = _text(page)
+    assert "Across 3 seeds: mean [range]" in text
+    for metric, label in (("clean", "Clean accuracy"), ("autoattack", "AutoAttack robust accuracy")):
+        values = [acc[s][metric] for s in SEEDS]
+        own = acc[1][metric]
+        assert (
+            f"{label} {100 * own:.2f} [" in text
+            and f"] {100 * np.mean(values):.2f} [{100 * min(values):.2f}–{100 * max(values):.2f}]" in text
+        )
+    assert f"AutoAttack robust accuracy across training seeds: {sentence}" in text
+    replicates = page[page.index('id="replicates-') :]
+    assert "Replicates: this setting pruned with 3 seeds" in _text(page)
+    body = replicates[replicates.index("<tbody>") : replicates.index("</tbody>")]
+    assert re.findall(r'<td class="num">(\d+)</td><td class="model">', body) == [str(s) for s in SEEDS]
+    assert "(this model)" in _text(body.split("</tr>")[1]) and f'href="{slugs["s1"]}.html' not in body
+    for seed in (0, 2):
+        assert f'href="{slugs[f"s{seed}"]}.html#evaluation-' in body
+    foot = replicates[replicates.index("<tfoot>") : replicates.index("</tfoot>")]
+    clean = [acc[s]["clean"] for s in SEEDS]
+    fmn = [acc[s]["fmn"] for s in SEEDS]
+    best = [acc[s]["best_known"] for s in SEEDS]
+    mean_row = _text(foot.split("</tr>")[0])
+    assert f"mean of 3 seeds {100 * np.mean(clean):.2f} {100 * mean:.2f} {100 * np.mean(fmn):.2f}" in mean_row
+    assert mean_row.strip().endswith(f"{100 * np.mean(best):.2f}")
+    range_row = _text(foot.split("</tr>")[1])
+    assert (
+        f"range (min–max) {100 * min(clean):.2f}–{100 * max(clean):.2f} {100 * low:.2f}–{100 * high:.2f}" in range_row
+    )
+    sd_row = _text(foot.split("</tr>")[2])
+    assert f"sd across seeds (points) {100 * np.std(clean, ddof=1):.2f} {100 * np.std(aa, ddof=1):.2f}" in sd_row
+    assert names["s3"] not in page  # the unranked run is no replicate
+    single = _text((site / "models" / f"{slugs['single']}.html").read_text())
+    assert "Pruning seed 0: no other seed of this setting is evaluated under this protocol" in single
+    assert "Across" not in single and "Replicates:" not in single
+    assert "Pruning seed" not in _text((site / "models" / f"{slugs['dense']}.html").read_text())
+    assert _broken_links(site) == []
+
+
+def test_method_plot_draws_a_setting_as_its_mean_with_a_min_max_bar(store, tmp_path, monkeypatch):
+    ids = _replicate_store(store)
+    drawn = {}
+    real = plots.sparsity_svg
+
+    def capture(series, **kw):
+        drawn[series[0].label] = series
+        return real(series, **kw)
+
+    monkeypatch.setattr(plots, "sparsity_svg", capture)
+    build_site(store, tmp_path / "site", workers=1)
+    series = [s for group in drawn.values() for s in group if "digits" in s.label and "small_cnn" in s.label]
+    assert len(series) == 1
+    line = series[0]
+    aa = [_accuracy(_stored(store, ids[f"s{seed}"])[1])["autoattack"] for seed in SEEDS]
+    points = sorted(zip(line.sparsity, line.robust, line.low, line.high, line.replicates, strict=True))
+    # The dense parent (one model, its Wilson interval), the 90 % setting (3 seeds), the 95 % model (one seed).
+    assert [p[4] for p in points] == [1, 3, 1]
+    assert points[1][:4] == (pytest.approx(0.9), pytest.approx(np.mean(aa)), min(aa), max(aa))
+    dense_ev, dense_col = _stored(store, ids["dense"])
+    k = int(dense_col["aa_robust"].sum())
+    from bench.analysis.stats import wilson_interval
+
+    assert points[0][1:4] == (pytest.approx(k / N), *map(pytest.approx, wilson_interval(k, N)))
+    svg = (tmp_path / "site" / "methods" / "hydra-sparsity.svg").read_text()
+    assert "3 seeds" in svg and "mean over seeds, min–max" in svg and "one model, Wilson 95 %" in svg
+    method_page = (tmp_path / "site" / "methods" / "hydra.html").read_text()
+    assert "mean over its seeds with a min–max bar" in method_page
+
+
+def test_best_known_figures_next_to_plain_fmn_and_old_evaluations_show_dashes(store, tmp_path):
+    ids = _replicate_store(store)
+    with store.session() as s:
+        flagged = s.scalars(select(Evaluation).where(Evaluation.model_id == ids["s0"])).one()
+        flagged.flags = ["best_known_above_eps"]
+        unreliable = s.scalars(select(Evaluation).where(Evaluation.model_id == ids["s2"])).one()
+        unreliable.flags = ["autoattack_adversarial_not_reproduced"]
+        unreliable.unreliable = True
+        slugs = {k: model_slug(s.get(Model, i)) for k, i in ids.items()}
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+    ev, col = _stored(store, ids["s1"])
+    gap, acc = _gap(col), _accuracy(col)
+    # The stored figures are the ones computed here from the rows.
+    assert ev.best_median_distance == pytest.approx(gap["best_median"])
+    assert ev.fmn_best_median_ratio == pytest.approx(gap["ratio"]) and gap["ratio"] >= 1
+    assert ev.n_fmn_above_best == gap["above"] > 0
+    assert ev.fmn_local_optimality == pytest.approx(gap["local_optimality"], abs=1e-5) and ev.fmn_local_optimality < 1
+    fmn_found = col["fmn_distance"][col["clean_correct"] & col["fmn_success"].astype(bool)]
+    page = _text((site / "models" / f"{slugs['s1']}.html").read_text())
+    assert f"Plain FMN robust accuracy at ε {100 * acc['fmn']:.2f} % FMN alone" in page
+    assert f"Plain FMN median distance {np.median(fmn_found):.4f} L∞" in page
+    assert f"Best-known median distance {gap['best_median']:.4f} L∞" in page
+    assert f"over {gap['n_known']} correctly classified samples" in page
+    assert f"Median ratio plain FMN / best known {gap['ratio']:.4f}" in page
+    assert f"Local optimality of plain FMN {ev.fmn_local_optimality:.4f} AttackBench's" in page
+    assert f"Samples above the best known {gap['above']} of {gap['n_known']} plain FMN" in page
+    warm = int(np.sum(col["clean_correct"] & (col["best_distance"] < np.nan_to_num(col["fmn_distance"], nan=9))))
+    assert f"FMN from AutoAttack's adversarial {warm}" in page
+    assert "Security curve (best-known distances)" in page and "plain FMN's curve dashed" in page
+    svg = next((site / "models").glob(f"{slugs['s1']}-e*-curve.svg")).read_text()
+    assert "best-known distances" in svg and "plain FMN distances" in svg and "AutoAttack at ε" in svg
+    # Thin ice: which distance, and the paper-comparable figures with plain FMN's ε beside them.
+    assert "ε is the dense model's signed best-known distance" in page
+    assert "AUC best known p (Mann–Whitney) AUC plain FMN (paper) p" in page
+    from bench.analysis.records import load_records
+    from bench.analysis.thin_ice import thin_ice
+
+    with store.session() as s:
+        dense_ev = s.scalars(select(Evaluation).where(Evaluation.model_id == ids["dense"])).one()
+        dense_rec, child_rec = load_records(s, dense_ev.id), load_records(s, ev.id)
+    best_ti, fmn_ti = thin_ice(dense_rec, child_rec), thin_ice(dense_rec, child_rec, distance="fmn")
+    assert best_ti.auc_01_00 != fmn_ti.auc_01_00 or best_ti.auc_10_11 != fmn_ti.auc_10_11
+    assert f"{best_ti.auc_10_11:.3f}" in page and f"{fmn_ti.auc_10_11:.3f}" in page
+    thin_svg = next((site / "models").glob(f"{slugs['s1']}-e*-thin-ice.svg")).read_text()
+    assert "signed best-known distance" in thin_svg
+    assert "Not shown" not in page
+
+    # The index column, with the figures behind it in its tooltip.
+    index = (site / "index.html").read_text()
+    main, other = _sections(index)
+    cell = re.search(rf'{slugs["s1"]}\.html".*?<td class="col-local_optimality num"[^>]*>(.*?)</td>', main, re.S)
+    assert cell.group(1) == f"{ev.fmn_local_optimality:.3f}"
+    assert f"median ratio plain FMN / best known {gap['ratio']:.3f}; {gap['above']} samples" in main
+    # New flags: shown with the others, with their words; only the one that marks the run unreliable does.
+    assert "best known &gt; ε" in main and main.count("potentially unreliable</span>") == 1
+    flagged_page = (site / "models" / f"{slugs['s0']}.html").read_text()
+    assert '<span class="badge notice">best_known_above_eps</span>' in flagged_page
+    assert "exceeds ε by a last-place unit" in flagged_page and "potentially unreliable" not in flagged_page
+    unreliable_page = (site / "models" / f"{slugs['s2']}.html").read_text()
+    assert '<span class="badge unreliable">autoattack_adversarial_not_reproduced</span>' in unreliable_page
+    assert "was not adversarial in our forward pass" in _text(unreliable_page)
+
+    # An evaluation stored before best-known distances: "–", a note, plain FMN's curve and thin ice; no error.
+    old = (site / "models" / f"{slugs['old_child']}.html").read_text()
+    text = _text(old)
+    for label in ("Best-known median distance", "Median ratio plain FMN / best known", "Local optimality of plain FMN"):
+        assert f"{label} – " in text, label
+    assert "Samples above the best known – " in text
+    assert "stored before FMN also started from AutoAttack's adversarial examples" in text
+    assert "Security curve (plain FMN distances)" in text and "plain FMN distance (this protocol stores no" in text
+    assert "Not shown" not in text and "AUC plain FMN (paper)" not in text
+    old_svg = next((site / "models").glob(f"{slugs['old_child']}-e*-curve.svg")).read_text()
+    assert "plain FMN distances" in old_svg and "best-known distances" not in old_svg
+    assert "signed FMN distance" in next((site / "models").glob(f"{slugs['old_child']}-e*-thin-ice.svg")).read_text()
+    # Its table has no local-optimality column (no row has the figure); the downloads say None.
+    assert "col-local_optimality" not in other and "col-local_optimality" in main
+    rows = {r["model"]: r for r in json.loads((site / "data" / "leaderboard.json").read_text())}
+    assert rows["old_child"]["fmn_local_optimality"] is None and rows["old_child"]["best_median_distance"] is None
+    # The methodology page explains the figures, the flags, the seeds and the normalisation.
+    methodology = _text((site / "methodology.html").read_text())
+    for words in (
+        "best-known distance",
+        "LO = (A max − A FMN ) / (A max − A best )",
+        "autoattack_adversarial_not_reproduced",
+        "best_known_above_eps",
+        "replicates of one setting",
+        "seeds 0–2: mean m, range a–b",
+        "bench evaluate --normalization dataset|none|MEAN/STD",
+    ):
+        assert words in methodology, words
+    assert _broken_links(site) == []
+
+
+def test_flag_badges_follow_the_evaluator_s_unreliable_flags():
+    from bench.evaluate import UNRELIABLE_FLAGS
+
+    assert set(UNRELIABLE_FLAGS) <= set(build_module.FLAG_TEXT)
+    for flag in build_module.FLAG_TEXT:
+        marks_unreliable = build_module.FLAG_BADGE.get(flag, "unreliable") == "unreliable"
+        assert marks_unreliable == (flag in UNRELIABLE_FLAGS), flag
+
+
+def test_input_normalisation_is_shown_and_marked(store, tmp_path):
+    ids = _replicate_store(store)
+    build_site(store, tmp_path / "site", workers=1)
+    site = tmp_path / "site"
+    with store.session() as s:
+        slugs = {k: model_slug(s.get(Model, i)) for k, i in ids.items()}
+    index = (site / "index.html").read_text()
+    main = _sections(index)[0]
+    cells = re.findall(r'<td class="col-model model pin"[^>]*>(.*?)</td>', main, re.S)
+    by_slug = {re.search(r'models/([^"]+)\.html', c).group(1): c for c in cells}
+    assert "inputs: none</span>" in by_slug[slugs["raw"]]
+    assert "inputs: own mean/std</span>" in by_slug[slugs["custom"]]
+    assert 'title="Input normalisation: mean/std 0.5/0.25, not the dataset' in by_slug[slugs["custom"]]
+    for key in ("dense", "s0", "single"):
+        assert "inputs:" not in by_slug[slugs[key]], key
+    raw = _text((site / "models" / f"{slugs['raw']}.html").read_text())
+    assert "Input normalisation none (raw [0, 1] inputs) ( --normalization none ): not the dataset's" in raw
+    custom = _text((site / "models" / f"{slugs['custom']}.html").read_text())
+    assert "Input normalisation mean/std 0.5/0.25 ( --normalization 0.5/0.25 )" in custom
+    dense = _text((site / "models" / f"{slugs['dense']}.html").read_text())
+    assert "Input normalisation the dataset's own mean/std ( --normalization dataset )" in dense
+    downloads = {r["model"]: r["normalization"] for r in json.loads((site / "data" / "leaderboard.json").read_text())}
+    assert downloads["dense_digits_raw"] == "none" and downloads["dense_digits_custom"] == "0.5/0.25"
+    assert downloads["dense_digits"] == "dataset"
