@@ -133,8 +133,8 @@ def strip_comment(line: str) -> str:
     return line.rstrip()
 
 
-def _bash_blocks(lines: Sequence[str]) -> Iterable[tuple[int, list[tuple[int, str]], bool]]:
-    """``(start line, [(line number, text)], is the tour's block)`` for each fenced ``bash`` block, 1-based."""
+def _bash_blocks(lines: Sequence[str]) -> Iterable[tuple[list[tuple[int, str]], bool]]:
+    """``([(line number, text)], is the tour's block)`` for each fenced ``bash`` block; lines count from 1."""
     in_tour = False
     tour_seen = False
     i = 0
@@ -144,21 +144,20 @@ def _bash_blocks(lines: Sequence[str]) -> Iterable[tuple[int, list[tuple[int, st
             in_tour = stripped == TOUR_HEADING
         if stripped.startswith("```"):
             lang = stripped[3:].strip()
-            start = i + 1
             body: list[tuple[int, str]] = []
             i += 1
             while i < len(lines) and not lines[i].strip().startswith("```"):
                 body.append((i + 1, lines[i]))
                 i += 1
-            if lang in ("bash", "sh", "shell", "console"):
+            if lang in ("bash", "sh", "shell"):
                 tour = in_tour and not tour_seen
                 tour_seen = tour_seen or tour
-                yield start, body, tour
+                yield body, tour
         i += 1
 
 
 def extract_commands(text: str) -> list[Command]:
-    """The tour's commands, then every ``bench`` line of the other bash blocks, in README order, repeats once.
+    """Every line of the tour's block and every ``bench`` line of the other bash blocks, in README order, once.
 
     Raises:
         ValueError: the README has no tour, or a tour line cannot be split like a shell would.
@@ -167,7 +166,7 @@ def extract_commands(text: str) -> list[Command]:
     commands: list[Command] = []
     seen: set[str] = set()
     found_tour = False
-    for _start, body, tour in _bash_blocks(lines):
+    for body, tour in _bash_blocks(lines):
         found_tour = found_tour or tour
         for number, raw in body:
             command = strip_comment(raw).strip()
