@@ -373,14 +373,19 @@ def compare_rows(ref: list[dict], other: list[dict]) -> dict[str, Any]:
 
 
 def stage_figures(stage: dict, flops_fwd: float, matmul: float) -> dict[str, float]:
-    s = stage["seconds"]
+    """Rates per wall-clock second, and the FLOP rate per CPU second (the steadier figure on a shared machine;
+    with one thread and nothing else running the two agree)."""
+    s, cpu = stage["seconds"], stage["cpu_seconds"]
     useful = flops_fwd * (stage["forward"] + stage["backward"])
     rate = useful / s if s > 0 else 0.0
+    cpu_rate = useful / cpu if cpu > 0 else 0.0
     return {
         "forward_per_s": stage["forward"] / s if s > 0 else 0.0,
         "backward_per_s": stage["backward"] / s if s > 0 else 0.0,
         "flop_per_s": rate,
         "fraction_of_matmul": rate / matmul,
+        "flop_per_cpu_s": cpu_rate,
+        "fraction_of_matmul_cpu": cpu_rate / matmul,
     }
 
 
