@@ -405,9 +405,21 @@ class Protocol:
         return f"{plots.norm_symbol(str(self.spec.get('norm', '?')))} ε = {self.spec.get('eps', '?')}"
 
     @property
+    def has_best_known(self) -> bool:
+        """Whether FMN also started from AutoAttack's adversarial examples (best-known distances stored)."""
+        return self.spec.get("fmn_init", "none") != "none"
+
+    @property
+    def fmn_note(self) -> str:
+        # Protocols from before best-known distances differ from today's only there: their titles must too.
+        return "" if self.has_best_known else " · plain FMN only"
+
+    @property
     def title(self) -> str:
-        """What the protocol is, in one line: dataset, threat model, AutoAttack version, N."""
-        return f"{self.dataset} · {self.threat} · AutoAttack {self.spec.get('version', '?')} · N = {self.n}"
+        """What the protocol is, in one line: dataset, threat model, AutoAttack version, N (and "plain FMN only" for
+        a protocol without best-known distances)."""
+        version = self.spec.get("version", "?")
+        return f"{self.dataset} · {self.threat} · AutoAttack {version} · N = {self.n}{self.fmn_note}"
 
     @property
     def settings(self) -> list[tuple[str, str]]:
@@ -1315,7 +1327,7 @@ def _method_plot(data: SiteData, mi: MethodInfo) -> str | None:
         points.sort()
         series.append(
             plots.Series(
-                label=f"{arch} · {p.dataset} · {p.threat} · AA {p.spec.get('version', '?')} · N = {p.n}",
+                label=f"{arch} · {p.dataset} · {p.threat} · AA {p.spec.get('version', '?')} · N = {p.n}{p.fmn_note}",
                 sparsity=[pt[0] for pt in points],
                 robust=[pt[2] for pt in points],
                 low=[pt[3] for pt in points],

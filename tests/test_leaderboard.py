@@ -1201,7 +1201,11 @@ def test_best_known_figures_next_to_plain_fmn_and_old_evaluations_show_dashes(st
     old_svg = next((site / "models").glob(f"{slugs['old_child']}-e*-curve.svg")).read_text()
     assert "plain FMN distances" in old_svg and "best-known distances" not in old_svg
     assert "signed FMN distance" in next((site / "models").glob(f"{slugs['old_child']}-e*-thin-ice.svg")).read_text()
-    # Its table has no local-optimality column (no row has the figure); the downloads say None.
+    # Its protocol says so in its title (it differs from the current one only there); its table has no
+    # local-optimality column (no row has the figure); the downloads say None.
+    assert "digits · L∞ ε = 0.2 · AutoAttack plus · N = 40 · plain FMN only" in other
+    assert "plain FMN only" not in main and "N = 40 · plain FMN only</h2>" in old
+    assert "plain FMN only" in (site / "methods" / "hydra-sparsity.svg").read_text()
     assert "col-local_optimality" not in other and "col-local_optimality" in main
     rows = {r["model"]: r for r in json.loads((site / "data" / "leaderboard.json").read_text())}
     assert rows["old_child"]["fmn_local_optimality"] is None and rows["old_child"]["best_median_distance"] is None
