@@ -243,6 +243,83 @@ def test_local_executor_equals_in_process(digits_cnn_checkpoint, reference, tmp_
     assert "has every chunk stored: nothing to submit" in again.output and "stored run reused" in again.output
 
 
+def _zoo_of_two(root: Path, server, digits_cnn, folder: Path) -> None:
+    """A zoo of a dense small_cnn (plain state dict) and its HYDRA child (HYDRA's own subnet format, k = 0.1)."""
+    import io
+
+    import torch
+
+    from bench.catalog import load_converted_model
+    from bench.sparsity import measure_sparsity
+    from tests.zoo_helpers import dense_submission, new_submission, write_manifest
+
+    def as_bytes(obj) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        return buffer.getvalue()
+
+    dense_sd = {k: v.clone() for k, v in digits_cnn.net.state_dict().items()}
+    subnet_sd = dict(dense_sd)
+    for key, value in dense_sd.items():
+        if key.endswith("weight") and value.dim() > 1:
+            subnet_sd[key.removesuffix("weight") + "popup_scores"] = value.abs()
+    dense, child = as_bytes(dense_sd), as_bytes({"arch": "small_cnn", "state_dict": subnet_sd})
+    (folder / "model_best.pth.tar").write_bytes(child)
+    pruned = load_converted_model(folder / "model_best.pth.tar", "hydra-subnet", "small_cnn", "digits", k=0.1)
+    server.files["/dense.pt"], server.files["/hydra/model_best.pth.tar"] = dense, child
+    write_manifest(root, dense_submission(server.url("/dense.pt"), dense))
+    sparsity = round(measure_sparsity(pruned).sparsity, 4)
+    write_manifest(
+        root, new_submission(server.url("/hydra/model_best.pth.tar"), child, {"model.claimed_sparsity": sparsity})
+    )
+
+
+def _all_rows(url: str) -> dict[str, list[dict]]:
+    """model name -> its evaluation's per-sample rows (without ids)."""
+    from bench.store import Model
+
+    columns = [c.key for c in SampleResult.__table__.columns if c.key not in ("id", "evaluation_id")]
+    store = Store(url, read_only=True)
+    try:
+        with store.session() as s:
+            out: dict[str, list[dict]] = {}
+            for name, r in s.execute(
+                select(Model.name, SampleResult)
+                .join(Evaluation, Evaluation.model_id == Model.id)
+                .join(SampleResult, SampleResult.evaluation_id == Evaluation.id)
+                .order_by(Model.name, SampleResult.sample_id)
+            ):
+                out.setdefault(name, []).append({k: getattr(r, k) for k in columns})
+            return out
+    finally:
+        store.dispose()
+
+
+@pytest.mark.slow
+def test_zoo_with_the_local_executor_is_one_submission_equal_to_in_process(digits_cnn, tmp_path, monkeypatch):
+    from tests.zoo_helpers import CHILD_ID, PARENT_ID, CheckpointServer, allow_loopback
+
+    allow_loopback(monkeypatch)
+    root = tmp_path / "submissions"
+    args = ["evaluate", "--zoo", "--dataset", "digits", "--submissions", str(root), "--no-progress"]
+    args += ["--n-samples", "20", "--batch-size", "10", "--version", "standard", "--fmn-steps", "3"]
+    with CheckpointServer() as server:
+        _zoo_of_two(root, server, digits_cnn, tmp_path)
+        in_process = f"sqlite:///{tmp_path / 'in_process.db'}"
+        plain = CliRunner().invoke(main, [*args, "--db", in_process, "--workers", "1"])
+        assert plain.exit_code == 0, plain.output
+        sharded = f"sqlite:///{tmp_path / 'sharded.db'}"
+        result = CliRunner().invoke(main, [*args, "--db", sharded, "--executor", "local", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    # Both entries' evaluations in one submission: two shards each (one per process), four in all.
+    assert result.output.count("running 4 shard(s) on this machine: 2 CPU process(es)") == 1, result.output
+    assert "shard(s) on this machine" not in result.output.split("running 4 shard(s)")[0]
+    rows = _all_rows(sharded)
+    assert set(rows) == {PARENT_ID, CHILD_ID} and all(len(r) == 20 for r in rows.values())
+    # The tasks rebuilt each model from the store (the child from HYDRA's own format) and matched this process.
+    assert rows == _all_rows(in_process)
+
+
 # --- bench status -------------------------------------------------------------------------------------------------
 
 
@@ -320,13 +397,14 @@ def test_status_of_a_half_done_evaluation(digits_cnn_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_job_array_equals_in_process(slurm_cluster, pg_url, reference, digits_cnn_checkpoint, tmp_path):
+def test_slurm_job_array_equals_in_process(slurm_cluster, pg_url, reference, digits_cnn_checkpoint, tmp_path, capsys):
     config = _config(tmp_path)
     result = _evaluate(digits_cnn_checkpoint, pg_url, "--executor", "slurm", "--executor-config", str(config))
     print(result.output)
     assert result.exit_code == 0, result.output
     array = _array_id(result.output, 3)
-    print(f"SLURM job array {array}")
+    with capsys.disabled():  # in the test log even when the test passes
+        print(f"\nSLURM job array {array}: 3 tasks, 6 chunks")
     assert _rows(pg_url) == reference["rows"]
     assert _aggregates(pg_url) == reference["aggregates"]
     # Task i attacked the missing chunks i, i+3 (all six were missing), each on this node.
@@ -338,7 +416,7 @@ def test_slurm_job_array_equals_in_process(slurm_cluster, pg_url, reference, dig
 
 @pytest.mark.slow
 def test_slurm_task_killed_mid_chunk_then_resubmitted(
-    slurm_cluster, pg_url, reference, digits_cnn_checkpoint, tmp_path, monkeypatch
+    slurm_cluster, pg_url, reference, digits_cnn_checkpoint, tmp_path, monkeypatch, capsys
 ):
     config = _config(tmp_path)
     marker = tmp_path / "stalled"
@@ -382,7 +460,8 @@ def test_slurm_task_killed_mid_chunk_then_resubmitted(
     # submitit submits a single shard as a plain job (no array task id).
     assert chunks[4][0] in (f"slurm:{arrays[1]}", f"slurm:{arrays[1]}_0")
     assert {i: w for i, (w, _) in chunks.items() if i != 4} == {i: f"slurm:{array}_{i % 3}" for i in (0, 1, 2, 3, 5)}
-    print(f"job ids: {', '.join(arrays)}")
+    with capsys.disabled():  # in the test log even when the test passes
+        print(f"\nSLURM job {array} (task {array}_1 killed mid-chunk by scancel), then {arrays[1]} (the missing chunk)")
 
 
 @pytest.mark.slow
