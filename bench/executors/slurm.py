@@ -69,6 +69,8 @@ def make_executor(options: ExecutorOptions):
 def submit(shards: list[Shard], options: ExecutorOptions, *, log: Callable[[str], None]) -> list:
     """Submit the shards as one job array; returns submitit's jobs, one per task (``job.job_id`` is ``1234_5``)."""
     executor = make_executor(options)
+    if not options.gpus_per_task and any(str(shard.spec.get("device", "")).startswith("cuda") for shard in shards):
+        log("note: --device cuda with no --gpus-per-task: the tasks get a GPU only if their partition gives one")
     try:
         jobs = executor.map_array(ShardTask(), shards)
     except Exception as err:  # submitit raises its own FailedSubmissionError with sbatch's message
