@@ -182,7 +182,8 @@ def _samples(s: np.ndarray, labels: np.ndarray, eps: float, stages, rng) -> tupl
     has_best = ~np.isnan(candidates).all(axis=0)
     best_distance = np.where(has_best, np.nanmin(np.where(np.isnan(candidates), np.inf, candidates), axis=0), np.nan)
     best_index = np.argmin(np.where(np.isnan(candidates), np.inf, candidates), axis=0)
-    attack_names = [[f"autoattack:{stages[stage[i]]}", "fmn", "fmn_from_autoattack"] for i in range(n)]
+    aa_names = np.array([f"autoattack:{name}" for name in stages], dtype=object)[stage]
+    best_attack = np.where(best_index == 0, aa_names, np.where(best_index == 1, "fmn", "fmn_from_autoattack"))
     rows = [
         {
             "sample_id": i,
@@ -202,7 +203,7 @@ def _samples(s: np.ndarray, labels: np.ndarray, eps: float, stages, rng) -> tupl
             "aa_distance": float(aa_distance[i]) if aa_broken[i] else None,
             "fmn_warm_distance": float(warm[i]) if aa_broken[i] else None,
             "best_distance": float(best_distance[i]) if has_best[i] else None,
-            "best_attack": attack_names[i][best_index[i]] if has_best[i] else None,
+            "best_attack": str(best_attack[i]) if has_best[i] else None,
             "signed_best_eps": float(np.sign(s[i]) * best_distance[i]) if has_best[i] else None,
         }
         for i in range(n)
