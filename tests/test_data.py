@@ -527,7 +527,7 @@ def test_download_http_error_is_not_found(http_root, tmp_path, monkeypatch):
     with pytest.raises(data.DatasetNotFoundError) as raised:
         data.load_split("cifar10", "test", data_dir=dest)
     message = str(raised.value)
-    assert "Downloading it failed" in message and "404" in message
+    assert "downloading it failed" in message and "404" in message and "--data-dir" in message
     assert url in message and "cifar-10-python.tar.gz" in message
     assert list(dest.iterdir()) == []
 

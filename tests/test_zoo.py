@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from bench.catalog import load_converted_model
 from bench.cli import main
 from bench.data import load_split
 from bench.sparsity import measure_sparsity
@@ -31,7 +32,6 @@ from bench.zoo.fetch import (
 from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest
 from bench.zoo.zoo import ZooEntry, entry_taxonomy, load_zoo, prepare_entry
 from methods.base import get_method
-from methods.convert import load_converted_model
 from tests.zoo_helpers import (
     CHILD_ID,
     PARENT_ID,
@@ -585,3 +585,16 @@ def test_the_default_submissions_folder_is_the_one_where_the_user_stands(tmp_pat
     assert submissions_dir() == tmp_path / "submissions"  # a clone's own manifests, not the installed ones
     monkeypatch.setenv(ENV_SUBMISSIONS_DIR, str(_REPO_SUBMISSIONS))
     assert submissions_dir() == _REPO_SUBMISSIONS
+
+
+def test_a_host_that_does_not_resolve_is_named_at_once_not_retried(tmp_path, monkeypatch):
+    import socket
+
+    def no_dns(*_args, **_kw):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    logged = []
+    with pytest.raises(DownloadFailed, match="cannot resolve the host example.org") as raised:
+        fetch_checkpoint("E10", "https://example.org/ckpt.pt", "ckpt.pt", root=tmp_path, backoff_s=0, log=logged.append)
+    assert "--from FILE" in str(raised.value) and not any("retrying" in line for line in logged)

@@ -186,14 +186,12 @@ def _unpickle_batch(stream: BinaryIO, where: str, spec: CifarArchive) -> tuple[n
 
 
 def _missing_message(spec: CifarArchive, root: Path, reason: str | None = None) -> str:
-    lines = [f"{spec.title} not found in {root}."]
-    if reason:
-        lines.append(f"Downloading it failed: {reason}.")
-    lines += [
-        f"Put {spec.filename} (md5 {spec.md5}) into {root}, or its extracted folder {spec.folder}/;",
-        f"get it from {spec.url}",
-        f"(or pick another folder with data_dir / ${ENV_DATA_DIR}; download=True fetches it automatically).",
-    ]
+    """Where the archive is expected and how to provide it, in words for the command line and for Python callers."""
+    lines = [f"{spec.title} not found in {root}" + (f" (downloading it failed: {reason})." if reason else ".")]
+    lines.append(
+        f"Put {spec.filename} (md5 {spec.md5}, from {spec.url}) or its extracted folder {spec.folder}/ there, or "
+        f"point --data-dir (${ENV_DATA_DIR}; data_dir= in Python) at the folder that holds it."
+    )
     return "\n".join(lines)
 
 

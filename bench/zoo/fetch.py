@@ -508,6 +508,13 @@ def _download(
                     continue
             raise DownloadFailed(f"{url} answered HTTP {err.code} {printable(err.reason)}") from None
         except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError, OSError) as err:
+            if isinstance(getattr(err, "reason", err), socket.gaierror):
+                # A name that does not resolve will not resolve on a retry either: no network, or a wrong host.
+                host = urlsplit(url).hostname
+                raise DownloadFailed(
+                    f"cannot resolve the host {host} of {url}: no network on this machine, or a wrong URL; "
+                    "download the file elsewhere and use --from FILE"
+                ) from None
             failures += 1
             reason = printable(getattr(err, "reason", None) or err.__class__.__name__)  # may be the server's words
             if failures > retries:
