@@ -653,30 +653,27 @@ def _picks_zoo_entry(checkpoint, method, dataset, track) -> bool:
 def _run_spec(dataset, *, n_samples, eps, norm, aa_version, fmn_steps, batch_size, seed, device, data_dir):
     """``(RunSpec, x, y)``: the command's options over ``dataset``'s defaults, and its test split.
 
-    Unset options take the dataset's protocol values: eps (0.5 under L2), N (else the whole split), batch size.
+    Unset options take the dataset's protocol values (:meth:`RunSpec.for_dataset`, which the Python API calls
+    too): eps (0.5 under L2), N (else the whole split), batch size.
     """
-    from bench.data import get_dataset_info, load_split, parse_eps
+    from bench.data import load_split
     from bench.spec import RunSpec
 
     # Refused here, before the split is loaded (CIFAR's may be downloaded) and before any store is opened.
     _check_n_samples(n_samples, dataset)
     _check_eps(eps, norm)
-    info = get_dataset_info(dataset)
-    eps_text = eps or (info.default_eps if norm == "Linf" else "0.5")
-    eps_value = parse_eps(eps_text)
-    x, y = load_split(dataset, "test", data_dir=data_dir)
-    spec = RunSpec(
-        dataset=dataset,
-        n_samples=n_samples if n_samples is not None else info.default_n or len(y),
+    spec = RunSpec.for_dataset(
+        dataset,
+        n_samples=n_samples,
+        eps=eps,
         norm=norm,
-        eps=eps_text,
-        eps_value=eps_value,
         version=aa_version,
         fmn_steps=fmn_steps,
-        batch_size=batch_size if batch_size is not None else info.default_batch_size,
+        batch_size=batch_size,
         seed=seed,
         device=device,
     )
+    x, y = load_split(dataset, "test", data_dir=data_dir)
     return spec, x, y
 
 

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bench.registry import UnknownNameError
 from bench.spec import AA_ATTACKS, PROTOCOL_NAME, RunSpec
 
 BASE = dict(
@@ -47,6 +48,13 @@ NOT_IN_PROTOCOL_HASH = {"device", "batch_size"}
 
 def _spec(**kw) -> RunSpec:
     return RunSpec(**{**BASE, **kw})
+
+
+def _changed(field: str) -> RunSpec:
+    # eps_value is derived from eps: it changes when another budget is written.
+    if field == "eps_value":
+        return _spec(eps=repr(CHANGES["eps_value"]), eps_value=CHANGES["eps_value"])
+    return _spec(**{field: CHANGES[field]})
 
 
 def test_every_field_has_a_change_under_test():
@@ -85,7 +93,7 @@ def test_hash_is_stable_across_processes():
 
 @pytest.mark.parametrize("field", sorted(CHANGES))
 def test_any_single_field_changes_the_hash(field):
-    base, changed = _spec(), _spec(**{field: CHANGES[field]})
+    base, changed = _spec(), _changed(field)
     assert changed.hash != base.hash
     if field in NOT_IN_PROTOCOL_HASH:
         assert changed.protocol_hash == base.protocol_hash
@@ -185,3 +193,89 @@ def test_the_warm_start_is_a_new_protocol():
 def test_an_unknown_fmn_start_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"unknown FMN start 'aa'; use one of none, autoattack"):
         _spec(fmn_init="aa")
+
+
+# --- One budget: eps as written, eps_value derived -------------------------------------------------------------
+
+WITHOUT_VALUE = {k: v for k, v in BASE.items() if k != "eps_value"}
+
+
+def test_eps_value_is_derived_from_eps_and_keeps_the_hash():
+    spec = RunSpec(**WITHOUT_VALUE)
+    assert spec.eps_value == 0.2
+    assert spec == _spec() and spec.hash == _spec().hash
+    legacy = {k: v for k, v in LEGACY_SPEC.items() if k != "eps_value"}
+    assert RunSpec.from_dict(legacy).hash == LEGACY_HASH
+    assert RunSpec(**{**WITHOUT_VALUE, "eps": "8/255"}).eps_value == 8 / 255
+    assert RunSpec(**{**WITHOUT_VALUE, "eps": " 1/5 "}).eps_value == 0.2
+
+
+@pytest.mark.parametrize(("eps", "value"), [("0.2", 0.3), ("8/255", 0.031), ("8/255", 0.2)])
+def test_an_eps_value_that_disagrees_with_eps_is_refused_naming_both(eps, value):
+    with pytest.raises(
+        ValueError, match=rf"eps '{eps}' is .*, but eps_value {value} was given with it; give eps alone"
+    ):
+        _spec(eps=eps, eps_value=value)
+
+
+def test_an_equal_eps_value_is_stored_as_the_parsed_float():
+    # An int 1 and the float 1.0 are one budget; the hash must not depend on which was typed.
+    assert _spec(eps="1", eps_value=1).to_dict()["eps_value"] == 1.0
+    assert isinstance(_spec(eps="1", eps_value=1).eps_value, float)
+    assert _spec(eps="1", eps_value=1).hash == RunSpec(**{**WITHOUT_VALUE, "eps": "1"}).hash
+
+
+@pytest.mark.parametrize(
+    ("eps", "pattern"),
+    [(0.2, r"invalid eps 0.2: give it as a string"), ("abc", r"invalid eps 'abc'"), ("0", r"must be finite and > 0")],
+)
+def test_an_unreadable_eps_is_refused(eps, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        RunSpec(**{**WITHOUT_VALUE, "eps": eps})
+
+
+# --- for_dataset: the command line's defaults ---------------------------------------------------------------------
+
+
+def test_for_dataset_applies_the_datasets_protocol_defaults():
+    digits = RunSpec.for_dataset("digits")
+    assert (digits.eps, digits.eps_value, digits.n_samples, digits.batch_size) == ("0.2", 0.2, 360, 180)
+    assert (digits.norm, digits.version, digits.fmn_steps, digits.seed, digits.device) == (
+        "Linf",
+        "plus",
+        100,
+        0,
+        "cpu",
+    )
+    cifar = RunSpec.for_dataset("cifar10")
+    assert (cifar.eps, cifar.n_samples, cifar.batch_size) == ("8/255", 10000, 250)
+    assert RunSpec.for_dataset("cifar10", norm="L2").eps == "0.5"
+    # The pinned spec, built from the options the command line takes.
+    assert RunSpec.for_dataset("digits", n_samples=360, batch_size=60) == _spec()
+
+
+def test_for_dataset_writes_a_float_budget_as_the_command_line_reads_it():
+    assert RunSpec.for_dataset("digits", eps=0.3).eps == "0.3"
+    assert RunSpec.for_dataset("digits", eps=0.3) == RunSpec.for_dataset("digits", eps="0.3")
+    assert RunSpec.for_dataset("digits", eps="8/255").eps_value == 8 / 255
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "pattern"),
+    [
+        ({"n_samples": 361}, ValueError, r"n_samples must be between 1 and 360 \(the digits test split\); got 361"),
+        ({"n_samples": 0}, ValueError, r"n_samples must be between 1 and 360"),
+        ({"eps": "8"}, ValueError, r"eps must be in \(0, 1\] under Linf .* e\.g\. 8/255"),
+        ({"eps": "2/0"}, ValueError, r"invalid eps '2/0': division by zero"),
+        ({"norm": "linf"}, ValueError, r"unknown norm 'linf'"),
+        ({"dataset": "digit"}, UnknownNameError, r"did you mean 'digits'"),
+    ],
+)
+def test_for_dataset_refuses_bad_options_with_the_fix(kw, error, pattern):
+    kw = {"dataset": "digits", **kw}
+    with pytest.raises(error, match=pattern):
+        RunSpec.for_dataset(kw.pop("dataset"), **kw)
+
+
+def test_an_l2_budget_above_one_is_allowed():
+    assert RunSpec.for_dataset("digits", norm="L2", eps="2").eps_value == 2.0
