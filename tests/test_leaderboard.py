@@ -1093,6 +1093,9 @@ def test_seed_replicates_show_mean_and_range_beside_the_wilson_interval(store, t
     assert "Pruning seed 0: no other seed of this setting is evaluated under this protocol" in single
     assert "Across" not in single and "Replicates:" not in single
     assert "Pruning seed" not in _text((site / "models" / f"{slugs['dense']}.html").read_text())
+    unranked = _text((site / "models" / f"{slugs['s3']}.html").read_text())
+    assert "Pruning seed 3: an unranked run is never summarised with the other seeds" in unranked
+    assert "Across" not in unranked
     assert _broken_links(site) == []
 
 
