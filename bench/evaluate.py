@@ -31,6 +31,7 @@ from bench.analysis.best_known import FMN, FMN_FROM_AUTOATTACK, autoattack_sourc
 from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
 from bench.attacks.autoattack import AA_FLAGS, run_autoattack, square_check_flags
 from bench.attacks.fmn import NotAdversarialError, minimum_norm
+from bench.attacks.utils import logit_difference
 from bench.provenance import environment, utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
@@ -106,13 +107,6 @@ class EvaluationSummary:
         )
 
 
-def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """z_y − max_{j≠y} z_j: positive when the sample is classified correctly."""
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    other = logits.scatter(1, labels[:, None], -math.inf).amax(1)
-    return true - other
-
-
 def attack_chunk(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -131,7 +125,7 @@ def attack_chunk(
     with torch.no_grad():
         logits = model(x.to(device)).cpu()
     pred = logits.argmax(1)
-    margin = logit_margin(logits, y)
+    margin = logit_difference(logits, y)  # z_y − max_{j≠y} z_j: positive when classified correctly
     seconds["clean"] = time.perf_counter() - start
     if on_stage_done is not None:
         on_stage_done("clean", len(y), int((pred != y).sum()))

@@ -18,7 +18,7 @@ from bench.catalog import build_model
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.paths import atomic_write, cache_dir, stable_hash
 from bench.provenance import cpu_info
-from methods.training import AdversarialTrainingConfig, adversarial_training
+from bench.training import AdversarialTrainingConfig, adversarial_training
 
 # Bump when the training code changes in a way that changes the trained weights.
 TRACK_RECIPE_VERSION = 3  # 2: the initial weights are seeded too; 3: small_cnn narrowed to 16/32/32

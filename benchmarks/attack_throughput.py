@@ -72,6 +72,7 @@ import torch
 from sqlalchemy import event, select
 from torch import nn
 
+from bench.attacks.utils import logit_difference
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import attack_chunk, evaluate
 from bench.performance import exact_float_backends, execution_settings, fast_model
@@ -131,11 +132,6 @@ def _pyautoattack_resnet18() -> tuple[nn.Module, Path]:
     return model.eval(), weights
 
 
-def logit_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    return true - logits.scatter(1, y[:, None], -math.inf).amax(1)
-
-
 def confident_inputs(
     model: nn.Module,
     n: int,
@@ -165,7 +161,7 @@ def confident_inputs(
         target = targets[start : start + batch].to(device)
         for _ in range(max_steps):
             x.requires_grad_(True)
-            margin = logit_margin(model(x), y)
+            margin = logit_difference(model(x), y)
             active = margin < target
             if not bool(active.any()):
                 break
@@ -173,7 +169,7 @@ def confident_inputs(
             x = (x.detach() + step * active.view(-1, *[1] * len(shape)) * grad.sign()).clamp(0.0, 1.0)
         x = x.detach()
         with torch.no_grad():
-            out_m.append(logit_margin(model(x), y).cpu())
+            out_m.append(logit_difference(model(x), y).cpu())
         out_x.append(x.cpu())
     return torch.cat(out_x), y_all, torch.cat(out_m)
 

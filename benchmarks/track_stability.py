@@ -66,7 +66,7 @@ NOT_HELD = frozenset({"structured"})
 # The row whose per-seed spread the acceptance checks explicitly (issue: HYDRA 95 % collapsed on most seeds).
 SPREAD_CHECKED = (("hydra", 0.95),)
 # Source files whose code decides a method's result besides its own module.
-SHARED_SOURCES = ("methods/base.py", "methods/common.py", "methods/training.py")
+SHARED_SOURCES = ("methods/base.py", "methods/common.py", "bench/training.py", "bench/attacks/utils.py")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def _entry_paths(job: Job, key: str, root: Path) -> tuple[Path, Path]:
 
 
 def _pgd20(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    from methods.training import pgd_linf
+    from bench.training import pgd_linf
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(PGD["attack_seed"])

@@ -53,9 +53,9 @@ from torch import Tensor, nn
 
 from bench.models import unwrap
 from bench.sparsity import measure_sparsity
+from bench.training import pgd_linf
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import ADMMState, masked_step, pgd_ce_loss, prunable_layers, sparsity_of_layers
-from methods.training import pgd_linf
 
 __all__ = ["RAPADMM", "admm_learning_rate", "adversarial_ce", "build_admm_state", "convert_admm_checkpoint"]
 

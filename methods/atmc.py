@@ -36,7 +36,7 @@ Differences from the released code, each deliberate:
 
 - The attack starts at x (``random_start=False``) because the code's uniform start is a no-op
   (``x_adv.data.add(...)`` is not in place); ``random_start=True`` gives the intended start. It runs in eval mode
-  (:func:`methods.common.eval_mode`); the outer forward passes run in train mode.
+  (:func:`bench.attacks.utils.eval_mode`); the outer forward passes run in train mode.
 - Ties in the global top-k are broken by position (exact counts, reproducible masks).
 - The k-means starts from ``bits``-spaced points between the smallest and largest surviving value and runs at
   most ``kmeans_iters`` Lloyd iterations (the code's limit is 20); assignment is restricted to the nonzero
@@ -66,11 +66,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from bench.attacks.utils import eval_mode
 from bench.models import unwrap
 from bench.sparsity import measure_sparsity
+from bench.training import pgd_linf
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
-from methods.common import eval_mode, global_masks, prunable_layers
-from methods.training import pgd_linf
+from methods.common import global_masks, prunable_layers
 
 __all__ = [
     "ATMC",

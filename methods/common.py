@@ -7,7 +7,7 @@ train/eval flags module by module):
   (arXiv 1901.08573); the released code's form, which HYDRA (Sehwag et al., NeurIPS 2020) trains with.
 - MART: Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified Examples", ICLR 2020;
   the released code's form, which MAD (Lee et al., CVPR 2022) fine-tunes with (β = 0.5 there).
-- PGD-AT: Madry et al., ICLR 2018 (arXiv 1706.06083), eq. 2.1, through :func:`methods.training.pgd_linf`.
+- PGD-AT: Madry et al., ICLR 2018 (arXiv 1706.06083), eq. 2.1, through :func:`bench.training.pgd_linf`.
 
 Masks are ``{name: bool tensor}`` with True = kept. A name is a ``model.named_modules()`` name of a Conv2d or
 Linear (its ``weight`` is meant) or a full parameter name (``"classifier.bias"``, for MAD's pruned bias).
@@ -24,40 +24,20 @@ reproducible across runs and devices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.attacks.utils import clip_linf, eval_mode
 from bench.sparsity import weight_layers
-from methods.training import pgd_linf
+from bench.training import pgd_linf
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adversarial losses
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore every submodule's own train/eval flag.
-
-    Restoring per module (not ``model.train(was_training)``) keeps a caller's frozen BatchNorm in eval mode.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _clip(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Projection onto B∞(x, ε) ∩ [0, 1]."""
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
 
 def _sign_ascent(
@@ -73,7 +53,7 @@ def _sign_ascent(
     if random_start:
         # A uniform point of the ε-ball (Madry et al.): every input coordinate starts up to ε away from x, so a
         # coordinate whose first-layer ReLUs are all off at x (zero gradient, sign 0) is still explored.
-        x_adv = _clip(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_adv = clip_linf(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
     else:
         # TRADES and MART both start at x + 0.001·N(0, 1): sign ascent can never move a coordinate whose gradient
         # is exactly 0 there, e.g. a blank pixel inside the dead zone of every first-layer unit that sees it.
@@ -82,9 +62,9 @@ def _sign_ascent(
         for _ in range(steps):
             x_adv.requires_grad_(True)
             (grad,) = torch.autograd.grad(objective(model(x_adv)), x_adv)
-            x_adv = _clip(x_adv.detach() + step_size * grad.sign(), x, eps)
+            x_adv = clip_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     # Also covers steps = 0, where the Gaussian start may leave the box.
-    return _clip(x_adv.detach(), x, eps)
+    return clip_linf(x_adv.detach(), x, eps)
 
 
 def trades_adversarial(
@@ -255,7 +235,7 @@ def pgd_ce_loss(
 ) -> torch.Tensor:
     """Madry et al.'s adversarial cross-entropy (eq. 2.1): ``CE(f(x'), y)`` at the PGD point x'.
 
-    x' comes from :func:`methods.training.pgd_linf` (uniform random start unless ``random_start=False``) run in
+    x' comes from :func:`bench.training.pgd_linf` (uniform random start unless ``random_start=False``) run in
     eval mode; the outer forward runs in the caller's mode.
 
     Args:

@@ -45,9 +45,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bench.checkpoints import UnsafeCheckpointError, check_torch_archive
+from bench.training import pgd_linf
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
 from methods.common import mart_loss, masked_step, prunable_layers
-from methods.training import pgd_linf
 
 __all__ = [
     "MAD",

@@ -63,11 +63,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.attacks.utils import eval_mode
 from bench.models import unwrap
 from bench.sparsity import measure_sparsity
+from bench.training import pgd_linf
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
-from methods.common import ADMMState, eval_mode, masked_step, prunable_layers, sparsity_of_layers
-from methods.training import pgd_linf
+from methods.common import ADMMState, masked_step, prunable_layers, sparsity_of_layers
 
 __all__ = [
     "PwoA",

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.attacks.utils import eval_mode
 from bench.models import SmallCNN, unwrap
 from bench.sparsity import weight_layers
 from methods.base import MethodCard, PruneData, PruneResult, PruningMethod, config_dict, register_method
@@ -633,12 +634,10 @@ def _capture(model: nn.Module, net: nn.Module, names: Sequence[str], x: Tensor) 
     hooks = [
         modules[n].register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, F.relu(o).clone())) for n in names
     ]
-    was = model.training
-    model.eval()
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
-        model.train(was)
         for h in hooks:
             h.remove()
     return acts
@@ -678,16 +677,12 @@ def _filter_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor
         return dict(
             zip([g.conv for g in groups], pls_vip_scores(pooled, y, n_components=config.pls_components), strict=True)
         )
-    was = model.training
-    model.eval()
-    try:
-        out = {}
+    out = {}
+    with eval_mode(model):
         for g in groups:
             mod = state.modules[g.act]
             out[g.conv] = kl_scores(lambda f, mod=mod: _zeroed_logits(model, mod, x, f), mod.weight.shape[0])
-        return out
-    finally:
-        model.train(was)
+    return out
 
 
 def _block_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor) -> dict[str, float]:
@@ -696,9 +691,7 @@ def _block_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor)
     if crit == "l1":
         return {b.name: float(sum(l1_scores(state.modules[c].weight).mean() for c in b.convs)) for b in live}
     if crit == "kl":
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             return {
                 b.name: float(
                     kl_scores(
@@ -707,8 +700,6 @@ def _block_scores(model: nn.Module, state: _State, config, x: Tensor, y: Tensor)
                 )
                 for b in live
             }
-        finally:
-            model.train(was)
     acts = _capture(model, state.net, [b.name for b in live], x)
     if crit == "expected_abs":
         return {b.name: float(expected_abs_scores(acts[b.name]).mean()) for b in live}

@@ -20,7 +20,7 @@ import bench.evaluate as evaluate_module
 from bench.analysis.best_known import distance_gap
 from bench.analysis.stats import wilson_interval
 from bench.attacks.fmn import NotAdversarialError
-from bench.evaluate import evaluate, logit_margin
+from bench.evaluate import evaluate
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult
@@ -57,11 +57,6 @@ def _rows(store, evaluation_id):
             select(SampleResult).where(SampleResult.evaluation_id == evaluation_id).order_by(SampleResult.sample_id)
         ).all()
         return [{c: getattr(r, c) for c in SAMPLE_COLUMNS} for r in rows]
-
-
-def test_logit_margin_sign():
-    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
-    assert logit_margin(logits, torch.tensor([0, 1])).tolist() == [2.0, -3.0]
 
 
 def test_per_sample_rows_follow_the_protocol(store, digits, digits_mlp):

@@ -13,7 +13,6 @@ from torch import nn
 from methods.common import (
     ADMMState,
     apply_masks,
-    eval_mode,
     magnitude_masks,
     mart_adversarial,
     mart_loss,
@@ -123,15 +122,6 @@ def test_losses_attack_in_eval_mode_and_restore_each_modules_flag(batch, loss_fn
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
-
-
-def test_eval_mode_restores_on_error():
-    model = tiny_net().train()
-    model[2].eval()
-    with pytest.raises(RuntimeError), eval_mode(model):
-        assert not model.training
-        raise RuntimeError
-    assert [m.training for m in model] == [True, True, False, True, True, True, True, True, True]
 
 
 def _logits(seed: int, n: int = 6, k: int = 5):

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bench.training as training_module
 import methods.common as common_module
 import methods.pwoa as pwoa_module
-import methods.training as training_module
 from bench.catalog import build_model
 from bench.models import unwrap
 from bench.sparsity import measure_sparsity

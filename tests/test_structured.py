@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import bench.training
 import methods.common
-import methods.training
 from bench.models import CifarResNet, Normalize, NormalizedModel
 from methods.base import PruneData, get_method
 from methods.structured import (
@@ -205,7 +205,7 @@ def test_only_clean_training_images_are_seen(dense, digits, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("structured pruning must not build adversarial examples")
 
-    for mod in (methods.common, methods.training):
+    for mod in (methods.common, bench.training):
         for name in ("pgd_linf", "trades_adversarial", "mart_adversarial"):
             if hasattr(mod, name):
                 monkeypatch.setattr(mod, name, forbidden)

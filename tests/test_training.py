@@ -13,7 +13,7 @@ import bench.track as track_module
 from bench.catalog import build_model, load_checkpoint_model
 from bench.checkpoints import sha256_file
 from bench.track import TRACKS, Track, dense_checkpoint
-from methods.training import AdversarialTrainingConfig, adversarial_training, pgd_linf
+from bench.training import AdversarialTrainingConfig, adversarial_training, pgd_linf
 
 EPS = 0.2
 # Float slack for the projection: x ± eps is rounded in float32.

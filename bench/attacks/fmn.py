@@ -35,12 +35,13 @@ its starting point (in the norm as :func:`minimum_norm` measures it), even with 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from bench.attacks.utils import batch_view, eval_mode, logit_difference, project_linf_
 
 __all__ = ["FMNResult", "NotAdversarialError", "fmn", "minimum_norm"]
 
@@ -70,66 +71,33 @@ class FMNResult:
     adv_pred: Tensor
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Puts every submodule in eval mode and restores each one's own ``training`` flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _lp_norm(delta: Tensor, p: float) -> Tensor:
     """ℓp norm of each sample of a batch, over all non-batch dimensions."""
     return torch.linalg.vector_norm(delta.flatten(1), ord=p, dim=1)
 
 
-def _batch_view(t: Tensor, like: Tensor) -> Tensor:
-    return t.view(-1, *([1] * (like.ndim - 1)))
-
-
-def _project_linf_(delta: Tensor, epsilon: Tensor) -> Tensor:
-    """In-place Euclidean projection onto the ℓ∞ ball of radius ε (per sample): clamp to [-ε, ε]."""
-    epsilon = _batch_view(epsilon, delta)
-    return torch.maximum(torch.minimum(delta, epsilon, out=delta), -epsilon, out=delta)
-
-
 def _project_l2_(delta: Tensor, epsilon: Tensor) -> Tensor:
     """In-place Euclidean projection onto the ℓ2 ball of radius ε: δ ← δ · min(1, ε / ‖δ‖₂)."""
     scale = (epsilon / _lp_norm(delta, 2.0).clamp(min=1e-12)).clamp(max=1.0)
-    return delta.mul_(_batch_view(scale, delta))
+    return delta.mul_(batch_view(scale, delta))
 
 
 def _mid_point_linf(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """Point between x0 (t = 0) and x1 (t = 1) for the ℓ∞ binary search: x1 - x0 clamped to [-t, t]."""
-    return x0 + _project_linf_(x1 - x0, t)
+    return x0 + project_linf_(x1 - x0, t)
 
 
 def _mid_point_l2(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """Point between x0 (t = 0) and x1 (t = 1) for the ℓ2 binary search: the convex combination."""
-    t = _batch_view(t, x0)
+    t = batch_view(t, x0)
     return (1 - t) * x0 + t * x1
 
 
-_PROJECTION: dict[float, Callable[[Tensor, Tensor], Tensor]] = {2.0: _project_l2_, math.inf: _project_linf_}
+_PROJECTION: dict[float, Callable[[Tensor, Tensor], Tensor]] = {2.0: _project_l2_, math.inf: project_linf_}
 _MID_POINT: dict[float, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
     2.0: _mid_point_l2,
     math.inf: _mid_point_linf,
 }
-
-
-def _logit_difference(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
-    """The loss L of Eq. (4), negative exactly when the sample is adversarial.
-
-    Untargeted: L = z_y - max_{j≠y} z_j. Targeted (labels are the targets t): L = max_{j≠t} z_j - z_t.
-    """
-    z_label = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], -math.inf)
-    z_other = others.amax(dim=1)
-    return z_other - z_label if targeted else z_label - z_other
 
 
 def _is_adversarial(logits: Tensor, labels: Tensor, targeted: bool) -> Tensor:
@@ -212,7 +180,7 @@ def fmn(
         alpha_final = alpha_init / 100
 
     worst_norm = _lp_norm(torch.maximum(x, 1 - x), p)
-    with _eval_mode(model):
+    with eval_mode(model):
         if starting_points is not None:
             x1 = starting_points.detach().to(device=x.device, dtype=x.dtype)
             if x1.shape != x.shape:
@@ -235,7 +203,7 @@ def fmn(
                     upper = torch.where(is_adv, t, upper)
                     mid_norm = _lp_norm(mid - x, p)
                     take = is_adv & (mid_norm <= start_norm)
-                    start = torch.where(_batch_view(take, x), mid, start)
+                    start = torch.where(batch_view(take, x), mid, start)
                     start_norm = torch.where(take, mid_norm, start_norm)
             delta = start - x
             best_adv = start
@@ -256,7 +224,7 @@ def fmn(
             delta.requires_grad_(True)
             x_adv = x + delta
             logits = model(x_adv)
-            loss = _logit_difference(logits, labels, targeted)
+            loss = logit_difference(logits, labels, targeted)
             if loss.requires_grad:
                 (g,) = torch.autograd.grad(loss.sum(), delta, allow_unused=True)
             else:
@@ -270,7 +238,7 @@ def fmn(
             is_best = is_adv & (delta_norm <= best_norm)
             adv_found |= is_adv
             best_norm = torch.where(is_best, delta_norm, best_norm)
-            best_adv = torch.where(_batch_view(is_best, x), x_adv.detach(), best_adv)
+            best_adv = torch.where(batch_view(is_best, x), x_adv.detach(), best_adv)
 
             # ε-step.
             distance_to_boundary = loss.abs() / _lp_norm(g, q).clamp(min=1e-12)
@@ -283,7 +251,7 @@ def fmn(
 
             # δ-step: descend L along its ℓ2-normalised gradient, project onto the ε-ball, clip to the box.
             g_norm = _lp_norm(g, 2.0).clamp(min=1e-12)
-            delta.sub_(alpha * g / _batch_view(g_norm, g))
+            delta.sub_(alpha * g / batch_view(g_norm, g))
             project_(delta, epsilon)
             delta.add_(x).clamp_(0.0, 1.0).sub_(x)
 
@@ -291,7 +259,7 @@ def fmn(
         # The loop ranks points by ‖δ‖, but x + δ rounds: its best can lie a unit in the last place beyond the
         # point it started from (a tie at the first step). The starting point is then the better answer.
         farther = _lp_norm(best_adv - x, p) > start_norm
-        best_adv = torch.where(_batch_view(farther, x), start, best_adv)
+        best_adv = torch.where(batch_view(farther, x), start, best_adv)
     return best_adv
 
 
@@ -325,7 +293,7 @@ def minimum_norm(
     """
     p = _check_norm(norm)
     adv = fmn(model, inputs, labels, norm=p, steps=steps, **hp)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         adv_pred = model(adv).argmax(dim=1)
     success = adv_pred == labels if hp.get("targeted", False) else adv_pred != labels
     distance = _lp_norm(adv - inputs.detach(), p).float()

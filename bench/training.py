@@ -1,4 +1,4 @@
-"""Training pieces shared by the method adapters: PGD (L∞) and PGD adversarial training.
+"""PGD (L∞) and PGD adversarial training: the digits track's dense parent and the method adapters' inner steps.
 
 PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018
 (arXiv 1706.06083), eq. 2: x^{t+1} = Π_{B∞(x, ε) ∩ [0,1]}(x^t + α · sign(∇_x L(θ, x^t, y))), started at a
@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bench.attacks.utils import clip_linf
 
 
 def pgd_linf(
@@ -53,7 +55,7 @@ def pgd_linf(
         loss = loss_fn(model(x_adv), y)
         (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = x_adv.detach() + alpha * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+        x_adv = clip_linf(x_adv, x, eps)
     return x_adv.detach()
 
 
