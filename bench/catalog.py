@@ -188,7 +188,7 @@ def load_stored_model(row: Model, path: str | Path | None = None) -> torch.nn.Mo
 
 def register_model(
     store: Store,
-    path: str | Path,
+    path: str | Path | None,
     model: torch.nn.Module,
     *,
     arch: str,
@@ -202,17 +202,26 @@ def register_model(
     taxonomy: dict[str, Any] | None = None,
     reported: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    checkpoint_sha256: str | None = None,
 ) -> Model:
     """Find the model row for this checkpoint's content (sha256) and input normalisation, or create it with
     measured figures.
+
+    A model with no file (``path`` None, the Python API's in-memory models) is identified by ``checkpoint_sha256``
+    (:func:`bench.api.state_dict_sha256`) and stored without a checkpoint path.
 
     The same checkpoint bytes behind the same normalisation are one model whatever their file name, so
     evaluations are shared; behind another normalisation they are another model. The normalisation is
     ``provenance["normalization"]`` (the dataset's constants when absent), recorded there in any case, and must
     be the one ``model``'s first layer applies.
     """
-    path = Path(path)
-    sha = sha256_file(path)
+    if (path is None) == (checkpoint_sha256 is None):
+        raise ValueError("register_model takes a checkpoint path or, for a model without a file, checkpoint_sha256")
+    if path is None:
+        sha, stem, what = checkpoint_sha256, arch, "the in-memory model"
+    else:
+        path = Path(path)
+        sha, stem, what = sha256_file(path), path.stem, f"checkpoint {path}"
     normalization = resolve_normalization(dataset, (provenance or {}).get("normalization"))
     key = normalization_key(dataset, normalization)
     _check_normalization_layer(model, normalization)
@@ -222,7 +231,7 @@ def register_model(
         for other in rows:
             if other.arch != arch or other.dataset != dataset:
                 raise ValueError(
-                    f"checkpoint {path} (sha256 {sha[:12]}…) is already stored as model {other.name!r} with "
+                    f"{what} (sha256 {sha[:12]}…) is already stored as model {other.name!r} with "
                     f"--arch {other.arch} --dataset {other.dataset}; the same weights cannot be another architecture"
                 )
         row = next((r for r in rows if r.normalization == key), None)
@@ -232,10 +241,10 @@ def register_model(
         info = get_dataset_info(dataset)
         flops = count_flops(model, (1, *info.input_shape))
         row = Model(
-            name=name or _unique_name(s, f"{path.stem}-{sha[:8]}{_name_suffix(key)}"),
+            name=name or _unique_name(s, f"{stem}-{sha[:8]}{_name_suffix(key)}"),
             checkpoint_sha256=sha,
             normalization=key,
-            checkpoint_path=str(path.resolve()),
+            checkpoint_path=None if path is None else str(path.resolve()),
             method=method,
             arch=arch,
             dataset=dataset,
