@@ -5,6 +5,10 @@ A model is its checkpoint's bytes *and* the fixed input normalisation in front o
 another model. ``bench evaluate --normalization`` says which one a checkpoint was trained with
 (:func:`parse_normalization`); the store keys models on ``(checkpoint_sha256, normalization)``
 (:func:`normalization_key`).
+
+The models are built here too: :func:`build_model` (an architecture behind its normalisation),
+:func:`load_checkpoint_model` (a plain checkpoint), :func:`load_converted_model` (a file in one of
+:data:`bench.formats.FORMATS`) and :func:`load_stored_model` (a stored row, whatever its format).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import numpy as np
 import torch
 from sqlalchemy import select
 
-from bench.checkpoints import load_state_dict, load_weights, sha256_file
+from bench.checkpoints import CheckpointMismatchError, load_state_dict, load_weights, sha256_file
 from bench.data import get_dataset_info
+from bench.formats import FORMATS, converted_provenance, load_converted
 from bench.models import NormalizedModel, create_model
 from bench.provenance import utcnow
 from bench.sparsity import count_flops, measure_sparsity
@@ -158,6 +163,49 @@ def load_checkpoint_model(
     return model.eval()
 
 
+def load_converted_model(
+    path: str | Path,
+    fmt: str,
+    arch: str,
+    dataset: str,
+    *,
+    k: float | None = None,
+    normalization: Mapping[str, Any] | None = None,
+) -> NormalizedModel:
+    """Convert ``path`` and load it into ``arch`` behind the authors' input normalisation, in eval mode.
+
+    The result gives the native model's logits on [0, 1] inputs: :func:`bench.formats.load_converted` for the
+    weights, :func:`bench.formats.native_normalization` for the fixed first layer.
+
+    Args:
+        path: the checkpoint file.
+        fmt: a registered format (``bench formats``).
+        arch: a registered architecture; the format's ``archs`` are the ones its authors' files fit.
+        dataset: a registered dataset (its class count sizes the classifier).
+        k: HYDRA's kept fraction, for ``hydra-subnet`` only.
+        normalization: ``{"mean", "std"}`` recorded in a stored model's provenance; replaces the format's
+            constants, so a stored model is rebuilt as it was registered.
+
+    Returns:
+        A :class:`bench.models.NormalizedModel`.
+
+    Raises:
+        CheckpointMismatchError: the converted keys do not fit ``arch``; the message names the format's
+            architectures.
+    """
+    spec = FORMATS.get(fmt)
+    state_dict = load_converted(path, fmt, k=k)
+    model = build_model(arch, dataset, normalization or converted_provenance(fmt, dataset)["normalization"])
+    try:
+        load_weights(model, state_dict, source=path)
+    except CheckpointMismatchError as e:
+        if not spec.archs or arch in spec.archs:
+            raise
+        hint = f"--format {fmt} files fit --arch {' or '.join(spec.archs)}, not {arch!r}"
+        raise CheckpointMismatchError(f"{e}\n{hint}", e.missing, e.unexpected, e.mismatched) from None
+    return model.eval()
+
+
 def load_stored_model(row: Model, path: str | Path | None = None) -> torch.nn.Module:
     """Rebuild a stored model from its checkpoint: its architecture, its dataset and the input normalisation
     recorded in its provenance (author checkpoints), weights-only, sha256 verified, in eval mode.
@@ -176,8 +224,6 @@ def load_stored_model(row: Model, path: str | Path | None = None) -> torch.nn.Mo
     provenance = row.provenance or {}
     fmt = provenance.get("native_format", "plain")
     if fmt != "plain":
-        from methods.convert import load_converted_model  # methods depends on bench, not the reverse, at import time
-
         return load_converted_model(
             path, fmt, row.arch, row.dataset, k=provenance.get("k"), normalization=provenance.get("normalization")
         )

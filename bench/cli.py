@@ -508,7 +508,8 @@ def evaluate(
         checkpoint, record = dense_checkpoint(tr, log=click.echo)
         register_kw = {"name": name or f"{tr.name}-dense", "source": f"track:{tr.name}", "provenance": record}
     if ckpt_format != "plain" or k is not None:
-        from methods.convert import converted_provenance, load_converted_model
+        from bench.catalog import load_converted_model
+        from bench.formats import converted_provenance
 
         if checkpoint is None:
             raise ValueError("--format and --k describe a --checkpoint file; give one")
@@ -1258,7 +1259,7 @@ def prune(method, sparsity, track, dense, arch, dataset, eps, seed, seeds, setti
 @main.command()
 def formats():
     """List the native checkpoint formats bench evaluate --format reads."""
-    from methods.convert import FORMATS
+    from bench.formats import FORMATS
 
     for name, fmt in FORMATS.items():
         click.echo(f"{name:<13} {fmt.description}")

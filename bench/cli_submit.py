@@ -429,9 +429,9 @@ def _complete_evaluation(db: str | None, sha256: str, spec, entry) -> int | None
     from sqlalchemy import select
 
     from bench.catalog import normalization_key
+    from bench.formats import converted_provenance
     from bench.store import Evaluation, Model, Store
     from bench.store.db import resolve_db_url
-    from methods.convert import converted_provenance
 
     url = resolve_db_url(db)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():

@@ -360,7 +360,7 @@ def convert_hydra_checkpoint(state_dict: Mapping[str, Tensor], *, k: float | Non
     ``NormalizedModel``. The released files use HYDRA's own architectures, which differ from ours: its
     ``vgg16_bn`` has bias-free convolutions, no final max-pool, ``AdaptiveAvgPool2d((2, 2))`` and a three-layer
     classifier (2048–256–256–10): that network is registered as ``vgg16_bn_hydra``, with HYDRA's key names. Its
-    WRN-28-4 carries the unused ``sub_block1``, which :func:`methods.convert.load_converted` drops. This function only
+    WRN-28-4 carries the unused ``sub_block1``, which :func:`bench.formats.load_converted` drops. This function only
     turns subnet weights into dense ones.
 
     Args:

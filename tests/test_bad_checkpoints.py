@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.catalog import build_model, load_checkpoint_model, load_stored_model, register_model
+from bench.catalog import build_model, load_checkpoint_model, load_converted_model, load_stored_model, register_model
 from bench.checkpoints import (
     NonFiniteWeightsError,
     NotACheckpointError,
@@ -34,7 +34,6 @@ from bench.checkpoints import (
 from bench.cli import main
 from bench.store import Model, Store
 from bench.zoo.fetch import NotACheckpoint, import_local_file, read_records
-from methods.convert import load_converted_model
 
 FIX = "the checkpoint is corrupt or diverged; re-export it"
 CLI_ARGS = ("--arch", "small_cnn", "--dataset", "digits", "--n-samples", "10")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sqlite3
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,12 +18,21 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from bench.catalog import build_model
+import bench.formats as formats_module
+from bench.catalog import build_model, load_converted_model
 from bench.checkpoints import CheckpointMismatchError
 from bench.cli import main
 from bench.data import get_dataset_info
+from bench.formats import (
+    ENTRY_POINT_GROUP,
+    FORMATS,
+    CheckpointFormat,
+    converted_provenance,
+    load_converted,
+    native_normalization,
+    register_format,
+)
 from bench.models import ARCHS
-from methods.convert import FORMATS, load_converted, load_converted_model, native_normalization
 from methods.hydra import hydra_mask
 
 
@@ -412,7 +426,6 @@ def test_every_format_lists_registered_architectures_and_normalisation():
 def test_a_stored_converted_model_is_rebuilt_with_its_format_and_normalisation(tmp_path):
     from bench.catalog import load_stored_model, register_model
     from bench.store import Store
-    from methods.convert import load_converted_model
 
     path, _ = _hydra_subnet_file(tmp_path)
     normalization = {"mean": [0.5], "std": [0.25]}  # not the dataset's: must come back from provenance
@@ -456,3 +469,79 @@ def test_trades_wrn_sub_block1_is_dropped(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(ours(x), net(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the core's registry, filled from above
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fresh(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def test_the_core_imports_no_method_module(tmp_path):
+    # Loading, training, attacking, evaluating and sharding need nothing from methods/ at import time.
+    code = (
+        "import sys\n"
+        "import bench.catalog, bench.formats, bench.track, bench.training, bench.evaluate, bench.executors\n"
+        "print(sorted(m for m in sys.modules if m == 'methods' or m.startswith('methods.')))\n"
+    )
+    run = _fresh(code, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_authors_formats_are_declared_as_an_entry_point():
+    declared = {ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    assert "methods.convert" in declared, "reinstall the package (pip install -e .) to declare its entry points"
+    assert {"plain", "hydra-subnet", "hydra-dense", "admm", "mad", "pwoa", "atmc"} <= set(FORMATS.list())
+
+
+def test_a_fresh_process_rebuilds_a_stored_author_checkpoint(tmp_path):
+    # An evaluation task (bench.executors.run_shard) imports only the core, yet rebuilds HYDRA's own file.
+    from bench.catalog import register_model
+    from bench.store import Store
+
+    path, _ = _hydra_subnet_file(tmp_path)
+    model = load_converted_model(path, "hydra-subnet", "small_cnn", "digits", k=0.1)
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    provenance = converted_provenance("hydra-subnet", "digits", 0.1)
+    row = register_model(Store(url), path, model, arch="small_cnn", dataset="digits", provenance=provenance)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.save(x, tmp_path / "x.pt")
+    code = (
+        "import sys, torch\n"
+        "from bench.catalog import load_stored_model\n"
+        "from bench.store import Model, Store\n"
+        f"store = Store({url!r})\n"
+        f"with store.session() as s:\n    row = s.get(Model, {row.id})\n"
+        "assert 'methods.convert' not in sys.modules\n"
+        "model = load_stored_model(row)\n"
+        "assert 'methods.convert' in sys.modules  # loaded through the entry point\n"
+        "with torch.no_grad():\n    torch.save(model(torch.load('x.pt')), 'logits.pt')\n"
+    )
+    run = _fresh(code, tmp_path)
+    assert run.returncode == 0, run.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(x))
+
+
+def test_a_format_is_registered_once_and_a_broken_plugin_says_which(monkeypatch):
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(CheckpointFormat("mad", "again", FORMATS.get("plain").load))
+    with pytest.raises(KeyError, match="did you mean 'hydra-dense'"):
+        FORMATS.get("hydra-dens")
+
+    class Broken:
+        name, value = "broken", "no_such_package.formats"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'no_such_package'")
+
+    monkeypatch.setattr(formats_module, "entry_points", lambda group: [Broken()])
+    with pytest.raises(RuntimeError, match="'no_such_package.formats' .*could not be loaded.*reinstall"):
+        formats_module._FormatRegistry().get("plain")

@@ -199,9 +199,9 @@ def fetch_entry(
 
 def load_model(entry: ZooEntry, path: Path):
     """The entry's network from its fetched file: converted weights-only, behind the authors' normalisation."""
+    from bench.catalog import load_converted_model
     from bench.data import DATASETS
     from bench.models import ARCHS
-    from methods.convert import load_converted_model
 
     m = entry.manifest
     for name, registry, value in (("architecture", ARCHS, m.model.arch), ("dataset", DATASETS, m.model.dataset)):
@@ -215,7 +215,7 @@ def load_model(entry: ZooEntry, path: Path):
 
 def entry_provenance(entry: ZooEntry, fetched: FetchResult) -> dict[str, Any]:
     """What the store keeps about where a zoo model came from (text fields verbatim)."""
-    from methods.convert import converted_provenance
+    from bench.formats import converted_provenance
 
     m = entry.manifest
     return {

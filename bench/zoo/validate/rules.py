@@ -55,9 +55,9 @@ class Context:
     def for_manifest(cls, m: Manifest, known: Mapping[str, Manifest], *, max_size: int = DEFAULT_MAX_SIZE) -> Context:
         # Imported when first needed: the method registry imports every adapter, which reading manifests does not.
         from bench.data import DATASETS
+        from bench.formats import FORMATS
         from bench.models import ARCHS
         from methods.base import METHODS
-        from methods.convert import FORMATS
 
         return cls(
             known=known,
