@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 import torch
 
+from bench.analysis.format import MISSING, interval, is_missing, percent, percent_range
 from bench.registry import UnknownNameError
 from bench.zoo.limits import DEFAULT_MAX_SIZE
 
@@ -122,9 +123,8 @@ def _db_option(fn: Callable) -> Callable:
     )(fn)
 
 
-def _format_interval(value: float, interval: tuple[float, float]) -> str:
-    low, high = interval
-    return f"{value:7.2%}  [{low:.2%}, {high:.2%}]"
+def _format_interval(value: float, bounds: tuple[float, float]) -> str:
+    return f"{percent(value, unit='%', width=7)}  {interval(*bounds, unit='%')}"
 
 
 def _resolve_device(device: str, here: bool = True) -> str:
@@ -974,39 +974,26 @@ def _settings_frame(db: str | None):
     return pd.DataFrame(rows, columns=SETTING_COLUMNS)
 
 
-def _missing(v) -> bool:
-    import pandas as pd
-
-    return v is None or bool(pd.isna(v))
-
-
-def _percent(v) -> str:
-    return "-" if _missing(v) else f"{v:.2%}"
-
-
 def _settings_table(df) -> str:
     """The --by-setting table: each accuracy as mean (min–max) across seeds, the Wilson interval beside."""
 
     def across(row, metric: str) -> str:
         mean, low, high = (row[f"{metric}_{stat}"] for stat in ("mean", "min", "max"))
-        if _missing(mean):
-            return "-"
-        return f"{mean:.2%}" if row["n_seeds"] < 2 else f"{mean:.2%} ({low:.2%}–{high:.2%})"
+        if is_missing(mean):
+            return MISSING
+        text = percent(mean, unit="%")
+        return text if row["n_seeds"] < 2 else f"{text} ({percent_range(low, high, unit='%')})"
 
     rows = []
     for _, row in df.iterrows():
-        wilson = (
-            "-"
-            if _missing(row["autoattack_wilson_low"])
-            else f"[{row['autoattack_wilson_low']:.2%}, {row['autoattack_wilson_high']:.2%}]"
-        )
+        wilson = interval(row["autoattack_wilson_low"], row["autoattack_wilson_high"], unit="%")
         rows.append(
             {
                 "setting": row["setting"],
-                "target": _percent(row["target_sparsity"]),
+                "target": percent(row["target_sparsity"], unit="%"),
                 "protocol": row["protocol"],
                 "n": str(row["n"]),
-                "seeds": row["seeds"] or "-",
+                "seeds": row["seeds"] or MISSING,
                 **{metric: across(row, metric) for metric in METRIC_NAMES},
                 "autoattack 95 % (one evaluation at the mean)": wilson,
             }
@@ -1049,15 +1036,15 @@ def results(db, fmt, by_setting):
         return
     shown = df.copy()
     for col in ("sparsity", "clean", "autoattack", "fmn", "best_known"):
-        shown[col] = shown[col].map(_percent)
-    shown["fmn_median"] = shown["fmn_median"].map(lambda v: "-" if v is None or math.isnan(v) else f"{v:.4f}")
+        shown[col] = shown[col].map(lambda v: percent(v, unit="%"))
+    shown["fmn_median"] = shown["fmn_median"].map(lambda v: MISSING if v is None or math.isnan(v) else f"{v:.4f}")
     shown["autoattack 95 %"] = [
-        "-" if _missing(low) else f"[{low:.2%}, {high:.2%}]"
+        interval(low, high, unit="%")
         for low, high in zip(df.autoattack_low, df.autoattack_high, strict=True)
     ]
-    shown["seed"] = df["seed"].map(lambda v: "-" if _missing(v) else str(v))
+    shown["seed"] = df["seed"].map(lambda v: MISSING if is_missing(v) else str(v))
     shown["across seeds"] = [
-        "-" if _missing(n) else f"{mean:.2%} ({low:.2%}–{high:.2%}), {n} seeds"
+        MISSING if is_missing(n) else f"{percent(mean, unit='%')} ({percent_range(low, high, unit='%')}), {n} seeds"
         for n, mean, low, high in zip(
             df.replicates, df.autoattack_seeds_mean, df.autoattack_seeds_min, df.autoattack_seeds_max, strict=True
         )
@@ -1066,7 +1053,7 @@ def results(db, fmt, by_setting):
     columns = [*RESULT_COLUMNS[:at], "autoattack 95 %", *RESULT_COLUMNS[at : RESULT_COLUMNS.index("flags") + 1]]
     shown = shown[[*columns, "seed", "across seeds"]]
     for col in ("seed", "across seeds"):  # shown once some model has a pruning seed, or replicates
-        if (shown[col] == "-").all():
+        if (shown[col] == MISSING).all():
             shown = shown.drop(columns=col)
     if (shown["inputs"] == "dataset").all():  # the column only says something when a model differs
         shown = shown.drop(columns="inputs")
@@ -1304,7 +1291,7 @@ def status(model, db, fmt):
             "workers": f"{len(st.workers_recent)} recent / {st.workers_total}",
             "attack time": format_duration(st.attack_seconds),
             "per chunk": format_duration(st.seconds_per_chunk),
-            "remaining": format_duration(st.remaining_s) if st.remaining_s is not None else "-",
+            "remaining": format_duration(st.remaining_s) if st.remaining_s is not None else MISSING,
             "status": st.status,
         }
         for st in states
@@ -1379,7 +1366,7 @@ def db_list(db):
             "sparsity": f"{m.measured_sparsity:.2%}",
             "evaluations": str(m.evaluations),
             "ranked": "yes" if m.ranked else "no (sanity run)",
-            "parent": "-" if m.parent_id is None else f"#{m.parent_id}",
+            "parent": MISSING if m.parent_id is None else f"#{m.parent_id}",
         }
         for m in stored
     ]

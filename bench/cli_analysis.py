@@ -11,6 +11,7 @@ import math
 
 import click
 
+from bench.analysis.format import MISSING, interval, number, percent, points
 from bench.cli import _db_option, _fmt_table, friendly_errors, main
 
 EPILOG_ANALYZE = """\b
@@ -24,7 +25,7 @@ Examples:
 
 
 def _interval(value: float, low: float, high: float) -> str:
-    return f"{100 * value:6.2f} % [{100 * low:.2f}, {100 * high:.2f}]"
+    return f"{percent(value, width=8)} {interval(low, high, unit='')}"
 
 
 def _method_name(key: str) -> str:
@@ -109,7 +110,7 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
             result.notes.append(f"{dense.name!r} is not the pruned model's recorded parent ({parent.name!r})")
         lead = {
             "Method": _method_name(pruned.method),
-            "Sparsity %": f"{100 * pruned.measured_sparsity:.2f}",
+            "Sparsity %": percent(pruned.measured_sparsity, unit=""),
             "Network": pruned.arch,
         }
         title = (
@@ -194,7 +195,7 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
     click.echo("")
     click.echo(f"A  {_interval(acc_a / n, *wilson_interval(acc_a, n))}")
     click.echo(f"B  {_interval(acc_b / n, *wilson_interval(acc_b, n))}")
-    click.echo(f"A − B = {100 * result.difference:+.2f} points; {result.statistic_note}")
+    click.echo(f"A − B = {points(100 * result.difference)}; {result.statistic_note}")
     verdict = "a difference beyond noise at the 5 % level" if result.pvalue < 0.05 else "not distinguishable at 5 %"
     click.echo(f"p = {result.pvalue:.3g}: {verdict}")
 
@@ -208,7 +209,7 @@ def drops_command(fmt, db):
     our AutoAttack robust accuracy, in points, with another benchmark's AutoAttack figure beside it (accuracies as
     fractions in csv/json). A model whose reported numbers cannot be read is skipped with a warning on stderr."""
     from bench.analysis.export import csv_text
-    from bench.analysis.report import DROP_COLUMNS, drop_rows, percent
+    from bench.analysis.report import DROP_COLUMNS, drop_rows
 
     store = _store(db, read_only=True)
     with store.session() as s:
@@ -234,14 +235,16 @@ def drops_command(fmt, db):
             {
                 "eval": str(r["evaluation_id"]),
                 "model": r["model"],
-                "sparsity": f"{100 * r['sparsity']:.2f} %",
+                "sparsity": percent(r["sparsity"]),
                 "claimed robust": percent(r["reported_robust"]),
                 "measured AA robust [95 %]": _interval(
                     r["measured_robust"], r["measured_robust_low"], r["measured_robust_high"]
                 ),
-                "drop": "-" if r["drop_points"] is None else f"{r['drop_points']:+.2f}",
+                "drop": points(r["drop_points"], unit=""),
                 "other AA": percent(r["reevaluation_robust"]),
-                "claim: attack — source": "-" if r["reported_source"] is None else f"{claim} — {r['reported_source']}",
+                "claim: attack — source": (
+                    MISSING if r["reported_source"] is None else f"{claim} — {r['reported_source']}"
+                ),
             }
         )
     click.echo(_fmt_table(shown))
@@ -283,8 +286,8 @@ def curve_command(ref, points, distance, db):
     for e, a in zip(grid, acc, strict=True):
         mark = ""
         if math.isclose(e, records.eps, rel_tol=1e-9):
-            mark = f"   <- nominal eps; AutoAttack robust {100 * aa:.2f} %"
-        click.echo(f"  eps {e:10.5f}  {100 * a:6.2f} %{mark}")
+            mark = f"   <- nominal eps; AutoAttack robust {percent(aa)}"
+        click.echo(f"  eps {e:10.5f}  {percent(a, width=8)}{mark}")
 
 
 @main.command("report")
@@ -294,7 +297,7 @@ def curve_command(ref, points, distance, db):
 def report_command(ref, db):
     """Everything known about one model: figures, evaluations with intervals, per-attack breakdown, security
     curve, reported numbers and drops, thin ice against its parent, provenance."""
-    from bench.analysis.report import model_report, percent
+    from bench.analysis.report import model_report
 
     store = _store(db, read_only=True)
     with store.session() as s:
@@ -308,22 +311,21 @@ def report_command(ref, db):
 
     if inputs := describe_normalization(m.normalization):  # shown only when not the dataset's own mean/std
         echo(f"  inputs        normalisation {inputs}")
-    target = "-" if m.target_sparsity is None else f"{100 * m.target_sparsity:.2f} %"
-    echo(f"  sparsity      {100 * m.measured_sparsity:.2f} % measured (target {target})")
+    echo(f"  sparsity      {percent(m.measured_sparsity)} measured (target {percent(m.target_sparsity)})")
     echo(f"  parameters    {m.nonzero_params:,} non-zero of {m.params:,}")
     echo(f"  FLOPs         {m.nonzero_flops:,} counting non-zero weights, {m.flops:,} dense")
     if rep["parent"] is not None:
         echo(f"  parent        #{rep['parent'].id} {rep['parent'].name}")
     if rep["children"]:
         echo(f"  pruned from it {', '.join(f'#{c.id} {c.name}' for c in rep['children'])}")
-    echo(f"  checkpoint    {m.checkpoint_path or '-'} (sha256 {m.checkpoint_sha256})")
+    echo(f"  checkpoint    {m.checkpoint_path or MISSING} (sha256 {m.checkpoint_sha256})")
     echo(f"  source        {m.source}, registered {m.created_at:%Y-%m-%d %H:%M} UTC")
     if m.taxonomy:
         echo(f"  taxonomy      {_inline(m.taxonomy)}")
     if m.layer_sparsity:
         echo("  per-layer sparsity")
         for layer, info in m.layer_sparsity.items():
-            echo(f"    {layer:<28} {100 * info['sparsity']:6.2f} % of {info['numel']:,}")
+            echo(f"    {layer:<28} {percent(info['sparsity'], width=8)} of {info['numel']:,}")
 
     if not rep["evaluations"]:
         echo("")
@@ -351,8 +353,8 @@ def report_command(ref, db):
             if key in ev["intervals"]:
                 seeds = ev["replicates"].get(key)
                 across = (
-                    f"; seeds {','.join(map(str, seeds.seeds))}: mean {100 * seeds.mean:.2f} %, "
-                    f"range {100 * seeds.min:.2f}–{100 * seeds.max:.2f} %"
+                    f"; seeds {','.join(map(str, seeds.seeds))}: mean {percent(seeds.mean)}, "
+                    f"range {percent(seeds.min, unit='')}–{percent(seeds.max)}"
                     if seeds
                     else ""
                 )
@@ -369,7 +371,7 @@ def report_command(ref, db):
             ratio = best["fmn_best_median_ratio"]
             echo(
                 f"  plain FMN vs best      local optimality {best['fmn_local_optimality']:.4f} (AttackBench; 1 = "
-                f"the best known), median ratio {'-' if ratio is None else f'{ratio:.4f}'}, "
+                f"the best known), median ratio {number(ratio)}, "
                 f"{best['n_fmn_above_best']} samples more than 1 % above it or not found"
             )
         if ev["flags"]:
@@ -387,19 +389,19 @@ def report_command(ref, db):
                 echo(f"    {stage:<{width}} {count:>7}  {share:6.2f} %")
         if ev["curve"]:
             echo(f"  security curve ({_DISTANCE_NAMES[ev['curve_distance']]}s)")
-            echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve"]))
+            echo("    " + "   ".join(f"eps {e:.4g}: {percent(a, 1)}" for e, a in ev["curve"]))
         if ev["curve_fmn"]:
             echo("  security curve (plain FMN distances)")
-            echo("    " + "   ".join(f"eps {e:.4g}: {100 * a:.1f} %" for e, a in ev["curve_fmn"]))
+            echo("    " + "   ".join(f"eps {e:.4g}: {percent(a, 1)}" for e, a in ev["curve_fmn"]))
         for reported, drop in ev["claims"]:
-            drop_text = "-" if drop is None else f"{drop:+.2f} points"
+            drop_text = points(drop)
             echo(
                 f"  authors' claim         clean {percent(reported.clean)}, robust {percent(reported.robust)} "
                 f"→ drop {drop_text}  ({reported.origin})"
             )
             _echo_reported_details(reported, indent=27)
         for reported, gap in ev["reevaluations"]:
-            gap_text = "-" if gap is None else f"{-gap:+.2f} points"
+            gap_text = points(None if gap is None else -gap)
             echo(
                 f"  other re-evaluation    clean {percent(reported.clean)}, robust {percent(reported.robust)} "
                 f"(ours − theirs {gap_text}; {reported.origin})"
@@ -520,7 +522,6 @@ def reported_set(ref, clean, robust, attack, source, eps, norm, note, db):
         model = resolve_model(s, ref)
         model.reported = rep.to_json()
         name = model.name
-    from bench.analysis.report import percent
 
     click.echo(
         f"model {name}: reported clean {percent(rep.clean)}, robust {percent(rep.robust)} ({rep.attack}; {rep.source})"
@@ -563,8 +564,8 @@ def reported_list(method, fmt):
             "struct": e["structure"],
             "sparsity": f"{100 * e['sparsity']:g} %",
             "threat": f"{e['norm']} {e['eps']}" if e["norm"] else "not stated",
-            "clean": "-" if e["clean"] is None else f"{100 * e['clean']:.2f}",
-            "robust": "-" if e["robust"] is None else f"{100 * e['robust']:.2f}",
+            "clean": percent(e["clean"], unit=""),
+            "robust": percent(e["robust"], unit=""),
             "kind": e["kind"],
             "table": e.get("table", ""),
         }

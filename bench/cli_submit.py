@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from bench.analysis.format import MISSING, percent
 from bench.cli import _db_option, _fmt_table, friendly_errors, main
 
 EPILOG_SUBMIT = """\b
@@ -166,10 +167,6 @@ def zoo() -> None:
     """The model zoo: the submitted checkpoints (submissions/), fetched and cached on demand."""
 
 
-def _pct(value) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
 @zoo.command("list")
 @click.option("--method", default=None, help="Only this method (bench methods; 'dense' for parents).")
 @click.option("--dataset", default=None, help="Only this dataset.")
@@ -193,11 +190,11 @@ def zoo_list(method, dataset, arch, submissions):
                 "arch": m.model.arch,
                 "dataset": m.model.dataset,
                 "sparsity": f"{m.model.sparsity:g}",
-                "clean": _pct(m.reported.clean),
-                "robust": _pct(m.reported.robust),
+                "clean": percent(m.reported.clean, unit=""),
+                "robust": percent(m.reported.robust, unit=""),
                 "sha256": "given" if m.checkpoint.sha256 else "on first fetch",
                 "url": "yes" if m.checkpoint.url else "by hand",
-                "cached": "yes" if cached_path(m.model_id, m.checkpoint.file_name) else "-",
+                "cached": "yes" if cached_path(m.model_id, m.checkpoint.file_name) else MISSING,
             }
         )
     if not rows:

@@ -282,7 +282,9 @@ def acceptance(rows: list[dict]) -> dict:
 
 
 def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+    from bench.analysis.format import percent
+
+    return percent(v, 1, unit="")
 
 
 def _range(stat: dict) -> str:

@@ -50,6 +50,7 @@ from sqlalchemy.engine import make_url
 
 import bench
 from bench.analysis.export import csv_text
+from bench.analysis.format import number, p_value
 from bench.analysis.replicates import (
     ReplicateSummary,
     group_replicates,
@@ -61,7 +62,7 @@ from bench.analysis.replicates import (
 from bench.analysis.report import failure, missing_parent_evaluation
 from bench.analysis.reported import Reported, reevaluation_drop, reported_numbers
 from bench.analysis.stats import wilson_interval
-from bench.analysis.thin_ice import POPULATIONS, format_p
+from bench.analysis.thin_ice import POPULATIONS
 from bench.store import Evaluation, Model, SampleResult, Store
 from leaderboard import plots
 from leaderboard.columns import COLUMNS, Row
@@ -69,7 +70,6 @@ from leaderboard.formatting import (  # noqa: F401  (re-exported: tests and call
     format_value,
     human_count,
     model_slug,
-    number,
     pct,
     safe_slug,
     safe_url,
@@ -987,7 +987,7 @@ def _environment() -> Environment:
         human=human_count,
         sortval=sort_value,
         value=format_value,
-        p=format_p,
+        p=p_value,
         norm=plots.norm_symbol,
         url=safe_url,
         wbr=word_breaks,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from markupsafe import Markup, escape
 
-from leaderboard.formatting import human_count, model_slug, number, pct, seeds_text, sort_value, word_breaks
+from bench.analysis.format import MISSING, number, points
+from leaderboard.formatting import human_count, model_slug, pct, seeds_text, sort_value, word_breaks
 
 if TYPE_CHECKING:
     from leaderboard.build import Entry
@@ -131,7 +132,7 @@ def _autoattack_cell(row: Row) -> Markup:
 
 def _seeds_cell(row: Row) -> Markup:
     if row["replicates"] is None:
-        return escape("–")
+        return escape(MISSING)
     seeds = seeds_text(row["replicate_seeds"])
     return Markup('<strong>{}</strong><br><span class="ci">{}–{}</span><br><span class="ci">{}</span>').format(
         pct(row["autoattack_seeds_mean"]),
@@ -160,12 +161,13 @@ def _local_optimality_title(row: Row) -> str | None:
 
 def _drop_cell(row: Row) -> Markup:
     drop = row["drop_points"]
-    return escape("–" if drop is None else f"{drop:+.2f}")
+    return escape(points(drop, unit=""))
 
 
 def _distance_cell(row: Row) -> Markup:
     d = row["fmn_median_distance"]
-    return escape("–" if d is None else f"{d:.4f}")
+    # An infinite median (FMN found no adversarial for most samples) is shown as "inf", not as missing.
+    return escape(MISSING if d is None else f"{d:.4f}")
 
 
 def _claim_title(row: Row) -> str | None:

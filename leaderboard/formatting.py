@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from markupsafe import Markup, escape
 
+from bench.analysis.format import MISSING, percent
 from bench.store import Model
 from bench.zoo.manifest import check_link_url
 
@@ -46,15 +47,13 @@ def safe_url(url: Any) -> str | None:
 
 
 def pct(value: Any, digits: int = 2) -> str:
-    """A fraction as a percentage without the sign (``0.4483`` → ``44.83``); "–" for a missing value."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return "–"
-    return f"{100 * value:.{digits}f}"
+    """A fraction as a percentage without the sign, as the site's "%" columns show it (``0.4483`` → ``44.83``)."""
+    return percent(value, digits, unit="")
 
 
 def human_count(value: int | None) -> str:
     if not value:
-        return "–" if value is None else "0"
+        return MISSING if value is None else "0"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
             return f"{value / size:.3g} {unit}"
@@ -78,7 +77,7 @@ def format_value(value: Any) -> str:
         return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
     if isinstance(value, datetime):
         return value.isoformat(sep=" ", timespec="seconds")
-    return "–" if value is None else str(value)
+    return MISSING if value is None else str(value)
 
 
 def word_breaks(text: Any) -> Markup:
@@ -98,12 +97,3 @@ def seeds_text(seeds: Any) -> str:
         parts.append(str(values[i]) if j == i else f"{values[i]}{'–' if j > i + 1 else ','}{values[j]}")
         i = j + 1
     return ",".join(parts)
-
-
-def number(value: Any, digits: int = 4) -> str:
-    """A distance or a ratio with ``digits`` decimals; "–" for a missing value (an evaluation stored without it)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        return "–"
-    if not math.isfinite(float(value)):
-        return "–"
-    return f"{float(value):.{digits}f}"

@@ -218,7 +218,9 @@ def _printed_tables(stdout: str) -> dict[str, str]:
 
 
 def _pct(v: float) -> str:
-    return f"{100 * v:.2f} %"
+    from bench.analysis.format import percent
+
+    return percent(v)
 
 
 def _p(p: float | None) -> str:

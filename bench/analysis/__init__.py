@@ -7,18 +7,42 @@ drops) compute on them; :mod:`~bench.analysis.export` writes tables as formula-s
 Accuracies are fractions in [0, 1]; percentages and drops (percentage points) are named as such.
 """
 
-from bench.analysis.curves import attack_breakdown, security_curve
-from bench.analysis.paired import McNemar, mcnemar
-from bench.analysis.records import EvaluationRecords, IncomparableError, latest_evaluation, load_records
-from bench.analysis.reported import (
-    Reported,
-    ReportedNumbers,
-    load_reported_table,
-    reevaluation_drop,
-    reported_for,
-    reported_numbers,
-)
-from bench.analysis.thin_ice import ThinIce, ThinIceError, thin_ice
+from importlib import import_module
+from typing import Any
+
+# Where each public name lives. They are imported on first use (PEP 562), so that importing one light submodule,
+# e.g. bench.analysis.format from the CLI, does not load the store, numpy and scipy through this package.
+_HOMES = {
+    "attack_breakdown": "curves",
+    "security_curve": "curves",
+    "McNemar": "paired",
+    "mcnemar": "paired",
+    "EvaluationRecords": "records",
+    "IncomparableError": "records",
+    "latest_evaluation": "records",
+    "load_records": "records",
+    "Reported": "reported",
+    "ReportedNumbers": "reported",
+    "load_reported_table": "reported",
+    "reevaluation_drop": "reported",
+    "reported_for": "reported",
+    "reported_numbers": "reported",
+    "ThinIce": "thin_ice",
+    "ThinIceError": "thin_ice",
+    "thin_ice": "thin_ice",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _HOMES[name]
+    module = import_module(f"{__name__}.{home}")
+    # All of the home's names at once: importing the submodule thin_ice has just bound the package's "thin_ice" to
+    # the module, and the function must win, as it did when this package imported it eagerly.
+    globals().update({n: getattr(module, n) for n, h in _HOMES.items() if h == home})
+    return globals()[name]
+
 
 __all__ = [
     "EvaluationRecords",

@@ -6,7 +6,6 @@ terminal is in :mod:`bench.cli_analysis`, for the site in ``leaderboard/``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -422,10 +421,3 @@ def failure(what: str, err: Exception) -> str:
     """An analysis error as one line for a page or the terminal (the exception's type unless a ValueError)."""
     text = str(err).strip() or type(err).__name__
     return f"{what} failed: {text}" if isinstance(err, ValueError) else f"{what} failed ({type(err).__name__}): {text}"
-
-
-def percent(value: float | None, digits: int = 2) -> str:
-    """A fraction as a percentage string, ``-`` for missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.{digits}f} %"

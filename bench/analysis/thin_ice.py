@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import mannwhitneyu
 
+from bench.analysis.format import MISSING, p_value
 from bench.analysis.records import EvaluationRecords, IncomparableError, shared_samples
 
 POPULATIONS = ("S00", "S01", "S10", "S11")
@@ -90,17 +91,8 @@ class ThinIce:
 
 def _auc_cell(auc: float | None, p: float | None) -> str:
     if auc is None:
-        return "-"
-    return f"{auc:.3f} ({format_p(p)})"
-
-
-def format_p(p: float | None) -> str:
-    """A p-value as the paper writes it: one significant digit (``4e-170``, ``0.03``); ``<1e-300`` at underflow."""
-    if p is None or math.isnan(p):
-        return "-"
-    if p == 0.0:
-        return "<1e-300"
-    return format(p, ".1g")
+        return MISSING
+    return f"{auc:.3f} ({p_value(p)})"
 
 
 def auc_less(smaller: np.ndarray, larger: np.ndarray) -> tuple[float, float]:

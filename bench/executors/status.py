@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from bench.analysis.format import MISSING
+
 MIN_RECENT_S = 600.0
 RECENT_CHUNKS = 3.0
 
@@ -138,9 +140,9 @@ def evaluation_status(store, model: str | None = None, *, now: datetime | None =
 
 
 def format_duration(seconds: float | None) -> str:
-    """``45s``, ``3m20s``, ``2h05m``, ``3d04h``; ``-`` for None."""
+    """``45s``, ``3m20s``, ``2h05m``, ``3d04h``; the missing-value mark for None."""
     if seconds is None or not math.isfinite(seconds):
-        return "-"
+        return MISSING
     s = round(seconds)
     if s < 60:
         return f"{s}s"

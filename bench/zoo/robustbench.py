@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.analysis.format import percent
 from bench.models import WRN_UNUSED_PREFIXES
 from bench.zoo.manifest import ROBUSTBENCH_NAME_PATTERN
 
@@ -59,7 +60,8 @@ class RobustBenchUnavailable(RuntimeError):
 
 
 def _percent(value: float | None) -> str | None:
-    return None if value is None else f"{100 * value:.2f}"
+    # RobustBench's model_info files write accuracies as percentage strings ("44.83") and null when unknown.
+    return None if value is None else percent(value, unit="")
 
 
 def _name_for(model_row, manifest) -> str:
