@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from bench.attacks.utils import eval_mode
 from bench.models import unwrap
 
 __all__ = ["WEIGHT_LAYER_TYPES", "SparsityReport", "count_flops", "measure_sparsity", "weight_layers"]
@@ -92,7 +93,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     are not). A convolution costs ``weight.numel() * H_out * W_out`` MACs, of which
     ``nonzero(weight) * H_out * W_out`` survive pruning; the weight's shape already reflects groups. A
     Linear layer costs ``weight.numel()`` per input row. Figures are per sample: a zero batch of one is run
-    through the model in eval mode (its training flag is restored afterwards).
+    through the model in eval mode (every module's train/eval flag is restored afterwards).
 
     Args:
         model: the model.
@@ -122,12 +123,10 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int
     else:
         x = torch.zeros(shape, device=param.device, dtype=param.dtype)
     handles = [m.register_forward_hook(hook) for _, m in weight_layers(model)]
-    was_training = model.training
     try:
-        model.eval()
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
-        model.train(was_training)
         for h in handles:
             h.remove()
     return totals

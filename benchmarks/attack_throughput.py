@@ -72,6 +72,7 @@ import torch
 from sqlalchemy import event, select
 from torch import nn
 
+from bench.analysis.format import MISSING
 from bench.attacks.utils import logit_difference
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import attack_chunk, evaluate
@@ -733,7 +734,7 @@ def print_stage_report(results, ref, variants, spec, bare, rows, n) -> None:
                     f"{st['fraction_of_matmul']:9.1%}   {sp['wall']:.2f}, {sp['cpu']:.2f}"
                 )
             else:
-                line += f"{'-':>9}{'-':>9}{'-':>9}{'-':>9}   (no passes)"
+                line += f"{MISSING:>9}" * 4 + "   (no passes)"
             print(line)
         sp = speedups["total"]
         print(

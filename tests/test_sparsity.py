@@ -82,6 +82,10 @@ def test_count_flops_grouped_strided_and_wrapped() -> None:
     flops = count_flops(model, (4, 8, 8))
     assert flops["dense_flops"] == 36 * 16 + 32 * 16
     assert model.training and torch.equal(net[1].running_mean, running_mean)
+    # A caller's frozen BatchNorm stays frozen: each module gets its own flag back, not the model's.
+    net[1].eval()
+    count_flops(model, (4, 8, 8))
+    assert [m.training for m in net] == [True, False, True] and model.training
 
 
 def test_count_flops_resnet56_matches_literature() -> None:
