@@ -65,8 +65,8 @@ SPREAD_POINTS = 10.0
 NOT_HELD = frozenset({"structured"})
 # The row whose per-seed spread the acceptance checks explicitly (issue: HYDRA 95 % collapsed on most seeds).
 SPREAD_CHECKED = (("hydra", 0.95),)
-# Source files whose code decides a method's result besides its own module.
-SHARED_SOURCES = ("methods/base.py", "methods/common.py", "bench/training.py", "bench/attacks/utils.py")
+# Packages whose source decides a result (see code_hash).
+PROJECT_PACKAGES = ("methods", "bench")
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,35 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def code_hash(method_key: str) -> str:
-    """Hash of the adapter's module and the shared training code: a change there recomputes the entries."""
+def source_modules(method_key: str) -> list:
+    """The project modules a method's result depends on: its adapter module, every ``methods`` module it reaches
+    through module-level names (functions, classes, modules), and the ``bench`` modules those name directly."""
     from methods.base import get_method
 
-    files = [Path(inspect.getsourcefile(type(get_method(method_key))))] + [REPO / rel for rel in SHARED_SOURCES]
+    stack = [sys.modules[type(get_method(method_key)).__module__]]
+    seen = {}
+    while stack:
+        module = stack.pop()
+        if module.__name__ in seen:
+            continue
+        seen[module.__name__] = module
+        if module.__name__.split(".")[0] != "methods":
+            continue  # a bench module is hashed, not followed: the track's data and models have their own keys
+        for value in vars(module).values():
+            name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+            if isinstance(name, str) and name.split(".")[0] in PROJECT_PACKAGES and name in sys.modules:
+                stack.append(sys.modules[name])
+    return [seen[name] for name in sorted(seen)]
+
+
+def code_hash(method_key: str) -> str:
+    """Hash of :func:`source_modules`' files: a change there recomputes the method's entries (moves do not)."""
     h = hashlib.sha256()
-    for path in files:
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
+    for module in source_modules(method_key):
+        path = getattr(module, "__file__", None)
+        if path:
+            h.update(module.__name__.encode())
+            h.update(Path(path).read_bytes())
     return h.hexdigest()
 
 
