@@ -387,3 +387,15 @@ def test_mad_resnet18_keys_are_ours():
     }
     ours = set(build_model("resnet18", "cifar10").net.state_dict())
     assert expected <= ours
+
+
+def test_code_defaults_kept_and_the_digits_finetuning_rate_is_the_dense_parents():
+    """The code's lr 0.1 (for BatchNorm networks) killed one of five digits seeds at sparsity 0.5; see digits_config."""
+    from bench.track import TRACKS
+
+    method = get_method("mad")
+    cfg = method.config()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.mart_beta, cfg.mask_steps) == (0.1, 0.9, 2e-4, 0.5, 20)
+    digits = method.digits_config()
+    assert digits.lr == TRACKS["digits"].training.lr < cfg.lr
+    assert method.digits_config(lr=0.1).lr == 0.1
