@@ -61,6 +61,9 @@ PGD = {"steps": 20, "step_size": 0.05, "random_start": True, "attack_seed": 0}
 AA = {"version": "plus", "seed": 0}
 COLLAPSE_FRACTION = 0.5
 SPREAD_POINTS = 10.0
+# A row whose median clean accuracy is below this multiple of chance barely classifies at all: marked, so that its
+# robust figures (near the floor) are not read as a working schedule's.
+NEAR_CHANCE_MULTIPLE = 3
 # Structured pruning fine-tunes on clean data only: reported, not held to the collapse criterion.
 NOT_HELD = frozenset({"structured"})
 # The row whose per-seed spread the acceptance checks explicitly (issue: HYDRA 95 % collapsed on most seeds).
@@ -244,7 +247,7 @@ def levels_for(method, requested: list[float] | None) -> list[float]:
     return list(requested if requested is not None else DEFAULT_SPARSITIES)
 
 
-def summarise(entries: list[dict]) -> list[dict]:
+def summarise(entries: list[dict], num_classes: int = 10) -> list[dict]:
     """One row per (method, sparsity): median and range over seeds, the collapse and spread verdicts."""
     rows: dict[tuple[str, float], list[dict]] = {}
     for e in entries:
@@ -273,6 +276,7 @@ def summarise(entries: list[dict]) -> list[dict]:
                 "max_distance_from_median_points": spread,
                 "within_10_points": spread <= SPREAD_POINTS,
                 "held_to_collapse_criterion": method not in NOT_HELD,
+                "near_chance": statistics.median(clean) < NEAR_CHANCE_MULTIPLE / num_classes,
             }
         )
     return out
@@ -317,6 +321,8 @@ def _verdict(row: dict) -> str:
         seeds = ", ".join(str(s) for s in row["collapsed_seeds"])
         parts.append(f"COLLAPSE (seed {seeds})" + ("" if row["held_to_collapse_criterion"] else ", not held"))
     parts.append("within 10" if row["within_10_points"] else f"spread {row['max_distance_from_median_points']:.1f}")
+    if row.get("near_chance"):
+        parts.append("near chance")
     return "; ".join(parts)
 
 
@@ -366,7 +372,9 @@ def markdown(result: dict) -> str:
         f"{PGD['step_size']:g}, uniform random start, attack seed {PGD['attack_seed']}. AutoAttack-plus: pruning "
         f"seed 0 only. A row COLLAPSES when a seed's PGD-20 accuracy is below {COLLAPSE_FRACTION:g} × the row's "
         f'median; "within 10" means every seed is within {SPREAD_POINTS:g} points of it. Structured pruning '
-        "fine-tunes on clean data and is reported, not held to the collapse criterion.",
+        'fine-tunes on clean data and is reported, not held to the collapse criterion. "near chance": median '
+        f"clean accuracy below {NEAR_CHANCE_MULTIPLE}× chance; such a model barely classifies, and its robust "
+        "accuracy sits near the floor.",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "|".join("---" for _ in HEADER) + "|",
@@ -506,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     dense = dense_figures(not args.no_autoattack, root)
-    rows = summarise(entries)
+    from bench.data import get_dataset_info
+
+    rows = summarise(entries, num_classes=get_dataset_info(TRACKS["digits"].dataset).num_classes)
     track = TRACKS["digits"]
     result = {
         "rows": rows,
