@@ -36,34 +36,23 @@ import secrets
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
-from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 import bench
 from bench.analysis.export import csv_text
 from bench.analysis.format import number, p_value
 from bench.analysis.replicates import (
-    ReplicateSummary,
-    group_replicates,
     seed_of,
-    setting_key,
-    setting_label,
-    summarize_evaluations,
 )
-from bench.analysis.report import failure, missing_parent_evaluation
-from bench.analysis.reported import Reported, reevaluation_drop, reported_numbers
-from bench.analysis.stats import wilson_interval
 from bench.analysis.thin_ice import POPULATIONS
-from bench.store import Evaluation, Model, SampleResult, Store
+from bench.store import Store
 from leaderboard import plots
 from leaderboard.columns import COLUMNS, Row
 from leaderboard.formatting import (  # noqa: F401  (re-exported: tests and callers import them from here)
@@ -78,7 +67,17 @@ from leaderboard.formatting import (  # noqa: F401  (re-exported: tests and call
     sort_value,
     word_breaks,
 )
-from leaderboard.per_sample import EvalTask, SampleResults, run_job, worker_init, worker_job, write_text
+from leaderboard.per_sample import EvalTask, run_job, worker_init, worker_job, write_text
+from leaderboard.site_data import SiteData
+from leaderboard.view_models import (
+    STRUCTURE_NAMES,
+    Entry,
+    MethodInfo,
+    Table,
+    inputs_label,
+    inputs_text,
+    is_ranked,
+)
 
 # Written into every site folder: a later build may replace a folder only if it finds this file there.
 MARKER = ".apbench-site"
@@ -90,7 +89,6 @@ JOB_SIZE = 10
 MAX_WORKERS = 4
 MIN_TASKS_FOR_POOL = 8
 
-STRUCTURE_NAMES = {"US": "unstructured", "S": "structured", "dense": "dense only"}
 FLAG_TEXT = {
     "randomized_defense": "AutoAttack saw a randomised forward pass",
     "softmax_output": "the model seems to output probabilities, not logits",
@@ -162,321 +160,11 @@ PROTOCOL_PAPERS = [
 ]
 
 
-# --------------------------------------------------------------------------------------------- view models
-
-
-@dataclass
-class MethodInfo:
-    """What a method page shows: from the registry's card when the method is registered, else from the DB."""
-
-    key: str
-    slug: str
-    display_name: str
-    registered: bool
-    paper_title: str | None = None
-    paper_url: str | None = None
-    venue: str | None = None
-    year: int | None = None
-    authors: str | None = None
-    ap_key: str | None = None
-    taxonomy: list[tuple[str, str]] = field(default_factory=list)
-    native_sparsity: str | None = None
-    entries: list[Entry] = field(default_factory=list)
-    # The entries grouped by protocol, in the site's protocol order: a method page never mixes them in one table.
-    by_protocol: list[tuple[Protocol, list[Entry]]] = field(default_factory=list)
-    unevaluated: list[Model] = field(default_factory=list)
-    plot: str | None = None
-
-    @property
-    def href(self) -> str:
-        return f"methods/{self.slug}.html"
-
-    @property
-    def authors_short(self) -> str | None:
-        """ "Sehwag et al." from a BibTeX author list ("Sehwag and others", "A and B and C")."""
-        if not self.authors:
-            return None
-        names = [a.strip() for a in str(self.authors).split(" and ")]
-        if len(names) > 2 or names[-1] == "others":
-            return f"{names[0]} et al."
-        return " and ".join(names)
-
-    @property
-    def venue_year(self) -> str:
-        return " ".join(str(p) for p in (self.venue, self.year) if p)
-
-
-@dataclass
-class Entry:
-    """One model under one complete evaluation, with everything its table row and page section need."""
-
-    model: Model
-    ev: Evaluation
-    method: MethodInfo | None
-    # The authors' claim the drop is computed from, and the best other benchmark's re-evaluation.
-    reported: Reported | None = None
-    reevaluation: Reported | None = None
-    claims: list[Reported] = field(default_factory=list)
-    reevaluations: list[Reported] = field(default_factory=list)
-    reported_error: str | None = None
-    drop: float | None = None
-    parent_entry: Entry | None = None
-    # Filled by the per-sample jobs (leaderboard.per_sample).
-    results: SampleResults = field(default_factory=SampleResults)
-    thin_error: str | None = None
-    # The model's training-seed replicates under this protocol (itself included), when two or more are evaluated.
-    setting: Setting | None = None
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.ev.spec
-
-    @property
-    def seed(self) -> int | None:
-        """The pruning seed recorded in the model's provenance (None for dense, zoo and submitted models)."""
-        return seed_of(self.model)
-
-    @property
-    def has_setting(self) -> bool:
-        """Whether the model was pruned by ``bench prune`` with a recorded seed and config: other seeds of its setting
-        would be its replicates (:func:`bench.analysis.replicates.setting_key`)."""
-        return setting_key(self.model) is not None
-
-    @property
-    def has_best_known(self) -> bool:
-        """Whether the evaluation's protocol stores best-known distances (FMN also started from AutoAttack's
-        adversarial examples); the figures themselves may still be missing (shown as "–")."""
-        return (self.spec or {}).get("fmn_init", "none") != "none"
-
-    @property
-    def inputs(self) -> str:
-        """The model's input normalisation as ``--normalization`` spells it: ``dataset``, ``none`` or ``MEAN/STD``."""
-        return inputs_label(self.model)
-
-    @property
-    def inputs_text(self) -> str | None:
-        """The normalisation in words, or None for the dataset's own mean/std (the default)."""
-        return inputs_text(self.model)
-
-    @property
-    def n(self) -> int:
-        return self.ev.n_samples
-
-    def interval(self, accuracy: float | None) -> tuple[float, float]:
-        if accuracy is None:
-            return (math.nan, math.nan)
-        return wilson_interval(round(accuracy * self.n), self.n)
-
-    @property
-    def fmn_beat_aa(self) -> bool:
-        return bool(self.ev.n_fmn_beat_aa) or "fmn_beat_autoattack" in (self.ev.flags or [])
-
-    @property
-    def file_stem(self) -> str:
-        return f"{model_slug(self.model)}-e{self.ev.id}"
-
-
-@dataclass(eq=False)
-class Setting:
-    """Training-seed replicates: the models of one setting (everything that defines a pruned model but its seed,
-    :func:`bench.analysis.replicates.setting_of`) evaluated under one protocol, ordered by seed.
-
-    Attributes:
-        key: the setting key (:func:`bench.analysis.replicates.setting_key`).
-        entries: one entry per seed (each model's newest complete evaluation under the protocol).
-        summary: ``{"clean"|"autoattack"|"fmn"|"best_known": ReplicateSummary}`` across the seeds.
-        error: why there is no summary (two models of the setting share a seed), else None.
-    """
-
-    key: str
-    protocol_hash: str
-    entries: list[Entry]
-    summary: dict[str, ReplicateSummary] = field(default_factory=dict)
-    error: str | None = None
-
-    @property
-    def label(self) -> str:
-        """The first replicate's name without its seed suffix."""
-        return setting_label(self.entries[0].model.name)
-
-    @property
-    def n(self) -> int:
-        return len(self.entries)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [e.seed for e in self.entries if e.seed is not None]
-
-    @property
-    def seeds_text(self) -> str:
-        return seeds_text(self.seeds)
-
-    @property
-    def sparsity(self) -> float:
-        """Mean measured sparsity of the replicates (their masks differ, so may their sparsities, slightly)."""
-        return math.fsum(e.model.measured_sparsity for e in self.entries) / len(self.entries)
-
-    @property
-    def model(self) -> Model:
-        return self.entries[0].model
-
-    @property
-    def slug(self) -> str:
-        return f"setting-{self.key[:12]}-{self.protocol_hash[:8]}"
-
-    def sentence(self, metric: str = "autoattack") -> str | None:
-        """ "seeds 0–2: mean 43.20 %, range 41.00–45.10 %" (as ``bench report`` words it), or None."""
-        s = self.summary.get(metric)
-        if s is None:
-            return None
-        return f"seeds {seeds_text(s.seeds)}: mean {pct(s.mean)} %, range {pct(s.min)}–{pct(s.max)} %"
-
-
 def best_attack_text(name: str) -> str:
     """A ``best_attack`` value in words: "plain FMN", "AutoAttack (apgd-ce)"."""
     if name.startswith("autoattack:"):
         return f"AutoAttack ({name.split(':', 1)[1]})"
     return BEST_ATTACK_TEXT.get(name, name)
-
-
-def inputs_label(model: Model) -> str:
-    """A model's input normalisation as ``--normalization`` spells it (:func:`bench.catalog.normalization_label`)."""
-    from bench.catalog import normalization_label
-
-    key = getattr(model, "normalization", None)
-    try:
-        return normalization_label(key)
-    except ValueError:  # a stored key that is not MEAN/STD numbers: shown as stored (as text), never the default
-        return str(key)
-
-
-def inputs_text(model: Model) -> str | None:
-    """A model's input normalisation in words, None for the dataset's own
-    (:func:`bench.catalog.describe_normalization`)."""
-    from bench.catalog import describe_normalization
-
-    key = getattr(model, "normalization", None)
-    try:
-        return describe_normalization(key)
-    except ValueError:
-        return f"mean/std {key}"
-
-
-# Spec fields that are not part of the protocol hash (bench.spec.RunSpec.protocol_hash) and fields shown by name.
-NOT_PROTOCOL = ("device", "batch_size")
-PROTOCOL_FIELDS = ("dataset", "n_samples", "norm", "eps", "eps_value", "version", "fmn_steps", "seed", "protocol")
-
-
-@dataclass
-class Protocol:
-    """Evaluations with one protocol hash: the same samples, threat model, attacks and settings.
-
-    Only evaluations under one protocol are ever ranked together. Per dataset one protocol is the *main* one
-    (:func:`_order_protocols`); the others get their own tables below it.
-    """
-
-    hash: str
-    spec: dict[str, Any]
-    models: int = 0
-    main: bool = False
-    canonical: bool = False
-    tables: list[Table] = field(default_factory=list)
-    # Settings with two or more seeds evaluated under this protocol (the index's "by setting" table).
-    seed_settings: list[Setting] = field(default_factory=list)
-
-    @property
-    def short(self) -> str:
-        return self.hash[:8]
-
-    @property
-    def slug(self) -> str:
-        return f"protocol-{slugify(self.hash[:12])}"
-
-    @property
-    def dataset(self) -> str:
-        return str(self.spec.get("dataset", "?"))
-
-    @property
-    def n(self) -> Any:
-        return self.spec.get("n_samples", "?")
-
-    @property
-    def threat(self) -> str:
-        return f"{plots.norm_symbol(str(self.spec.get('norm', '?')))} ε = {self.spec.get('eps', '?')}"
-
-    @property
-    def has_best_known(self) -> bool:
-        """Whether FMN also started from AutoAttack's adversarial examples (best-known distances stored)."""
-        return self.spec.get("fmn_init", "none") != "none"
-
-    @property
-    def fmn_note(self) -> str:
-        # Protocols from before best-known distances differ from today's only there: their titles must too.
-        return "" if self.has_best_known else " · plain FMN only"
-
-    @property
-    def title(self) -> str:
-        """What the protocol is, in one line: dataset, threat model, AutoAttack version, N (and "plain FMN only" for
-        a protocol without best-known distances)."""
-        version = self.spec.get("version", "?")
-        return f"{self.dataset} · {self.threat} · AutoAttack {version} · N = {self.n}{self.fmn_note}"
-
-    @property
-    def settings(self) -> list[tuple[str, str]]:
-        """Every setting the protocol hash covers, as (name, value); fields this site does not know by name too."""
-        spec = self.spec
-        known = (*PROTOCOL_FIELDS, *NOT_PROTOCOL)
-        fmn = [f"{spec.get('fmn_steps', '?')} steps"]
-        fmn += [
-            f"{k[4:].replace('_', ' ')} {format_value(spec[k])}"
-            for k in sorted(spec)
-            if k.startswith("fmn_") and k != "fmn_steps"
-        ]
-        out = [
-            ("dataset", self.dataset),
-            ("samples", f"the first {self.n} of the test split"),
-            ("threat model", self.threat),
-            ("AutoAttack", str(spec.get("version", "?"))),
-            ("FMN", ", ".join(fmn)),
-            ("attack seed", str(spec.get("seed", "?"))),
-        ]
-        for key in sorted(k for k in spec if k not in known and not k.startswith("fmn_")):
-            out.append((key.replace("_", " "), format_value(spec[key])))
-        out.append(("protocol", f"{spec.get('protocol', '?')} · hash {self.hash[:12]}"))
-        return out
-
-
-@dataclass
-class Table:
-    """One ranked table: the models of one architecture and structure evaluated under one protocol."""
-
-    protocol: Protocol
-    arch: str
-    structure: str
-    entries: list[Entry]
-    slug: str = ""
-
-    @property
-    def dataset(self) -> str:
-        return self.protocol.dataset
-
-    @property
-    def norm(self) -> str:
-        return str(self.protocol.spec.get("norm", "?"))
-
-    @property
-    def eps(self) -> str:
-        return str(self.protocol.spec.get("eps", "?"))
-
-    @property
-    def heading(self) -> str:
-        """The table's heading inside its protocol's section."""
-        return f"{self.arch} · {STRUCTURE_NAMES.get(self.structure, self.structure)}"
-
-    @property
-    def title(self) -> str:
-        """The table's full name (downloads, the ``table`` column of the combined CSV): protocol and heading."""
-        return f"{self.protocol.title} · {self.heading}"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -527,255 +215,6 @@ def bibtex(entry: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ collection
-
-
-class SiteData:
-    """Everything the pages need, read from one session."""
-
-    def __init__(self, session) -> None:
-        self.models: list[Model] = list(session.scalars(select(Model).order_by(Model.id)))
-        evaluations = list(session.scalars(select(Evaluation).order_by(Evaluation.id)))
-        incomplete_ids = [ev.id for ev in evaluations if ev.status != "complete"]
-        stored = dict(
-            session.execute(
-                select(SampleResult.evaluation_id, func.count())
-                .where(SampleResult.evaluation_id.in_(incomplete_ids))
-                .group_by(SampleResult.evaluation_id)
-            ).all()
-        )
-        self.by_id = {m.id: m for m in self.models}
-        self.children: dict[int, list[Model]] = defaultdict(list)
-        for m in self.models:
-            if m.parent_id is not None and m.parent_id in self.by_id:
-                self.children[m.parent_id].append(m)
-
-        # The newest complete evaluation per (model, protocol) (bench.analysis.records.latest_evaluation's rule).
-        latest: dict[tuple[int, str], Evaluation] = {}
-        self.incomplete: dict[int, list[tuple[Evaluation, int]]] = defaultdict(list)
-        for ev in evaluations:
-            if ev.status != "complete":
-                self.incomplete[ev.model_id].append((ev, int(stored.get(ev.id, 0))))
-                continue
-            key = (ev.model_id, ev.protocol_hash)
-            if key not in latest or _newer(ev, latest[key]):
-                latest[key] = ev
-        self.methods = _methods(self.models)
-        self.entries: dict[int, list[Entry]] = defaultdict(list)
-        for (model_id, _), ev in sorted(latest.items(), key=lambda kv: kv[1].id):
-            model = self.by_id[model_id]
-            entry = Entry(model=model, ev=ev, method=self.methods.get(model.method))
-            _attach_reported(entry)
-            self.entries[model_id].append(entry)
-        self.protocols = _order_protocols(latest.values())
-        self.protocol_of = {p.hash: p for p in self.protocols}
-        # A model's evaluations in protocol order: its dataset's main protocol first.
-        order = {p.hash: i for i, p in enumerate(self.protocols)}
-        for entries in self.entries.values():
-            entries.sort(key=lambda e: order[e.ev.protocol_hash])
-        for entries in self.entries.values():
-            for entry in entries:
-                _link_parent(self, entry)
-        _link_replicates(self)
-        self.as_of = max((ev.finished_at for ev in evaluations if ev.finished_at), default=None)
-
-    def entry(self, model_id: int, protocol_hash: str) -> Entry | None:
-        """The model's evaluation under this protocol (the newest complete one), if it has one."""
-        return next((e for e in self.entries.get(model_id, []) if e.ev.protocol_hash == protocol_hash), None)
-
-    def protocol(self, entry: Entry) -> Protocol:
-        return self.protocol_of[entry.ev.protocol_hash]
-
-
-def _attach_reported(entry: Entry) -> None:
-    """The authors' claim under this evaluation's threat model and the drop against our AutoAttack figure, and
-    other benchmarks' re-evaluations beside them."""
-    spec = entry.spec
-    try:
-        found = reported_numbers(entry.model, spec.get("norm"), spec.get("eps_value"))
-    except Exception as err:  # a malformed ``reported`` column must not stop the build
-        entry.reported_error = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
-        return
-    entry.claims = list(found.claims)
-    entry.reevaluations = list(found.reevaluations)
-    entry.reported = found.claim
-    entry.reevaluation = found.reevaluation
-    entry.drop = reevaluation_drop(entry.reported, entry.ev.aa_robust_accuracy)
-
-
-def _link_replicates(data: SiteData) -> None:
-    """Group the shown evaluations of ranked models into settings (:func:`group_replicates`, the rule ``bench
-    results`` uses) and attach each setting with two seeds or more to its entries and its protocol.
-
-    Unranked models (sanity runs) never join a setting: their figures are not averaged with real models'.
-    """
-    by_evaluation = {e.ev.id: e for entries in data.entries.values() for e in entries if is_ranked(e.model)}
-    groups = group_replicates(e.ev for e in by_evaluation.values())
-    for (key, protocol_hash), evaluations in groups.items():
-        if key.startswith("model:") or len(evaluations) < 2:
-            continue
-        setting = Setting(key, protocol_hash, [by_evaluation[ev.id] for ev in evaluations])
-        try:
-            setting.summary = summarize_evaluations(evaluations)
-        except ValueError as err:  # two models of the setting share a seed: shown, never averaged
-            setting.error = failure("the summary across seeds", err)
-        for entry in setting.entries:
-            entry.setting = setting
-        data.protocol_of[protocol_hash].seed_settings.append(setting)
-    for p in data.protocols:
-        p.seed_settings.sort(key=lambda st: (st.model.method, st.model.arch, st.model.target_sparsity or 0.0, st.label))
-
-
-def _newer(a: Evaluation, b: Evaluation) -> bool:
-    return (a.finished_at or datetime.min, a.id) > (b.finished_at or datetime.min, b.id)
-
-
-def _link_parent(data: SiteData, entry: Entry) -> None:
-    """The dense parent's evaluation under the same protocol, for the thin-ice analysis."""
-    parent_id = entry.model.parent_id
-    if parent_id is None or parent_id not in data.by_id:
-        return
-    parent_entries = data.entries.get(parent_id, [])
-    same = [e for e in parent_entries if e.ev.protocol_hash == entry.ev.protocol_hash]
-    if same:
-        entry.parent_entry = same[0]
-    else:
-        entry.thin_error = missing_parent_evaluation(
-            data.by_id[parent_id].name, entry.ev.protocol_hash, [e.ev.protocol_hash for e in parent_entries]
-        )
-
-
-def _order_protocols(evaluations: Iterable[Evaluation]) -> list[Protocol]:
-    """The protocols of the shown evaluations: per dataset (by name) its main protocol, then the dataset's others.
-
-    The main protocol of a dataset is its canonical one when the store holds it: AutoAttack *plus*, the
-    dataset's default threat model (L∞ at its default ε) on the full test split (its ``test_size``; for a dataset
-    this installation does not know, the most samples any stored protocol of it used). Otherwise, and among the
-    others: full split first, then AutoAttack plus, then the most models, then the most samples.
-    """
-    protocols: dict[str, Protocol] = {}
-    for ev in evaluations:
-        if ev.protocol_hash not in protocols:
-            spec = {k: v for k, v in (ev.spec or {}).items() if k not in NOT_PROTOCOL}
-            protocols[ev.protocol_hash] = Protocol(hash=ev.protocol_hash, spec=spec)
-        protocols[ev.protocol_hash].models += 1
-    by_dataset: dict[str, list[Protocol]] = defaultdict(list)
-    for p in protocols.values():
-        by_dataset[p.dataset].append(p)
-    ordered = []
-    for dataset in sorted(by_dataset):
-        group = by_dataset[dataset]
-        most = max((_int(p.spec.get("n_samples")) for p in group), default=0)
-        ranks = {p.hash: _protocol_rank(p, most) for p in group}
-        group.sort(key=lambda p: (tuple(-x for x in ranks[p.hash]), p.hash))
-        for p in group:
-            p.canonical = bool(ranks[p.hash][0])
-        group[0].main = True
-        ordered += group
-    return ordered
-
-
-def _protocol_rank(p: Protocol, most_samples: int) -> tuple[int, ...]:
-    """(canonical, full split, plus, models, samples): larger is preferred."""
-    from bench.data import get_dataset_info
-
-    spec = p.spec
-    try:
-        info = get_dataset_info(p.dataset)
-    except Exception:  # a dataset this installation does not know: no default threat model to compare with
-        info = None
-    n = _int(spec.get("n_samples"))
-    full = n >= (getattr(info, "test_size", None) or most_samples)
-    plus = spec.get("version") == "plus"
-    default_threat = info is None or (
-        spec.get("norm") == "Linf" and _close(spec.get("eps_value"), info.default_eps_value)
-    )
-    return (int(plus and full and default_threat), int(full), int(plus), p.models, n)
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _close(a: Any, b: float) -> bool:
-    return isinstance(a, (int, float)) and math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def _methods(models: list[Model]) -> dict[str, MethodInfo]:
-    """Registered methods from their cards, plus every other method name the store holds."""
-    from methods.base import get_method, list_methods
-
-    out: dict[str, MethodInfo] = {}
-    for key in list_methods():
-        card = get_method(key).card
-        out[key] = MethodInfo(
-            key=key,
-            slug=safe_slug(key),
-            display_name=card.display_name,
-            registered=True,
-            paper_title=card.paper_title,
-            paper_url=safe_url(card.paper_url),
-            venue=card.venue,
-            year=card.year,
-            authors=_first_author(card.ap_key),
-            ap_key=card.ap_key,
-            taxonomy=_taxonomy_items(card.taxonomy),
-            native_sparsity=card.native_sparsity,
-        )
-    for model in models:
-        if model.method == "dense" or model.method in out:
-            continue
-        paper = _paper_from_db(model)
-        # A zoo submission of a method without an adapter names it in its manifest (bench.zoo).
-        external = ((model.provenance or {}).get("zoo") or {}).get("external_method") or {}
-        authors = paper.get("authors")
-        out[model.method] = MethodInfo(
-            key=model.method,
-            slug=safe_slug(model.method),
-            display_name=str(external.get("display_name") or model.method),
-            registered=False,
-            paper_title=paper.get("title"),
-            paper_url=safe_url(paper.get("url")),
-            venue=paper.get("venue"),
-            year=paper.get("year"),
-            authors=" and ".join(map(str, authors)) if isinstance(authors, list) else authors,
-            ap_key=external.get("ap_key"),
-            taxonomy=_taxonomy_items(model.taxonomy or {}),
-        )
-    return out
-
-
-def _first_author(ap_key: str) -> str | None:
-    # "HYDRA_Sehwag2020Hydra" → "Sehwag and others" (the card names the first author only).
-    match = re.search(r"_([A-Z][A-Za-z-]+?)\d{4}", ap_key or "")
-    return f"{match.group(1)} and others" if match else None
-
-
-def _taxonomy_items(taxonomy: dict[str, Any]) -> list[tuple[str, str]]:
-    # A submitted method's training types are nested: {"training": {"pretraining": "AT", "1S/IT": "1S"}}.
-    def text(v: Any) -> str:
-        if isinstance(v, dict):
-            return ", ".join(f"{k}: {text(x)}" for k, x in v.items())
-        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
-
-    return [(str(k), text(v)) for k, v in taxonomy.items()]
-
-
-def _paper_from_db(model: Model) -> dict[str, Any]:
-    """Paper fields a submitted model carries: its zoo manifest's (``provenance["zoo"]["paper"]``), else
-    ``provenance["paper"]``, ``taxonomy["paper"]`` or flat ``paper_title``/``paper_url`` keys."""
-    zoo = (model.provenance or {}).get("zoo")
-    for source in (zoo if isinstance(zoo, dict) else {}, model.provenance or {}, model.taxonomy or {}):
-        paper = source.get("paper")
-        if isinstance(paper, dict):
-            return {k: paper.get(k) for k in ("title", "url", "venue", "year", "authors")}
-        if isinstance(paper, str):
-            return {"title": paper}
-        if source.get("paper_title") or source.get("paper_url"):
-            return {"title": source.get("paper_title"), "url": source.get("paper_url")}
-    return {}
-
-
 # ------------------------------------------------------------------------------------------- per sample
 
 
@@ -813,11 +252,6 @@ def _pool(store: Store, workers: int | None, n_tasks: int) -> ProcessPoolExecuto
         initializer=worker_init,
         initargs=(store.url, os.getpid()),
     )
-
-
-def is_ranked(model: Model) -> bool:
-    """False for a sanity run (``bench evaluate --unranked``): shown on its page and listed apart, never ranked."""
-    return getattr(model, "ranked", True) is not False
 
 
 def _tables(data: SiteData) -> list[Table]:
@@ -1185,7 +619,6 @@ def _write_site(store: Store, data: SiteData, folder: Path, workers: int | None)
 def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
     """Index, methods, methodology and downloads pages, the data files, the method pages and their plots."""
     env = _environment()
-    all_entries = [e for m in data.models for e in data.entries.get(m.id, [])]
     tables = _tables(data)
     table_rows = {t.slug: [_row_record(t, i, e) for i, e in enumerate(t.entries, 1)] for t in tables}
     shown_rows = {
@@ -1196,18 +629,9 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
     }
     # A column that only some evaluations have (seeds, best-known figures) is drawn in the tables where a row has it.
     table_columns = {t.slug: [c for c in COLUMNS if c.shown(shown_rows[t.slug])] for t in tables}
-    methods = sorted(data.methods.values(), key=lambda mi: (not mi.registered, mi.display_name.lower(), mi.key))
+    methods = data.method_list
     for mi in methods:
-        mi.entries = [e for e in all_entries if e.model.method == mi.key]
-        mi.by_protocol = [
-            (p, [e for e in mi.entries if e.ev.protocol_hash == p.hash])
-            for p in data.protocols
-            if any(e.ev.protocol_hash == p.hash for e in mi.entries)
-        ]
-        mi.unevaluated = [m for m in data.models if m.method == mi.key and not data.entries.get(m.id)]
         mi.plot = _method_plot(data, mi)
-    not_evaluated = [m for m in data.models if not data.entries.get(m.id)]
-    unranked = [e for m in data.models if not is_ranked(m) for e in data.entries.get(m.id, [])]
 
     common = {"env": env, "data": data, "methods": methods, "tables": tables, "structure_names": STRUCTURE_NAMES}
     ctx = {k: v for k, v in common.items() if k != "env"}
@@ -1218,8 +642,8 @@ def _render_overview(data: SiteData, w: _Writer) -> dict[str, Any]:
             page="index",
             rows=shown_rows,
             columns=table_columns,
-            not_evaluated=not_evaluated,
-            unranked=unranked,
+            not_evaluated=data.not_evaluated,
+            unranked=data.unranked,
             **ctx,
         ),
     )

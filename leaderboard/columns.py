@@ -22,7 +22,7 @@ from bench.analysis.format import MISSING, number, points
 from leaderboard.formatting import human_count, model_slug, pct, seeds_text, sort_value, word_breaks
 
 if TYPE_CHECKING:
-    from leaderboard.build import Entry
+    from leaderboard.view_models import Entry
 
 
 @dataclass(frozen=True)
