@@ -2,9 +2,9 @@
 narrow screen.
 
 A table row is a :class:`Row`: the plain values the CSV/JSON downloads hold (``record``, see
-``leaderboard.build._row_record``) plus the :class:`~leaderboard.build.Entry` behind them. To add a column, add a
-field to the record (so the downloads get it) and a :class:`Column` to :data:`COLUMNS`; the index template draws
-whatever this list holds, in this order.
+:func:`leaderboard.tables.row_record`) plus the :class:`~leaderboard.view_models.Entry` behind them. To add a
+column, add a field to the record (so the downloads get it) and a :class:`Column` to :data:`COLUMNS`; the index
+template draws whatever this list holds, in this order.
 
 Cells are built with :class:`markupsafe.Markup`: ``Markup(...).format(...)`` escapes every argument, so a string a
 submitter controls (a model or method name, a source, a flag) is shown as text, never as markup.
@@ -46,7 +46,7 @@ class Column:
         header: the header text; ``\\n`` breaks the line.
         tooltip: the header's explanation (shown on hover).
         cell: the cell's HTML for a row.
-        sort: the cell's ``data-sort`` value (:func:`leaderboard.build.sort_value`; empty sorts last).
+        sort: the cell's ``data-sort`` value (:func:`leaderboard.formatting.sort_value`; empty sorts last).
         cell_title: the cell's tooltip, or None.
         numeric: right-aligned, tabular figures.
         pinned: stays in view when the table scrolls sideways (narrow screens); pinned columns come first.
