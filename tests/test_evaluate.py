@@ -1,4 +1,5 @@
-"""The evaluator end to end: per-sample rows, the protocol's conventions, reuse, overwrite and resumption."""
+"""The evaluator end to end: per-sample rows, the protocol's conventions, reuse, overwrite and resumption, the
+interface executors build on. Many processes on one evaluation: tests/test_concurrency.py."""
 
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import bench.evaluate as evaluate_module
 from bench.analysis.best_known import distance_gap
 from bench.analysis.stats import wilson_interval
 from bench.attacks.fmn import NotAdversarialError
-from bench.evaluate import evaluate
+from bench.evaluate import evaluate, evaluate_chunks, finalize_evaluation, missing_chunks, open_evaluation
+from bench.performance import execution_settings
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult
+from bench.store.schema import EvaluationChunk
 
 SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not in ("id", "evaluation_id")]
 
@@ -458,3 +461,53 @@ def test_fmn_refusing_a_starting_point_leaves_the_chunk_without_autoattack_candi
     assert all(r["aa_distance"] is None and r["fmn_warm_distance"] is None for r in rows)
     assert all(r["best_distance"] == r["fmn_distance"] for r in rows)
     assert "autoattack_adversarial_not_reproduced" in summary.flags and summary.unreliable
+
+
+def test_the_attacks_run_on_a_prepared_copy_and_the_callers_model_is_left_alone(store, digits, digits_cnn):
+    # bench.performance.fast_model prepares the model (channels_last for a convolution network, frozen parameters);
+    # the caller's module keeps its parameters trainable, its layout and its hooks.
+    _, _, xte, yte = digits
+    before = {k: v.clone() for k, v in digits_cnn.state_dict().items()}
+    summary = evaluate(store, _model_row(store, "cnn"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
+    assert all(p.requires_grad for p in digits_cnn.parameters())
+    assert not digits_cnn._forward_pre_hooks and execution_settings(digits_cnn) is None
+    assert all(p.is_contiguous() for p in digits_cnn.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in digits_cnn.state_dict().items())
+    with store.session() as s:
+        chunks = s.scalars(select(EvaluationChunk).where(EvaluationChunk.evaluation_id == summary.evaluation_id)).all()
+        ev = s.get(Evaluation, summary.evaluation_id)
+    assert [c.execution["channels_last"] for c in chunks] == [True]
+    assert ev.provenance["execution"] == {**chunks[0].execution, "frozen_parameters": True, "tf32": False}
+
+
+def test_the_executor_interface_gives_the_rows_of_one_evaluate_call(store, digits, digits_mlp):
+    """open_evaluation, missing_chunks, evaluate_chunks on subsets in any order, finalize_evaluation: the rows and
+    figures of one evaluate() call."""
+    _, _, xte, yte = digits
+    spec = _spec()
+    reference = evaluate(store, _model_row(store, "whole"), digits_mlp, xte, yte, spec, progress=False)
+    model_id = _model_row(store, "in-parts")
+    evaluation_id = open_evaluation(store, model_id, spec)
+    assert open_evaluation(store, model_id, spec) == evaluation_id
+    assert missing_chunks(store, evaluation_id, spec) == [0, 1, 2]
+    lines = []
+    assert evaluate_chunks(store, evaluation_id, digits_mlp, xte, yte, spec, [2], worker="w1", log=lines.append) == 1
+    assert lines == [lines[0]] and lines[0].startswith("chunk 2 (samples 20-29) committed after")
+    assert finalize_evaluation(store, evaluation_id, spec) is None
+    assert missing_chunks(store, evaluation_id, spec) == [0, 1]
+    assert evaluate_chunks(store, evaluation_id, digits_mlp, xte, yte, spec, [1, 2, 0], worker="w2") == 2
+    assert missing_chunks(store, evaluation_id, spec) == []
+    summary = finalize_evaluation(store, evaluation_id, spec)
+    assert _rows(store, evaluation_id) == _rows(store, reference.evaluation_id)
+    same = ("clean_accuracy", "aa_robust_accuracy", "best_robust_accuracy", "fmn_median_distance", "flags", "intervals")
+    assert [getattr(summary, k) for k in same] == [getattr(reference, k) for k in same]
+    with store.session() as s:
+        workers = s.scalars(
+            select(EvaluationChunk.worker)
+            .where(EvaluationChunk.evaluation_id == evaluation_id)
+            .order_by(EvaluationChunk.chunk_index)
+        ).all()
+    assert workers == ["w2", "w2", "w1"]
+    # evaluate() on it now reuses it.
+    again = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
+    assert again.reused and again.evaluation_id == evaluation_id

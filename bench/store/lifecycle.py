@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from bench.store.db import Store, StoreError, shown_url
-from bench.store.schema import Evaluation, Model, SampleResult
+from bench.store.schema import Evaluation, EvaluationChunk, Model, SampleResult
 
 NAME_MAX_LENGTH = Model.__table__.c.name.type.length
 
@@ -182,6 +182,9 @@ def remove_models(
         samples = s.execute(
             delete(SampleResult).where(SampleResult.evaluation_id.in_(evaluation_ids)), execution_options=no_sync
         ).rowcount
+        s.execute(
+            delete(EvaluationChunk).where(EvaluationChunk.evaluation_id.in_(evaluation_ids)), execution_options=no_sync
+        )
         evaluations = s.execute(
             delete(Evaluation).where(Evaluation.model_id.in_(ids)), execution_options=no_sync
         ).rowcount

@@ -2,7 +2,9 @@
 
 Numbers are stored as numbers (fractions in [0, 1], distances in input units); formatting belongs to the
 CLI and the site. Every evaluation row carries its run spec and provenance (protocol section 5), and every
-per-sample row is unique per (evaluation, sample_id) so a resumed run can never duplicate a sample.
+per-sample row is unique per (evaluation, sample_id) so a resumed run can never duplicate a sample. Each chunk's
+bookkeeping (attack seconds, flags, who ran it where) is a row of its own, unique per (evaluation, chunk), written
+in the transaction of the chunk's per-sample rows: workers never rewrite a shared row while an evaluation runs.
 """
 
 from __future__ import annotations
@@ -155,3 +157,42 @@ class SampleResult(Base):
     signed_best_eps: Mapped[float | None] = mapped_column(Float)
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
+
+
+class EvaluationChunk(Base):
+    """One committed chunk of an evaluation (the samples ``spec.chunks()[chunk_index]``) and how it was attacked.
+
+    Inserted in the transaction that inserts the chunk's per-sample rows, so a chunk has a row here exactly when its
+    samples are stored: the missing chunks are the ones without a row. Inserts are idempotent (ON CONFLICT DO
+    NOTHING on (evaluation, chunk)): a chunk committed twice, by a retried task or by two workers racing, leaves
+    the first commit's rows. The evaluation's attack seconds, flags and AutoAttack warnings are aggregated from
+    these rows when it is finalised (``bench.evaluate.finalize_evaluation``).
+
+    A chunk committed before this table existed was moved here by migration 0005 with ``worker`` "migrated" and no
+    host, device, pid or times; its evaluation's totals up to then are carried by the first such chunk.
+    """
+
+    __tablename__ = "evaluation_chunks"
+    __table_args__ = (UniqueConstraint("evaluation_id", "chunk_index", name="uq_chunk_evaluation_chunk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"))
+    # Position in the spec's chunk list; the chunk holds sample ids first_sample .. first_sample + n_samples - 1.
+    chunk_index: Mapped[int] = mapped_column(Integer)
+    first_sample: Mapped[int] = mapped_column(Integer)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    # Seconds per stage ("clean", AutoAttack's stages, "fmn", "fmn_from_autoattack") spent on this chunk.
+    attack_seconds: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # AutoAttack sanity-check flags and our own raised while attacking this chunk, and AutoAttack's warnings.
+    flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    warnings: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    host: Mapped[str | None] = mapped_column(String(255))
+    # The torch device, with the card's name on CUDA ("cuda:0 NVIDIA H100 80GB HBM3").
+    device: Mapped[str | None] = mapped_column(String(255))
+    # Who attacked it: the executor's worker id (a SLURM array task, "local-2", ...) when it gave one, and the pid.
+    worker: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int | None] = mapped_column(Integer)
+    # How the model ran (bench.performance.execution_settings: channels_last, frozen parameters, TF32 off, ...).
+    execution: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
