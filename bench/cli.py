@@ -364,7 +364,9 @@ def evaluate(
     """Evaluate a checkpoint with the standard protocol (AutoAttack + FMN per sample) and store it.
 
     The checkpoint is --checkpoint, a zoo entry (--model-id, or --method/--sparsity with a --dataset other than
-    the track's), every matching zoo entry (--zoo), or else the built-in track's dense model.
+    the track's), every matching zoo entry (--zoo), or else the built-in track's dense model. A finished
+    evaluation is reused and a partial one resumed. Without --executor, the same evaluation already running in
+    another such command is waited for (one line says so), then reused.
     """
     from bench.catalog import load_checkpoint_model, register_model
     from bench.models import ARCHS
