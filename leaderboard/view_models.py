@@ -223,7 +223,7 @@ class Protocol:
     """Evaluations with one protocol hash: the same samples, threat model, attacks and settings.
 
     Only evaluations under one protocol are ever ranked together. Per dataset one protocol is the *main* one
-    (:func:`_order_protocols`); the others get their own tables below it.
+    (:func:`leaderboard.site_data._order_protocols`); the others get their own tables below it.
     """
 
     hash: str

@@ -28,7 +28,8 @@ from torch import nn
 from bench.catalog import register_model
 from bench.evaluate import evaluate
 from bench.spec import RunSpec
-from leaderboard.build import build_site, model_slug
+from leaderboard.build import build_site
+from leaderboard.formatting import model_slug
 
 CHROMIUM = Path("/usr/bin/chromium")
 # No sandbox (root in a container), no GPU, and none of chromium's own background traffic.

@@ -35,9 +35,10 @@ from bench.cli import main
 from bench.provenance import utcnow
 from bench.store import Evaluation, Model, SampleResult, Store
 from leaderboard import build as build_module
-from leaderboard import plots
-from leaderboard.build import MARKER, build_site, model_slug, safe_url
+from leaderboard import plots, render
+from leaderboard.build import MARKER, build_site
 from leaderboard.columns import COLUMNS, check_order
+from leaderboard.formatting import model_slug, safe_url
 from leaderboard.per_sample import records_csv
 from leaderboard.synthetic import fill_synthetic, spec_for
 from methods.base import get_method, list_methods
@@ -740,7 +741,7 @@ def test_a_failed_build_leaves_the_previous_site_and_nothing_else(synthetic, tmp
     def fail(*args, **kw):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build_module, "_render_models", fail)
+    monkeypatch.setattr(render.Pages, "models", fail)
     with pytest.raises(RuntimeError, match="disk full"):
         build_site(store, site, workers=1)
     assert {p: (site / p).read_bytes() for p in _files(site)} == before
@@ -1230,9 +1231,9 @@ def test_best_known_figures_next_to_plain_fmn_and_old_evaluations_show_dashes(st
 def test_flag_badges_follow_the_evaluator_s_unreliable_flags():
     from bench.evaluate import UNRELIABLE_FLAGS
 
-    assert set(UNRELIABLE_FLAGS) <= set(build_module.FLAG_TEXT)
-    for flag in build_module.FLAG_TEXT:
-        marks_unreliable = build_module.FLAG_BADGE.get(flag, "unreliable") == "unreliable"
+    assert set(UNRELIABLE_FLAGS) <= set(render.FLAG_TEXT)
+    for flag in render.FLAG_TEXT:
+        marks_unreliable = render.FLAG_BADGE.get(flag, "unreliable") == "unreliable"
         assert marks_unreliable == (flag in UNRELIABLE_FLAGS), flag
 
 

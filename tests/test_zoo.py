@@ -402,7 +402,7 @@ def test_evaluate_zoo_marks_an_entry_failed_on_any_expected_error_and_goes_on(tm
 
 
 def test_an_external_methods_training_types_cannot_overwrite_its_taxonomy(tmp_path):
-    from leaderboard.build import _taxonomy_items
+    from leaderboard.site_data import _taxonomy_items
 
     doc = new_submission(
         "https://example.org/x.pth.tar",
