@@ -19,12 +19,12 @@ from bench.cli import main
 from bench.data import load_split
 from bench.sparsity import measure_sparsity
 from bench.store import Evaluation, Model, Store
+from bench.zoo.downloader import _SafeRedirects
 from bench.zoo.fetch import (
     CheckpointTooLarge,
     ChecksumMismatch,
     DownloadFailed,
     NotACheckpoint,
-    _SafeRedirects,
     direct_download_url,
     fetch_checkpoint,
     read_records,

@@ -14,7 +14,7 @@ HTML-bearing JSON).
 Download URLs are ``https://`` to a public host. Loopback hosts (``127.0.0.1``, ``::1``, ``localhost``), and
 plain ``http://`` to them, are accepted only when the environment sets ``APBENCH_ALLOW_LOOPBACK=1`` (the test
 suite's checkpoint server does); private, link-local, multicast, unspecified and reserved addresses are never
-accepted. :mod:`bench.zoo.fetch` checks the addresses a host name resolves to, and every redirect, the same way.
+accepted. :mod:`bench.zoo.downloader` checks the addresses a host name resolves to, and every redirect, the same way.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def is_loopback_name(host: str) -> bool:
 def check_download_url(value: str) -> str:
     """An ``https://`` URL to a public host; see the module docstring for loopback (tests only).
 
-    This is what the text says; :mod:`bench.zoo.fetch` also checks what the host name resolves to.
+    This is what the text says; :mod:`bench.zoo.downloader` also checks what the host name resolves to.
     """
     scheme = value.split(":", 1)[0] if ":" in value else ""
     if scheme not in ("https", "http") or not value.startswith(f"{scheme}://"):
