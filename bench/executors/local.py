@@ -10,7 +10,26 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from bench.executors import ExecutorOptions, Shard, TaskOutcome, local_slots, run_shard
+from bench.executors.options import ExecutorOptions
+from bench.executors.task import Shard, TaskOutcome, run_shard
+
+
+def local_slots(options: ExecutorOptions, device: str) -> list[dict[str, str]]:
+    """The processes ``--executor local`` starts, as the environment each one gets: one per visible GPU on
+    ``cuda`` (its ``CUDA_VISIBLE_DEVICES``), one on ``cuda:N``, else ``--workers`` CPU processes."""
+    if device == "cuda":
+        import torch
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+        count = torch.cuda.device_count()
+        ids = (ids or [str(i) for i in range(count)])[:count]
+        if options.workers is not None:
+            ids = ids[: options.workers]
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in ids] or [{}]
+    if device.startswith("cuda"):
+        return [{}]
+    return [{} for _ in range(options.workers or os.cpu_count() or 1)]
 
 
 def _init_slot(slots, threads: int) -> None:

@@ -16,16 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.executors import (
-    DEFAULT_FOLDER,
-    SLURM_INSTALL,
-    ExecutorError,
-    ExecutorOptions,
-    Shard,
-    ShardTask,
-    TaskOutcome,
-    describe,
-)
+from bench.executors.options import DEFAULT_FOLDER, SLURM_INSTALL, ExecutorError, ExecutorOptions
+from bench.executors.task import Shard, ShardTask, TaskOutcome
 
 JOB_NAME = "apbench-evaluate"
 # A task squeue stopped listing gets this long for its result file to appear (a shared filesystem's delay).
@@ -64,6 +56,17 @@ def make_executor(options: ExecutorOptions):
         params["mem_gb"] = options.mem_gb
     executor.update_parameters(**params)
     return executor
+
+
+def describe(options: ExecutorOptions) -> str:
+    """The resources a SLURM array asks for, for the command's log."""
+    parts = [f"partition {options.partition}" if options.partition else "the default partition"]
+    parts.append(f"{options.gpus_per_task} GPU(s)" if options.gpus_per_task else "no GPU")
+    parts.append(f"{options.cpus_per_task or options.threads} CPU(s)")
+    parts.append(f"{options.time_limit} min per task")
+    if options.array_parallelism:
+        parts.append(f"at most {options.array_parallelism} at once")
+    return ", ".join(parts)
 
 
 def submit(shards: list[Shard], options: ExecutorOptions, *, log: Callable[[str], None]) -> list:
