@@ -124,7 +124,7 @@ def test_the_readme_example_runs_and_gives_the_rows_bench_evaluate_gives(tmp_pat
 
 
 def test_the_spec_key_from_python_equals_the_command_lines():
-    from bench.cli import _run_spec
+    from bench.cli.config import run_spec
 
     cli_defaults = dict(
         n_samples=None,
@@ -144,7 +144,7 @@ def test_the_spec_key_from_python_equals_the_command_lines():
         ({"batch_size": 7, "seed": 3, "fmn_steps": 20}, {"batch_size": 7, "seed": 3, "fmn_steps": 20}),
     ]
     for cli_options, api_options in cases:
-        spec, _, y = _run_spec("digits", **{**cli_defaults, **cli_options})
+        spec, _, y = run_spec("digits", **{**cli_defaults, **cli_options})
         assert RunSpec.for_dataset("digits", **api_options).hash == spec.hash
         assert spec.n_samples <= len(y)
     # The API's own default batch size is the dataset's, not the dataclass's 250.

@@ -7,7 +7,11 @@ import io
 import json
 import re
 import sqlite3
+import subprocess
+import sys
+from importlib.metadata import version as package_version
 
+import click
 import pandas as pd
 import pytest
 import torch
@@ -55,7 +59,7 @@ EVAL_ARGS = [
     "12",
     "--batch-size",
     "6",
-    "--version",
+    "--aa-version",
     "standard",
     "--fmn-steps",
     "10",
@@ -191,11 +195,14 @@ def test_results_on_an_empty_store_says_so(tmp_path):
 
 @pytest.fixture(scope="module")
 def evaluated(digits_cnn_checkpoint, tmp_path_factory):
-    """One small evaluation through the CLI, then the same command again; returns (db url, both results)."""
+    """One small evaluation through the CLI, then the same command again, spelt with the old option names
+    (``--version``, ``--format``); returns (db url, both results)."""
     db = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'results.db'}"
     args = ["evaluate", "--checkpoint", str(digits_cnn_checkpoint), *EVAL_ARGS, "--db", db]
-    first = CliRunner().invoke(main, args)
-    second = CliRunner().invoke(main, args)
+    first = CliRunner().invoke(main, [*args, "--checkpoint-format", "plain"])
+    old_spelling = [{"--aa-version": "--version"}.get(arg, arg) for arg in args]
+    assert old_spelling != args
+    second = CliRunner().invoke(main, [*old_spelling, "--format", "plain"])
     return db, first, second
 
 
@@ -322,6 +329,12 @@ REFUSED = [
     (["evaluate", "--threads", "0"], RANGE_ERROR.format("--threads", 0, "x>=1")),
     (["evaluate", "--fmn-steps", "0"], RANGE_ERROR.format("--fmn-steps", 0, "x>=1")),
     (["evaluate", "--eps", "1e9"], LINF_EPS.format("1e9")),
+    # Without --checkpoint the track's dense model is evaluated: it is never trained only to be refused.
+    (
+        ["evaluate", "--checkpoint-format", "mad"],
+        "Error: --checkpoint-format and --k describe a --checkpoint file; give one",
+    ),
+    (["evaluate", "--k", "0.1"], "Error: --checkpoint-format and --k describe a --checkpoint file; give one"),
     (["evaluate", "--eps", "256/255"], LINF_EPS.format("256/255")),
     (
         ["evaluate", "--norm", "L2", "--eps", "inf"],
@@ -403,3 +416,99 @@ def test_evaluate_unranked_marks_the_model_and_a_later_run_keeps_it(evaluated, t
 def _checkpoint_of(db: str) -> str:
     with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
         return conn.execute("SELECT checkpoint_path FROM models").fetchone()[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Names, help and listings
+
+
+def _all_commands(command: click.Command, path: tuple[str, ...] = ("bench",)):
+    """Every command under ``command`` (the lazily imported ones too), with the words that reach it."""
+    yield path, command
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):
+            yield from _all_commands(command.get_command(ctx, name), (*path, name))
+
+
+def test_every_option_of_every_command_has_help_text():
+    commands = dict(_all_commands(main))
+    assert {("bench", "evaluate"), ("bench", "db", "rm"), ("bench", "leaderboard", "build")} <= set(commands)
+    missing = [
+        f"{' '.join(path)} {param.opts[0]}"
+        for path, command in commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not (param.help or "").strip()
+    ]
+    assert missing == []
+
+
+def _parsed(*args: str) -> dict:
+    evaluate = main.get_command(click.Context(main), "evaluate")
+    return evaluate.make_context("evaluate", list(args)).params
+
+
+def test_evaluate_takes_the_old_spellings_of_the_renamed_options_as_hidden_aliases():
+    assert _parsed("--checkpoint-format", "mad")["ckpt_format"] == _parsed("--format", "mad")["ckpt_format"] == "mad"
+    assert _parsed("--aa-version", "standard")["aa_version"] == _parsed("--version", "standard")["aa_version"]
+    assert _parsed()["aa_version"] == "plus" and _parsed()["ckpt_format"] == "plain"
+    shown = _invoke("evaluate", "--help")
+    assert shown.exit_code == 0, shown.output
+    assert "--checkpoint-format" in shown.output and "--aa-version" in shown.output
+    # The old names parse, but neither help nor errors offer them: --format and --version mean output format and
+    # the program's version everywhere else.
+    assert not re.search(r"(?<![\w-])--(format|version)\b", shown.output), shown.output
+    for spelling in ("--aa-version", "--version"):
+        refused = _invoke("evaluate", spelling, "strong")
+        assert refused.exit_code == 2 and "Invalid value for '--aa-version': 'strong' is not one of" in refused.output
+    # At the top, --version is still the program's.
+    program = _invoke("--version")
+    assert program.exit_code == 0 and program.output.rstrip().endswith(f"version {package_version('apbench')}")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["models", "resnt18"], "Error: unknown architecture 'resnt18'; did you mean 'resnet18'? (bench models)"),
+        (["models", "nomatch"], "Error: unknown architecture 'nomatch'; known: "),
+        (["models", "zz*"], "Error: no architecture matches 'zz*'; known: "),
+        (["methods", "hydar"], "Error: unknown method 'hydar'; did you mean 'hydra'? (bench methods)"),
+        (["methods", "q*"], "Error: no method matches 'q*'; known: "),
+    ],
+)
+def test_a_listing_pattern_that_matches_nothing_says_so_and_fails(args, says):
+    result = _invoke(*args)
+    assert result.exit_code == 1 and result.output.startswith(says), result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_methods_lists_one_method_by_name():
+    result = _invoke("methods", "hydra")
+    assert result.exit_code == 0, result.output
+    assert _listed_names(result.output)[0] == "hydra" and "HYDRA" in result.output
+
+
+def test_bench_help_loads_no_torch():
+    code = (
+        "import sys\n"
+        "from bench.cli import main\n"
+        "try:\n"
+        "    main(['--help'], prog_name='bench')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "heavy = sorted(m for m in ('torch', 'pandas', 'sqlalchemy', 'pydantic') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "evaluate" in done.stdout and "leaderboard" in done.stdout
+    assert "HEAVY []" in done.stdout, done.stdout
+
+
+def test_a_missing_checkpoint_is_reported_before_a_missing_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "no-data").mkdir()
+    args = ["--checkpoint", "missing.pt", "--arch", "resnet18", "--dataset", "cifar10", "--data-dir", "no-data"]
+    result = _invoke("evaluate", *args, "--db", "sqlite:///r.db")
+    assert result.exit_code == 1 and result.output.strip() == "Error: checkpoint not found: missing.pt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-data"]  # no store, nothing downloaded

@@ -22,7 +22,8 @@ from alembic.script import ScriptDirectory
 from click.testing import CliRunner
 from sqlalchemy import create_engine, inspect, select
 
-import bench.cli as cli
+import bench.cli.config as cli_config
+import bench.cli.evaluate as cli_evaluate
 from bench.catalog import (
     build_model,
     describe_normalization,
@@ -106,8 +107,8 @@ class _Captured:
 def evaluate_cli(monkeypatch, tmp_path):
     """``bench evaluate`` as typed, up to the attack: the CIFAR-10 test split is not needed to load a model."""
     captured = _Captured()
-    monkeypatch.setattr(cli, "_run_spec", lambda dataset, **_: (None, None, None))
-    monkeypatch.setattr(cli, "_evaluate_row", captured)
+    monkeypatch.setattr(cli_config, "run_spec", lambda dataset, **_: (None, None, None))
+    monkeypatch.setattr(cli_evaluate, "evaluate_row", captured)
     db = f"sqlite:///{tmp_path / 'r.db'}"
 
     def run(*args: str):
@@ -246,7 +247,7 @@ def test_normalization_needs_a_checkpoint_file(tmp_path):
     track = CliRunner().invoke(main, ["evaluate", "--normalization", "none", *db])
     assert track.exit_code == 1 and "--normalization describes a --checkpoint file" in track.output
     zoo = CliRunner().invoke(main, ["evaluate", "--model-id", "ANY", "--normalization", "none", *db])
-    assert zoo.exit_code == 1 and "drop --checkpoint/--format/--k/--normalization/--name" in zoo.output
+    assert zoo.exit_code == 1 and "drop --checkpoint/--checkpoint-format/--k/--normalization/--name" in zoo.output
 
 
 def test_a_row_cannot_claim_another_normalisation_than_its_model_applies(tmp_path):

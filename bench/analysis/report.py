@@ -1,7 +1,7 @@
 """Finding models and evaluations by what a person types, and gathering everything known about one model.
 
 The functions here read the store (through an open session) and return plain data; formatting for the
-terminal is in :mod:`bench.cli_analysis`, for the site in ``leaderboard/``.
+terminal is in :mod:`bench.cli.report` and :mod:`bench.cli.analyze`, for the site in ``leaderboard/``.
 """
 
 from __future__ import annotations

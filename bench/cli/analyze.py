@@ -1,4 +1,4 @@
-"""``bench analyze …``, ``bench report`` and ``bench reported …``: the analyses of ``bench.analysis`` in the terminal.
+"""``bench analyze …`` and ``bench reported …``: the analyses of ``bench.analysis`` in the terminal.
 
 A MODEL argument is a model's numeric id or its name (``bench results`` lists them); where an evaluation is
 meant, ``eval:N`` picks evaluation N and a model picks its newest complete evaluation.
@@ -11,8 +11,16 @@ import math
 
 import click
 
-from bench.analysis.format import MISSING, interval, number, percent, points
-from bench.cli import _db_option, _fmt_table, friendly_errors, main
+from bench.analysis.format import MISSING, percent, points
+from bench.cli.options import (
+    DISTANCE_NAMES,
+    accuracy_with_interval,
+    db_option,
+    fmt_table,
+    friendly_errors,
+    method_display_name,
+    output_format_option,
+)
 
 EPILOG_ANALYZE = """\b
 Examples:
@@ -23,22 +31,6 @@ Examples:
   bench analyze curve eval:4
 """
 
-
-def _interval(value: float, low: float, high: float) -> str:
-    return f"{percent(value, width=8)} {interval(low, high, unit='')}"
-
-
-def _method_name(key: str) -> str:
-    if key == "dense":
-        return "dense"
-    from methods.base import get_method
-
-    try:
-        return get_method(key).card.display_name
-    except Exception:  # a method name from a submission that is not registered here
-        return key
-
-
 _DISTANCE_OPTION = click.option(
     "--distance",
     type=click.Choice(["best", "fmn"]),
@@ -47,7 +39,6 @@ _DISTANCE_OPTION = click.option(
     help="Per-sample distance read: best known (FMN, FMN from AutoAttack's adversarial, AutoAttack; plain FMN for an "
     "evaluation stored without it) or plain FMN (the thin-ice paper's figures).",
 )
-_DISTANCE_NAMES = {"best": "best-known distance", "fmn": "plain FMN distance"}
 
 
 def resolve_evaluation_model(session, ref: str):
@@ -65,7 +56,7 @@ def _store(db, *, read_only: bool = False):
     return Store(db, read_only=read_only)
 
 
-@main.group(epilog=EPILOG_ANALYZE)
+@click.group(epilog=EPILOG_ANALYZE)
 def analyze() -> None:
     """Analyses over stored per-sample records: thin ice, paired tests, drops, security curves."""
 
@@ -81,8 +72,8 @@ def analyze() -> None:
 )
 @click.option("--min-group", type=int, default=5, show_default=True, help="Populations smaller than this get a note.")
 @_DISTANCE_OPTION
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@_db_option
+@output_format_option("table", "json")
+@db_option
 @friendly_errors
 def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
     """Samples on thin ice (Piras et al. 2023, Table 2): populations S00/S01/S10/S11 by clean correctness of the
@@ -109,7 +100,7 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
             parent = resolve_model(s, pruned.parent_id)
             result.notes.append(f"{dense.name!r} is not the pruned model's recorded parent ({parent.name!r})")
         lead = {
-            "Method": _method_name(pruned.method),
+            "Method": method_display_name(pruned.method),
             "Sparsity %": percent(pruned.measured_sparsity, unit=""),
             "Network": pruned.arch,
         }
@@ -140,11 +131,11 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
         return
     click.echo(title)
     click.echo("")
-    click.echo(_fmt_table([{**lead, **result.as_table_row()}]))
+    click.echo(fmt_table([{**lead, **result.as_table_row()}]))
     click.echo("")
     click.echo(
         f"S_dp: d = dense correct, p = pruned correct (clean); ε = the dense model's signed "
-        f"{_DISTANCE_NAMES[result.distance]};"
+        f"{DISTANCE_NAMES[result.distance]};"
     )
     click.echo("AUC = P(ε of a random sample of the first group < ε of one of the second).")
     for note in result.notes:
@@ -161,8 +152,8 @@ def thin_ice_command(pruned_ref, dense_ref, min_group, distance, fmt, db):
     show_default=True,
     help="Per-sample flag compared: robust after AutoAttack, best-known robust (AutoAttack or FMN), or clean.",
 )
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@_db_option
+@output_format_option("table", "json")
+@db_option
 @friendly_errors
 def compare_command(a_ref, b_ref, flag, fmt, db):
     """McNemar's exact test: is A's robustness different from B's beyond noise, on the samples both hold?"""
@@ -185,7 +176,7 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
     click.echo(f"A = {a_name} (evaluation #{a_ev.id}), B = {b_name} (evaluation #{b_ev.id}); {n} shared samples")
     click.echo("")
     click.echo(
-        _fmt_table(
+        fmt_table(
             [
                 {"": f"A {flag}", f"B {flag}": str(result.both), f"B not {flag}": str(result.a_only)},
                 {"": f"A not {flag}", f"B {flag}": str(result.b_only), f"B not {flag}": str(result.neither)},
@@ -193,16 +184,16 @@ def compare_command(a_ref, b_ref, flag, fmt, db):
         )
     )
     click.echo("")
-    click.echo(f"A  {_interval(acc_a / n, *wilson_interval(acc_a, n))}")
-    click.echo(f"B  {_interval(acc_b / n, *wilson_interval(acc_b, n))}")
+    click.echo(f"A  {accuracy_with_interval(acc_a / n, *wilson_interval(acc_a, n))}")
+    click.echo(f"B  {accuracy_with_interval(acc_b / n, *wilson_interval(acc_b, n))}")
     click.echo(f"A − B = {points(100 * result.difference)}; {result.statistic_note}")
     verdict = "a difference beyond noise at the 5 % level" if result.pvalue < 0.05 else "not distinguishable at 5 %"
     click.echo(f"p = {result.pvalue:.3g}: {verdict}")
 
 
 @analyze.command("drops")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@_db_option
+@output_format_option("table", "csv", "json")
+@db_option
 @friendly_errors
 def drops_command(fmt, db):
     """Re-evaluation drop of every evaluated model with a reported number: the authors' claimed robust accuracy −
@@ -237,7 +228,7 @@ def drops_command(fmt, db):
                 "model": r["model"],
                 "sparsity": percent(r["sparsity"]),
                 "claimed robust": percent(r["reported_robust"]),
-                "measured AA robust [95 %]": _interval(
+                "measured AA robust [95 %]": accuracy_with_interval(
                     r["measured_robust"], r["measured_robust_low"], r["measured_robust_high"]
                 ),
                 "drop": points(r["drop_points"], unit=""),
@@ -247,14 +238,14 @@ def drops_command(fmt, db):
                 ),
             }
         )
-    click.echo(_fmt_table(shown))
+    click.echo(fmt_table(shown))
 
 
 @analyze.command("curve")
 @click.argument("ref", metavar="MODEL")
 @click.option("--points", type=int, default=13, show_default=True, help="Budgets printed, evenly from 0 to 3·eps.")
 @_DISTANCE_OPTION
-@_db_option
+@db_option
 @friendly_errors
 def curve_command(ref, points, distance, db):
     """Security curve: robust accuracy against the budget from the per-sample distances (best known by default,
@@ -276,7 +267,7 @@ def curve_command(ref, points, distance, db):
     used = records.distance_used(distance)
     click.echo(
         f"security curve of {name} (evaluation #{ev.id}, {records.norm}, nominal eps {records.spec.get('eps')}, "
-        f"N={records.n}); robust accuracy = correct and {_DISTANCE_NAMES[used]} > eps"
+        f"N={records.n}); robust accuracy = correct and {DISTANCE_NAMES[used]} > eps"
     )
     if used != distance:
         click.echo(
@@ -290,201 +281,7 @@ def curve_command(ref, points, distance, db):
         click.echo(f"  eps {e:10.5f}  {percent(a, width=8)}{mark}")
 
 
-@main.command("report")
-@click.argument("ref", metavar="MODEL")
-@_db_option
-@friendly_errors
-def report_command(ref, db):
-    """Everything known about one model: figures, evaluations with intervals, per-attack breakdown, security
-    curve, reported numbers and drops, thin ice against its parent, provenance."""
-    from bench.analysis.report import model_report
-
-    store = _store(db, read_only=True)
-    with store.session() as s:
-        rep = model_report(s, ref)
-    m = rep["model"]
-    echo = click.echo
-    echo(f"model #{m.id} {m.name}")
-    echo(f"  method        {_method_name(m.method)} ({m.method}), structure {m.structure}")
-    echo(f"  architecture  {m.arch} on {m.dataset}")
-    from bench.catalog import describe_normalization
-
-    if inputs := describe_normalization(m.normalization):  # shown only when not the dataset's own mean/std
-        echo(f"  inputs        normalisation {inputs}")
-    echo(f"  sparsity      {percent(m.measured_sparsity)} measured (target {percent(m.target_sparsity)})")
-    echo(f"  parameters    {m.nonzero_params:,} non-zero of {m.params:,}")
-    echo(f"  FLOPs         {m.nonzero_flops:,} counting non-zero weights, {m.flops:,} dense")
-    if rep["parent"] is not None:
-        echo(f"  parent        #{rep['parent'].id} {rep['parent'].name}")
-    if rep["children"]:
-        echo(f"  pruned from it {', '.join(f'#{c.id} {c.name}' for c in rep['children'])}")
-    echo(f"  checkpoint    {m.checkpoint_path or MISSING} (sha256 {m.checkpoint_sha256})")
-    echo(f"  source        {m.source}, registered {m.created_at:%Y-%m-%d %H:%M} UTC")
-    if m.taxonomy:
-        echo(f"  taxonomy      {_inline(m.taxonomy)}")
-    if m.layer_sparsity:
-        echo("  per-layer sparsity")
-        for layer, info in m.layer_sparsity.items():
-            echo(f"    {layer:<28} {percent(info['sparsity'], width=8)} of {info['numel']:,}")
-
-    if not rep["evaluations"]:
-        echo("")
-        echo("no evaluation yet: run `bench evaluate` on its checkpoint")
-    for ev in rep["evaluations"]:
-        spec = ev["spec"]
-        echo("")
-        echo(
-            f"evaluation #{ev['id']} ({ev['status']}): AutoAttack-{spec.get('version')} {spec.get('norm')} "
-            f"eps={spec.get('eps')}, FMN {spec.get('fmn_steps')} steps"
-            f"{' (also from AutoAttack adversarials)' if spec.get('fmn_init', 'none') != 'none' else ''}, "
-            f"N={ev['n']}, seed {spec.get('seed')}, "
-            f"protocol {spec.get('protocol')} {ev['protocol_hash'][:12]}"
-        )
-        if ev["status"] != "complete":
-            echo("  not complete: run the same `bench evaluate` command again to finish it")
-            continue
-        labels = {
-            "clean": "clean",
-            "autoattack": "AutoAttack robust",
-            "fmn": "FMN robust at eps",
-            "best_known": "best-known robust",
-        }
-        for key, label in labels.items():
-            if key in ev["intervals"]:
-                seeds = ev["replicates"].get(key)
-                across = (
-                    f"; seeds {','.join(map(str, seeds.seeds))}: mean {percent(seeds.mean)}, "
-                    f"range {percent(seeds.min, unit='')}–{percent(seeds.max)}"
-                    if seeds
-                    else ""
-                )
-                echo(f"  {label:<22} {_interval(*ev['intervals'][key])}  (Wilson 95 %{across})")
-        if ev["fmn_median_distance"] is not None:
-            echo(f"  FMN median distance    {ev['fmn_median_distance']:.5f}  (plain FMN, as the thin-ice paper)")
-        best = ev["best_known"]
-        if best is not None and best["best_median_distance"] is not None:
-            echo(
-                f"  best-known median      {best['best_median_distance']:.5f}  (FMN, FMN from AutoAttack's "
-                "adversarial, AutoAttack)"
-            )
-        if best is not None and best["fmn_local_optimality"] is not None:
-            ratio = best["fmn_best_median_ratio"]
-            echo(
-                f"  plain FMN vs best      local optimality {best['fmn_local_optimality']:.4f} (AttackBench; 1 = "
-                f"the best known), median ratio {number(ratio)}, "
-                f"{best['n_fmn_above_best']} samples more than 1 % above it or not found"
-            )
-        if ev["flags"]:
-            echo(
-                f"  flags                  {', '.join(ev['flags'])}"
-                + ("  (potentially unreliable)" if ev["unreliable"] else "")
-            )
-        for error in ev["errors"]:
-            echo(f"  note: {error}")
-        if ev["breakdown"]:
-            echo("  where the samples ended (first AutoAttack stage that broke each)")
-            width = max(14, *(len(stage) for stage, _ in ev["breakdown"]))
-            for stage, count in ev["breakdown"]:
-                share = 100 * count / ev["n"] if ev["n"] else math.nan
-                echo(f"    {stage:<{width}} {count:>7}  {share:6.2f} %")
-        if ev["curve"]:
-            echo(f"  security curve ({_DISTANCE_NAMES[ev['curve_distance']]}s)")
-            echo("    " + "   ".join(f"eps {e:.4g}: {percent(a, 1)}" for e, a in ev["curve"]))
-        if ev["curve_fmn"]:
-            echo("  security curve (plain FMN distances)")
-            echo("    " + "   ".join(f"eps {e:.4g}: {percent(a, 1)}" for e, a in ev["curve_fmn"]))
-        for reported, drop in ev["claims"]:
-            drop_text = points(drop)
-            echo(
-                f"  authors' claim         clean {percent(reported.clean)}, robust {percent(reported.robust)} "
-                f"→ drop {drop_text}  ({reported.origin})"
-            )
-            _echo_reported_details(reported, indent=27)
-        for reported, gap in ev["reevaluations"]:
-            gap_text = points(None if gap is None else -gap)
-            echo(
-                f"  other re-evaluation    clean {percent(reported.clean)}, robust {percent(reported.robust)} "
-                f"(ours − theirs {gap_text}; {reported.origin})"
-            )
-            _echo_reported_details(reported, indent=27)
-        ti = ev["thin_ice"]
-        if ti is not None:
-            row = ti.as_table_row()
-            echo(
-                f"  thin ice vs parent     S00 {row['S00 %']} %, S01 {row['S01 %']} %, S10 {row['S10 %']} %, "
-                f"S11 {row['S11 %']} %; AUC ε10<ε11 {row['AUC ε10<ε11 (p)']}, "
-                f"AUC |ε01|<|ε00| {row['AUC |ε01|<|ε00| (p)']}"
-            )
-            echo(f"    ε = the parent's signed {_DISTANCE_NAMES[ti.distance]}")
-            paper = ev.get("thin_ice_fmn")
-            if paper is not None:
-                paper_row = paper.as_table_row()
-                echo(
-                    f"    with plain FMN ε (the paper's): AUC ε10<ε11 {paper_row['AUC ε10<ε11 (p)']}, "
-                    f"AUC |ε01|<|ε00| {paper_row['AUC |ε01|<|ε00| (p)']}"
-                )
-            for note in ti.notes:
-                echo(f"    note: {note}")
-        elif ev["thin_ice_reason"]:
-            echo(f"  thin ice vs parent     not computed: {ev['thin_ice_reason']}")
-        if ev["attack_seconds"]:
-            echo(f"  attack seconds         {_inline({k: round(v, 1) for k, v in ev['attack_seconds'].items()})}")
-        prov = ev["provenance"]
-        shown = [k for k in PROVENANCE_KEYS if prov.get(k) is not None]
-        if shown:
-            echo("  provenance")
-            for key in shown:
-                echo(f"    {key:<20} {prov[key]}")
-    if rep["reported_error"]:
-        echo("")
-        echo(f"note: {rep['reported_error']}")
-    if not any(ev.get("claims") or ev.get("reevaluations") for ev in rep["evaluations"]) and rep["reported"]:
-        echo("")
-        for reported in rep["reported"]:
-            kind = "authors' claim" if reported.kind == "claim" else "re-evaluation"
-            echo(
-                f"reported ({kind}): clean {percent(reported.clean)}, robust {percent(reported.robust)} "
-                f"({reported.origin}); no complete evaluation under its threat model to compare"
-            )
-            _echo_reported_details(reported, indent=4)
-    if m.provenance:
-        echo("")
-        echo(f"how it was made: {_inline(m.provenance, limit=1200)}")
-
-
-PROVENANCE_KEYS = (
-    "started_at",
-    "finished_at",
-    "git_commit",
-    "apbench",
-    "torch",
-    "pyautoattack",
-    "python",
-    "platform",
-    "device",
-    "dtype",
-    "cuda",
-    "torch_threads",
-    "checkpoint_sha256",
-    "spec_hash",
-)
-
-
-def _echo_reported_details(reported, indent: int) -> None:
-    pad = " " * indent
-    threat = f"{reported.norm or 'norm not stated'} eps={reported.eps or 'not stated'}"
-    click.echo(f"{pad}attack: {reported.attack or 'not stated'} ({threat})")
-    click.echo(f"{pad}source: {reported.source}" + (f" {reported.source_url}" if reported.source_url else ""))
-    if reported.note:
-        click.echo(f"{pad}note: {reported.note}")
-
-
-def _inline(d: dict, limit: int = 300) -> str:
-    text = json.dumps(d, sort_keys=True, default=str, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-@main.group()
+@click.group()
 def reported() -> None:
     """Reported accuracies (a paper's claim) attached to models, and the shipped tables of them."""
 
@@ -496,9 +293,11 @@ def reported() -> None:
 @click.option("--attack", required=True, help='Attack behind --robust, e.g. "PGD-20" or "AutoAttack standard".')
 @click.option("--source", required=True, help="Paper, table or URL the numbers come from.")
 @click.option("--eps", default=None, help='Budget of the reported attack, e.g. "8/255".')
-@click.option("--norm", type=click.Choice(["Linf", "L2"]), default=None)
-@click.option("--note", default=None)
-@_db_option
+@click.option(
+    "--norm", type=click.Choice(["Linf", "L2"]), default=None, help="Threat model of the reported attack's budget."
+)
+@click.option("--note", default=None, help="Anything a reader should know about these numbers (shown beside them).")
+@db_option
 @friendly_errors
 def reported_set(ref, clean, robust, attack, source, eps, norm, note, db):
     """Attach reported numbers to a model (they replace any it had and take precedence over the shipped tables)."""
@@ -530,7 +329,7 @@ def reported_set(ref, clean, robust, attack, source, eps, norm, note, db):
 
 @reported.command("clear")
 @click.argument("ref", metavar="MODEL")
-@_db_option
+@db_option
 @friendly_errors
 def reported_clear(ref, db):
     """Remove a model's own reported numbers (shipped-table matches still apply)."""
@@ -546,7 +345,7 @@ def reported_clear(ref, db):
 
 @reported.command("list")
 @click.option("--method", default=None, help="Only this method key (hydra, mad, pwoa, admm, atmc).")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@output_format_option("table", "json")
 def reported_list(method, fmt):
     """The shipped reported numbers (thin-ice Table 1, the APB leaderboard, the methods' papers)."""
     from bench.analysis.reported import load_reported_table
@@ -571,4 +370,4 @@ def reported_list(method, fmt):
         }
         for e in entries
     ]
-    click.echo(_fmt_table(rows))
+    click.echo(fmt_table(rows))

@@ -1,10 +1,10 @@
-"""``bench leaderboard ...``: the site commands, registered on the ``bench`` group when imported."""
+"""``bench leaderboard build``: the store rendered as the static leaderboard site (:mod:`leaderboard.build`)."""
 
 from __future__ import annotations
 
 import click
 
-from bench.cli import _db_option, friendly_errors, main
+from bench.cli.options import db_option, friendly_errors
 
 EPILOG_BUILD = """\b
 Examples:
@@ -13,13 +13,13 @@ Examples:
 """
 
 
-@main.group()
+@click.group()
 def leaderboard() -> None:
     """The static leaderboard site."""
 
 
 @leaderboard.command(epilog=EPILOG_BUILD)
-@_db_option
+@db_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False),
