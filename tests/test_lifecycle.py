@@ -199,7 +199,7 @@ def test_rm_is_atomic_when_a_statement_fails_midway(any_store):
     finally:
         event.remove(any_store.engine, "before_cursor_execute", fail_on_models)
     deletes = [words[2].lower() for words in seen if words[0].upper() == "DELETE"]
-    assert deletes == ["sample_results", "evaluations", "models"]
+    assert deletes == ["sample_results", "evaluation_chunks", "evaluations", "models"]
     assert _rows(any_store) == before
 
 
