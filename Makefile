@@ -43,6 +43,7 @@ postgres:
 
 test: $(STAMP) chromium postgres
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -rs
 
 lint: $(STAMP)
