@@ -106,8 +106,21 @@ def source_modules(method_key: str) -> list:
     return [seen[name] for name in sorted(seen)]
 
 
+_CODE_HASHES: dict[str, str] = {}
+
+
 def code_hash(method_key: str) -> str:
-    """Hash of :func:`source_modules`' files: a change there recomputes the method's entries (moves do not)."""
+    """Hash of :func:`source_modules`' files: a change there recomputes the method's entries (moves do not).
+
+    Read once per process, right after the imports, so that files moved or edited while a long run goes on do not
+    break it: the run keeps using (and keying by) the code it imported.
+    """
+    if method_key not in _CODE_HASHES:
+        _CODE_HASHES[method_key] = _hash_sources(method_key)
+    return _CODE_HASHES[method_key]
+
+
+def _hash_sources(method_key: str) -> str:
     h = hashlib.sha256()
     for module in source_modules(method_key):
         path = getattr(module, "__file__", None)
