@@ -275,17 +275,67 @@ def render_blocks() -> dict[str, str]:
             f"pruning, pruned evaluation) | `scripts/figures.py demo` | **{prov['wall_seconds']:.0f} s** on "
             f"{prov['date']} ({prov['cpu']['model']}, 2 cores) |"
         )
+    throughput = FIGURES / "attack_throughput_digits.json"
+    if throughput.exists():
+        blocks["attack-throughput"] = _throughput_table(json.loads(throughput.read_text()))
     stability_md = FIGURES / "track_stability.md"
     if stability_md.exists():
         blocks["track-stability"] = stability_md.read_text().strip()
     return blocks
 
 
+def _throughput_table(t: dict[str, Any]) -> str:
+    """benchmarks/attack_throughput.py's per-stage figures: the plain model's rate against the machine's ceiling, and
+    the speed-ups of frozen parameters and of channels_last (CPU seconds, steadier than wall time on a shared
+    machine), with whether per-sample outcomes stayed identical."""
+    prov, cfg, variants = t["provenance"], t["config"], t["variants"]
+    plain, frozen, fast = variants["plain"], variants.get("frozen"), variants.get("fast")
+    rows = [
+        "| stage | forward + backward passes | plain: GFLOP/s per CPU s (of the ceiling) | frozen parameters | "
+        "+ channels_last |",
+        "|---|---|---|---|---|",
+    ]
+    for stage, fig in plain["stages"].items():
+        if stage == "clean":
+            continue
+        frozen_x = frozen["speedup_vs_plain"][stage]["cpu"] if frozen else None
+        fast_x = fast["speedup_vs_plain"][stage]["cpu"] if fast else None
+        rows.append(
+            f"| {stage} | {fig['forward'] + fig['backward']:,} | {fig['flop_per_cpu_s'] / 1e9:.1f} "
+            f"({100 * fig['fraction_of_matmul_cpu']:.1f} %) | "
+            f"{'–' if frozen_x is None else f'{frozen_x:.2f}×'} | {'–' if fast_x is None else f'{fast_x:.2f}×'} |"
+        )
+    total = [v["speedup_vs_plain"]["total"]["cpu"] if v else None for v in (frozen, fast)]
+    rows.append(f"| **all stages** | | | **{total[0]:.2f}×** | **{total[1]:.2f}×** |")
+
+    def diffs(v: dict[str, Any] | None) -> str:
+        if v is None:
+            return "not run"
+        out = v["outcomes_vs_plain"]
+        worst = max((x for x in out["max_abs_diff"].values()), default=0.0)
+        flags = "identical" if not out["mismatches"] else f"different in {', '.join(out['mismatches'])}"
+        return f"flags and predictions {flags}; largest float difference {worst:.2g}"
+
+    ceiling = t["ceiling"]
+    return "\n".join(
+        [
+            f"`python benchmarks/attack_throughput.py --model digits --n {cfg['n']} --version {cfg['version']} "
+            f"--json docs/figures/attack_throughput_digits.json` on {prov['date'][:10]} ({prov['cpu']['model']}, "
+            f"{prov['cpu']['torch_capability']}, {prov['threads']} thread, commit {str(prov['git_commit'])[:10]}); "
+            f"ceiling = the fastest measured kernel, {ceiling['best']}, {ceiling['flop_per_s'] / 1e9:.0f} GFLOP/s:",
+            "",
+            *rows,
+            "",
+            f"Frozen parameters: {diffs(frozen)}. channels_last: {diffs(fast)}.",
+        ]
+    )
+
+
 def _auc(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-_BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(\n<!-- /figures:(?P=name) -->)", re.S)
+_BLOCK = re.compile(r"<!-- figures:(?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)<!-- /figures:(?P=name) -->", re.S)
 
 
 def rendered_readme(text: str, blocks: dict[str, str]) -> str:
@@ -295,7 +345,7 @@ def rendered_readme(text: str, blocks: dict[str, str]) -> str:
         name = match["name"]
         if name not in blocks:
             raise SystemExit(f"README block {name!r} has no figures file to render it from (docs/figures/)")
-        return match.group(1) + blocks[name] + match.group(4)
+        return f"<!-- figures:{name} -->\n{blocks[name]}\n<!-- /figures:{name} -->"
 
     return _BLOCK.sub(replace, text)
 
