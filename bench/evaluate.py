@@ -48,7 +48,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from tqdm.auto import tqdm
 
-from bench.analysis.best_known import FMN, FMN_FROM_AUTOATTACK, autoattack_source, best_known, distance_gap
+from bench.analysis.best_known import FMN, FMN_FROM_AUTOATTACK, autoattack_source, best_known, distance_gap, eps_float32
 from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
 from bench.attacks.autoattack import AA_FLAGS, run_autoattack, square_check_flags
 from bench.attacks.fmn import NotAdversarialError, minimum_norm
@@ -686,7 +686,8 @@ def _aggregates(store: Store, evaluation_id: int, spec: RunSpec) -> dict[str, An
             n_fmn_above_best=gap.n_above,
         )
         if any(
-            r.clean_correct and r.aa_distance is not None and (r.best_distance or 0.0) > spec.eps_value for r in records
+            r.clean_correct and r.aa_distance is not None and (r.best_distance or 0.0) > eps_float32(spec.eps_value)
+            for r in records
         ):
             flags.add(BEST_KNOWN_ABOVE_EPS_FLAG)
     stages = sorted({stage for c in chunks for stage in c.attack_seconds})
