@@ -15,31 +15,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from bench.analysis.export import csv_text
+from bench.records import RECORD_COLUMNS, RECORD_FIELDS
 from bench.spec import AA_ATTACKS
 from bench.store import Evaluation, SampleResult
 
-# Per-sample columns in the order of the CSV download (the schema's, minus the row keys).
-CSV_COLUMNS = (
-    "sample_id",
-    "label",
-    "clean_pred",
-    "clean_correct",
-    "logit_margin",
-    "aa_robust",
-    "aa_broken_by",
-    "adv_pred",
-    "fmn_label",
-    "fmn_success",
-    "fmn_distance",
-    "signed_eps",
-    "fmn_adv_pred",
-    "best_robust",
-    "aa_distance",
-    "fmn_warm_distance",
-    "best_distance",
-    "best_attack",
-    "signed_best_eps",
-)
+# Per-sample columns in the order of the CSV download: the per-sample record's fields (bench.records).
+CSV_COLUMNS = RECORD_COLUMNS
+# The array type of each per-sample field's Python type. numpy turns a missing float (None) into NaN when asked
+# for floats; missing text stays None.
+_DTYPES = {int: np.int64, bool: bool, float: np.float64, str: object}
 # The distances an analysis can read: ``best`` (the best-known distance, where the evaluation has one) or ``fmn``
 # (plain FMN's, comparable with the thin-ice paper).
 DISTANCES = ("best", "fmn")
@@ -180,31 +164,8 @@ def load_records(session: Session, evaluation_id: int) -> EvaluationRecords:
         spec=spec,
         eps=_spec_eps(spec),
         norm=spec.get("norm", "Linf"),
-        sample_id=np.asarray(col["sample_id"], dtype=np.int64),
-        label=np.asarray(col["label"], dtype=np.int64),
-        clean_correct=np.asarray(col["clean_correct"], dtype=bool),
-        logit_margin=np.asarray(col["logit_margin"], dtype=np.float64),
-        aa_robust=np.asarray(col["aa_robust"], dtype=bool),
-        aa_broken_by=np.asarray(col["aa_broken_by"], dtype=object),
-        fmn_success=np.asarray(col["fmn_success"], dtype=bool),
-        fmn_distance=_float_or_nan(col["fmn_distance"]),
-        signed_eps=_float_or_nan(col["signed_eps"]),
-        best_robust=np.asarray(col["best_robust"], dtype=bool),
-        clean_pred=np.asarray(col["clean_pred"], dtype=np.int64),
-        adv_pred=np.asarray(col["adv_pred"], dtype=np.int64),
-        fmn_label=np.asarray(col["fmn_label"], dtype=np.int64),
-        fmn_adv_pred=np.asarray(col["fmn_adv_pred"], dtype=np.int64),
-        aa_distance=_float_or_nan(col["aa_distance"]),
-        fmn_warm_distance=_float_or_nan(col["fmn_warm_distance"]),
-        best_distance=_float_or_nan(col["best_distance"]),
-        best_attack=np.asarray(col["best_attack"], dtype=object),
-        signed_best_eps=_float_or_nan(col["signed_best_eps"]),
+        **{f.name: np.array(col[f.name], dtype=_DTYPES[f.type]) for f in RECORD_FIELDS},
     )
-
-
-def _float_or_nan(values) -> np.ndarray:
-    # numpy turns None into NaN when asked for floats.
-    return np.array(values, dtype=np.float64)
 
 
 def _spec_eps(spec: dict[str, Any]) -> float:

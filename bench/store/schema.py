@@ -16,17 +16,21 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Column,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from bench.records import RECORD_FIELDS, RecordField
 
 
 class Base(DeclarativeBase):
@@ -118,43 +122,29 @@ class Evaluation(Base):
     )
 
 
+# SQL type of each per-sample field's Python type (bench.records); text fields take their length from the record.
+_SQL_TYPES = {int: Integer, bool: Boolean, float: Float}
+
+
+def _sample_column(field: RecordField) -> Column:
+    sql_type = String(field.length) if field.type is str else _SQL_TYPES[field.type]()
+    return Column(field.name, sql_type, nullable=field.nullable)
+
+
 class SampleResult(Base):
-    """The protocol's outcome for one test sample (sample_id = index in the canonical test split)."""
+    """The protocol's outcome for one test sample (sample_id = index in the canonical test split).
 
-    __tablename__ = "sample_results"
-    __table_args__ = (UniqueConstraint("evaluation_id", "sample_id", name="uq_sample_evaluation_sample"),)
+    The per-sample columns are :class:`bench.records.SampleRecord`'s fields, in its order, with its types and
+    nullability (their meaning is documented there); this table adds the row keys."""
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    evaluation_id: Mapped[int] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
-    sample_id: Mapped[int] = mapped_column(Integer)
-    label: Mapped[int] = mapped_column(Integer)
-    clean_pred: Mapped[int] = mapped_column(Integer)
-    clean_correct: Mapped[bool] = mapped_column(Boolean)
-    # z_y - max_{j != y} z_j on the clean input: positive when correct (thin-ice scatter, y-axis).
-    logit_margin: Mapped[float] = mapped_column(Float)
-    aa_robust: Mapped[bool] = mapped_column(Boolean)
-    # First AutoAttack stage that broke the sample; None when robust or misclassified clean.
-    aa_broken_by: Mapped[str | None] = mapped_column(String(16))
-    adv_pred: Mapped[int] = mapped_column(Integer)
-    # FMN: label attacked (true label, or the predicted class for misclassified samples), success, the
-    # distance of the best adversarial (None when FMN failed: a failure is never distance 0) and the signed
-    # epsilon of the thin-ice paper (+distance when correct, -distance when misclassified).
-    fmn_label: Mapped[int] = mapped_column(Integer)
-    fmn_success: Mapped[bool] = mapped_column(Boolean)
-    fmn_distance: Mapped[float | None] = mapped_column(Float)
-    signed_eps: Mapped[float | None] = mapped_column(Float)
-    fmn_adv_pred: Mapped[int] = mapped_column(Integer)
-    # Correct and broken neither by AutoAttack nor by FMN within eps (best-known robustness).
-    best_robust: Mapped[bool] = mapped_column(Boolean)
-    # Best-known minimal distance (spec fmn_init "autoattack"; all None in evaluations stored before it): the norm
-    # of AutoAttack's adversarial perturbation where it broke the sample, FMN's distance when started from that
-    # adversarial example, the smallest distance any of plain FMN, warm-started FMN and AutoAttack found, the attack
-    # that found it ("fmn", "fmn_from_autoattack", "autoattack:<stage>") and its signed epsilon (as signed_eps).
-    aa_distance: Mapped[float | None] = mapped_column(Float)
-    fmn_warm_distance: Mapped[float | None] = mapped_column(Float)
-    best_distance: Mapped[float | None] = mapped_column(Float)
-    best_attack: Mapped[str | None] = mapped_column(String(32))
-    signed_best_eps: Mapped[float | None] = mapped_column(Float)
+    __table__ = Table(
+        "sample_results",
+        Base.metadata,
+        Column("id", Integer, primary_key=True),
+        Column("evaluation_id", ForeignKey("evaluations.id", ondelete="CASCADE"), nullable=False, index=True),
+        *(_sample_column(field) for field in RECORD_FIELDS),
+        UniqueConstraint("evaluation_id", "sample_id", name="uq_sample_evaluation_sample"),
+    )
 
     evaluation: Mapped[Evaluation] = relationship(back_populates="samples")
 
