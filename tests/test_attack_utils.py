@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import bench.evaluate as evaluate_module
+import bench.evaluation.chunk as chunk_module
 import bench.training as training_module
 import methods.common as common_module
 from bench.attacks.utils import clip_linf, eval_mode, logit_difference, project_linf_
@@ -104,7 +104,7 @@ def test_project_linf_clamps_each_sample_to_its_own_radius_in_place():
 
 def test_every_attack_and_loss_uses_the_one_definition():
     # The evaluator's logit margin, FMN's loss, PGD's and TRADES/MART's projection, FMN's and the losses' eval mode.
-    assert evaluate_module.logit_difference is logit_difference
+    assert chunk_module.logit_difference is logit_difference
     assert fmn_module.logit_difference is logit_difference and fmn_module.eval_mode is eval_mode
     assert fmn_module.project_linf_ is project_linf_
     assert training_module.clip_linf is clip_linf

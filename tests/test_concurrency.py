@@ -1,10 +1,13 @@
 """Many processes on one evaluation, on SQLite and on a real PostgreSQL server: idempotent chunk commits, race-free
 get-or-create and finalisation, the same per-sample rows and aggregates as one process; the 0005 migration of a
 store written before per-chunk bookkeeping; two identical ``bench evaluate`` runs; workers that die with their
-parent. Every process here is a real one (multiprocessing spawn or a subprocess), never a thread or a mock."""
+parent, and workers that fail. Every process here is a real one (multiprocessing spawn or a subprocess), never a
+thread or a mock."""
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 import multiprocessing
 import os
@@ -24,23 +27,18 @@ from sqlalchemy.orm import Session
 
 from bench.catalog import build_model
 from bench.data import load_split
-from bench.evaluate import (
-    _attack,
-    _commit_chunk,
-    evaluate,
-    evaluate_chunks,
-    finalize_evaluation,
-    missing_chunks,
-    open_evaluation,
-)
+from bench.evaluate import evaluate, evaluate_chunks, finalize_evaluation, missing_chunks, open_evaluation
+from bench.evaluation.chunk import attack_one_chunk
+from bench.evaluation.commits import commit_chunk
 from bench.provenance import utcnow
+from bench.records import RECORD_COLUMNS
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
 from bench.store.db import alembic_config
 from bench.store.lifecycle import remove_models
 from bench.store.schema import EvaluationChunk
 
-SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not in ("id", "evaluation_id")]
+SAMPLE_COLUMNS = list(RECORD_COLUMNS)
 AGGREGATES = (
     "status",
     "n_samples",
@@ -217,8 +215,8 @@ def test_a_chunk_committed_twice_leaves_one_row_per_sample_and_no_error(any_stor
     evaluation_id = open_evaluation(any_store, _model_row(any_store, "twice"), SPEC)
     assert evaluate_chunks(any_store, evaluation_id, digits_cnn, x, y, SPEC, [0]) == 1
     # A requeued task that attacked chunk 0 again, not knowing it was committed: its commit is a no-op.
-    again = _attack(digits_cnn, x[:5], y[:5], SPEC, 0, worker="requeued")
-    assert _commit_chunk(any_store, evaluation_id, again) is False
+    again = attack_one_chunk(digits_cnn, x[:5], y[:5], SPEC, 0, worker="requeued")
+    assert commit_chunk(any_store, evaluation_id, again) is False
     # A task handed chunks 0 and 1 skips the committed one.
     assert evaluate_chunks(any_store, evaluation_id, digits_cnn, x, y, SPEC, [0, 1]) == 1
     assert missing_chunks(any_store, evaluation_id, SPEC) == [2, 3]
@@ -233,7 +231,7 @@ def test_a_chunk_committed_twice_leaves_one_row_per_sample_and_no_error(any_stor
     # statements of another writer) are kept, and the chunk commits around them.
     with any_store.session() as s:
         s.execute(delete(EvaluationChunk).where(EvaluationChunk.chunk_index == 0))
-    assert _commit_chunk(any_store, evaluation_id, again) is True
+    assert commit_chunk(any_store, evaluation_id, again) is True
     assert _rows(any_store, evaluation_id) == rows
     assert [c.worker for c in _chunks(any_store, evaluation_id)] == ["requeued", None]
     assert finalize_evaluation(any_store, evaluation_id, SPEC) is None  # chunks 2 and 3 missing
@@ -280,7 +278,7 @@ def test_four_worker_processes_on_one_evaluation_equal_one_process(store_url, re
         assert ev["attack_seconds"] == {s: math.fsum(c.attack_seconds.get(s, 0.0) for c in chunks) for s in stages}
         assert summary.attack_seconds == ev["attack_seconds"]
         assert ev["provenance"]["chunks"]["n"] == n_chunks
-        assert ev["provenance"]["execution"]["channels_last"] is True
+        assert ev["provenance"]["execution"]["channels_last"] is False  # the default layout (bench.evaluate)
     finally:
         store.dispose()
 
@@ -593,7 +591,7 @@ def test_workers_die_with_their_parent_on_kill_9(tmp_path, digits_cnn_checkpoint
     workers: list[int] = []
     try:
         # A committed chunk: the pool's workers are past their start (which arms the parent-death signal; a worker
-        # still starting exits when its start ends, see bench.evaluate._die_with_parent) and attacking.
+        # still starting exits when its start ends, see bench.evaluation.workers.die_with_parent) and attacking.
         _wait_for(lambda: _stored(url, EvaluationChunk.__table__) >= 1, proc, "the workers committed a chunk")
         workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
         assert len(workers) == 2
@@ -612,3 +610,126 @@ def test_workers_die_with_their_parent_on_kill_9(tmp_path, digits_cnn_checkpoint
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
     assert "Traceback" not in out and "BrokenPipe" not in out, out
+
+
+# ------------------------------------------------------------------------------------ worker processes that fail
+
+# Evaluates, through the public API with two worker processes, a model that works in this process and fails in a
+# worker as $FAIL_MODE says: its unpickling raises (a start-up error), ends the process (a start that never
+# reports), its forward pass kills the process (the out-of-memory killer) or raises (an error while attacking).
+_FAILING_WORKERS = """
+import json, multiprocessing, os, signal, sys
+
+import torch
+from torch import nn
+
+import apbench
+
+MODE = os.environ["FAIL_MODE"]
+
+
+def in_worker() -> bool:
+    return multiprocessing.parent_process() is not None
+
+
+class FailingInWorkers(nn.Sequential):
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if in_worker():
+            with open(os.environ["STARTS_LOG"], "a") as f:
+                f.write(f"{os.getpid()}\\n")
+            if MODE == "raise":
+                raise OSError("the weights are on a disk this worker cannot read")
+            if MODE == "exit":
+                os._exit(3)
+
+    def forward(self, x):
+        if in_worker() and MODE == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if in_worker() and MODE == "job_error":
+            raise ArithmeticError("no logits for this chunk")
+        return super().forward(x)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = FailingInWorkers(nn.Flatten(), nn.Linear(64, 10))
+    try:
+        apbench.evaluate(
+            model, dataset="digits", db=sys.argv[1], workers=2, n_samples=8, batch_size=4, version="standard",
+            fmn_steps=5,
+        )
+    except Exception as err:
+        cause = err.__cause__
+        print(json.dumps({"type": type(err).__name__, "message": str(err), "cause": type(cause).__name__,
+                          "cause_text": str(cause)}))
+        sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize(
+    "mode, error, message",
+    [
+        (
+            "raise",
+            "WorkerError",
+            r"worker process (\d+) could not start: OSError: the weights are on a disk this worker cannot read; "
+            r"--workers 1 attacks in this process instead",
+        ),
+        pytest.param(
+            "exit",
+            "WorkerError",
+            r"worker process (\d+) ended \(exit status 3\) while starting; any error it printed is above",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            "killed",
+            "WorkerError",
+            r"worker process (\d+) ended \(killed by SIGKILL\) while attacking chunk [01]; the chunks committed are "
+            r"kept: run the same command again to resume \(with fewer than 2 workers if memory ran out\)",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("job_error", "ArithmeticError", r"no logits for this chunk", marks=pytest.mark.slow),
+    ],
+)
+def test_a_failing_worker_process_ends_the_evaluation_with_one_line_naming_its_error(tmp_path, mode, error, message):
+    """A multiprocessing.Pool restarted a worker whose start-up raised, forever (the evaluation never ended), and
+    waited forever for a worker killed in the middle of a chunk. Each worker now starts once; the evaluation ends
+    at the first failure with one line naming it, and no worker outlives it."""
+    script = tmp_path / "failing_workers.py"
+    script.write_text(_FAILING_WORKERS)
+    starts = tmp_path / "starts.log"
+    env = {**os.environ, "FAIL_MODE": mode, "STARTS_LOG": str(starts), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'results.db'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["type"] == error, outcome
+    found = re.fullmatch(message, outcome["message"])
+    assert found, outcome["message"]
+    started = [int(pid) for pid in starts.read_text().split()]
+    assert 1 <= len(started) <= 2, f"workers started {len(started)} times: restarted"
+    if found.groups():
+        assert int(found[1]) in started
+    if mode == "job_error":  # raised again here as the worker raised it, its traceback attached
+        assert outcome["cause"] == "WorkerTraceback" and "no logits for this chunk" in outcome["cause_text"]
+        assert "Traceback (most recent call last)" in outcome["cause_text"]
+    assert [pid for pid in started if _alive(pid)] == []
+
+
+def test_a_model_the_workers_cannot_receive_is_refused_in_one_line(store, digits, digits_mlp):
+    _, _, x, y = digits
+    model = copy.deepcopy(digits_mlp)
+    model.postprocess = lambda logits: logits  # a lambda does not pickle
+    with pytest.raises(ValueError) as err:
+        evaluate(store, _model_row(store, "lambda"), model, x, y, SPEC, progress=False, workers=2)
+    assert re.fullmatch(
+        r"the worker processes cannot receive the model \((PicklingError|AttributeError): Can't pickle .*lambda.*\); "
+        r"define its class in an importable module, or use --workers 1",
+        str(err.value),
+    ), str(err.value)

@@ -3,6 +3,7 @@ interface executors build on. Many processes on one evaluation: tests/test_concu
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -17,18 +18,27 @@ import torch
 from pyautoattack import AutoAttack
 from sqlalchemy import func, select
 
-import bench.evaluate as evaluate_module
+import bench.evaluation.chunk as chunk_module
 from bench.analysis.best_known import distance_gap, eps_float32
 from bench.analysis.stats import wilson_interval
 from bench.attacks.fmn import NotAdversarialError
-from bench.evaluate import evaluate, evaluate_chunks, finalize_evaluation, missing_chunks, open_evaluation
+from bench.evaluate import (
+    CHANNELS_LAST_ENV,
+    attack_chunk,
+    evaluate,
+    evaluate_chunks,
+    finalize_evaluation,
+    missing_chunks,
+    open_evaluation,
+)
 from bench.performance import execution_settings
 from bench.provenance import utcnow
+from bench.records import RECORD_COLUMNS
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult
 from bench.store.schema import EvaluationChunk
 
-SAMPLE_COLUMNS = [c.name for c in SampleResult.__table__.columns if c.name not in ("id", "evaluation_id")]
+SAMPLE_COLUMNS = list(RECORD_COLUMNS)
 
 
 def _model_row(store, name="mlp"):
@@ -197,8 +207,8 @@ def test_finished_run_is_reused_and_overwrite_recomputes(store, digits, digits_m
     spec = _spec(n_samples=10)
     first = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
     calls = []
-    original = evaluate_module.attack_chunk
-    monkeypatch.setattr(evaluate_module, "attack_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = chunk_module.attack_chunk
+    monkeypatch.setattr(chunk_module, "attack_chunk", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
     assert again.reused and not calls and again.evaluation_id == first.evaluation_id
     redone = evaluate(store, model_id, digits_mlp, xte, yte, spec, overwrite=True, progress=False)
@@ -221,7 +231,7 @@ def test_crash_mid_run_resumes_without_loss_or_duplicates(store, digits, digits_
     _, _, xte, yte = digits
     spec = _spec()
     model_id = _model_row(store, "resumed")
-    original = evaluate_module.attack_chunk
+    original = chunk_module.attack_chunk
     seen = []
 
     def crash_on_third_chunk(*args, **kwargs):
@@ -230,14 +240,14 @@ def test_crash_mid_run_resumes_without_loss_or_duplicates(store, digits, digits_
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "attack_chunk", crash_on_third_chunk)
+    monkeypatch.setattr(chunk_module, "attack_chunk", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
     with store.session() as s:
         ev = s.scalars(select(Evaluation)).one()
         assert ev.status == "running"
         assert s.scalar(select(func.count()).select_from(SampleResult)) == 20  # two chunks of 10 committed
-    monkeypatch.setattr(evaluate_module, "attack_chunk", original)
+    monkeypatch.setattr(chunk_module, "attack_chunk", original)
     resumed = evaluate(store, model_id, digits_mlp, xte, yte, spec, progress=False)
     reference = evaluate(store, _model_row(store, "uninterrupted"), digits_mlp, xte, yte, spec, progress=False)
     reference_store_rows = _rows(store, reference.evaluation_id)
@@ -357,7 +367,7 @@ def test_autoattack_clean_pass_disagreement_is_flagged_and_never_counted_robust(
     # A randomised model can be right in our clean pass and wrong in AutoAttack's own (or the reverse). Such a
     # sample must not count as AutoAttack-robust unless both passes got it right, and the run is flagged.
     _, _, xte, yte = digits
-    real = evaluate_module.run_autoattack
+    real = chunk_module.run_autoattack
 
     def disagreeing(model, x, y, **kw):
         out = real(model, x, y, **kw)
@@ -369,7 +379,7 @@ def test_autoattack_clean_pass_disagreement_is_flagged_and_never_counted_robust(
         out.robust[mis[mis >= 2][:1]] = True  # ...and calls a sample our pass got wrong robust
         return out
 
-    monkeypatch.setattr(evaluate_module, "run_autoattack", disagreeing)
+    monkeypatch.setattr(chunk_module, "run_autoattack", disagreeing)
     summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(), progress=False)
     rows = _rows(store, summary.evaluation_id)
     assert not any(r["aa_robust"] and not r["clean_correct"] for r in rows)
@@ -420,7 +430,7 @@ def test_digits_track_dense_model_has_no_best_known_distance_above_eps_where_aut
 def test_an_autoattack_example_our_pass_does_not_find_adversarial_is_not_used(store, digits, digits_mlp, monkeypatch):
     # A randomised or input-dependent model can misclassify AutoAttack's example in AutoAttack's pass and not in ours.
     _, _, xte, yte = digits
-    real = evaluate_module.run_autoattack
+    real = chunk_module.run_autoattack
     replaced = []
 
     def unreproducible(model, x, y, **kw):
@@ -430,7 +440,7 @@ def test_an_autoattack_example_our_pass_does_not_find_adversarial_is_not_used(st
         replaced.append(first)
         return out
 
-    monkeypatch.setattr(evaluate_module, "run_autoattack", unreproducible)
+    monkeypatch.setattr(chunk_module, "run_autoattack", unreproducible)
     spec = _spec(n_samples=10)
     summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, spec, progress=False)
     rows = _rows(store, summary.evaluation_id)
@@ -447,14 +457,14 @@ def test_fmn_refusing_a_starting_point_leaves_the_chunk_without_autoattack_candi
 ):
     # The model's output changed between our check and FMN's own: nothing from AutoAttack is used for the chunk.
     _, _, xte, yte = digits
-    real = evaluate_module.minimum_norm
+    real = chunk_module.minimum_norm
 
     def refusing(*args, **kw):
         if kw.get("starting_points") is not None:
             raise NotAdversarialError("every starting point must be adversarial")
         return real(*args, **kw)
 
-    monkeypatch.setattr(evaluate_module, "minimum_norm", refusing)
+    monkeypatch.setattr(chunk_module, "minimum_norm", refusing)
     summary = evaluate(store, _model_row(store), digits_mlp, xte, yte, _spec(n_samples=10), progress=False)
     rows = _rows(store, summary.evaluation_id)
     assert any(r["aa_broken_by"] is not None for r in rows)
@@ -464,8 +474,8 @@ def test_fmn_refusing_a_starting_point_leaves_the_chunk_without_autoattack_candi
 
 
 def test_the_attacks_run_on_a_prepared_copy_and_the_callers_model_is_left_alone(store, digits, digits_cnn):
-    # bench.performance.fast_model prepares the model (channels_last for a convolution network, frozen parameters);
-    # the caller's module keeps its parameters trainable, its layout and its hooks.
+    # bench.performance.fast_model prepares the model (frozen parameters, the standard memory layout); the caller's
+    # module keeps its parameters trainable, its layout and its hooks.
     _, _, xte, yte = digits
     before = {k: v.clone() for k, v in digits_cnn.state_dict().items()}
     summary = evaluate(store, _model_row(store, "cnn"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
@@ -473,11 +483,56 @@ def test_the_attacks_run_on_a_prepared_copy_and_the_callers_model_is_left_alone(
     assert not digits_cnn._forward_pre_hooks and execution_settings(digits_cnn) is None
     assert all(p.is_contiguous() for p in digits_cnn.parameters())
     assert all(torch.equal(v, before[k]) for k, v in digits_cnn.state_dict().items())
-    with store.session() as s:
-        chunks = s.scalars(select(EvaluationChunk).where(EvaluationChunk.evaluation_id == summary.evaluation_id)).all()
-        ev = s.get(Evaluation, summary.evaluation_id)
-    assert [c.execution["channels_last"] for c in chunks] == [True]
+    chunks, ev = _chunks_and_evaluation(store, summary.evaluation_id)
+    assert [c.execution["channels_last"] for c in chunks] == [False]
     assert ev.provenance["execution"] == {**chunks[0].execution, "frozen_parameters": True, "tf32": False}
+
+
+def _chunks_and_evaluation(store, evaluation_id):
+    with store.session() as s:
+        chunks = s.scalars(select(EvaluationChunk).where(EvaluationChunk.evaluation_id == evaluation_id)).all()
+        return chunks, s.get(Evaluation, evaluation_id)
+
+
+def _bits(rows: list[dict]) -> list[dict]:
+    # Floats by their bits: == would take -0.0 for 0.0.
+    return [{k: v.hex() if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+
+
+def test_default_evaluation_rows_equal_the_plain_models_bit_for_bit(store, digits, digits_cnn, monkeypatch):
+    """The protocol promises the same per-sample results whatever the execution settings: by default the evaluator
+    prepares the model without channels_last (which changed FMN distances in the last place), and its rows are those
+    of the plain model, attacked with no preparation at all, in every bit."""
+    monkeypatch.delenv(CHANNELS_LAST_ENV, raising=False)
+    _, _, xte, yte = digits
+    spec = _spec(n_samples=20)
+    summary = evaluate(store, _model_row(store, "cnn"), digits_cnn, xte, yte, spec, progress=False)
+    plain_model = copy.deepcopy(digits_cnn)  # trainable parameters, standard layout, no hooks: as the caller holds it
+    plain = []
+    for index, chunk in enumerate(spec.chunks()):
+        rows, _, _, _ = attack_chunk(
+            plain_model, xte[chunk.start : chunk.stop], yte[chunk.start : chunk.stop], list(chunk), spec,
+            run_checks=index == 0,
+        )  # fmt: skip
+        plain += rows
+    stored = _rows(store, summary.evaluation_id)
+    assert any(r["aa_robust"] for r in stored) and any(r["fmn_warm_distance"] is not None for r in stored)
+    assert _bits(stored) == _bits(plain)
+    chunks, _ = _chunks_and_evaluation(store, summary.evaluation_id)
+    assert {c.execution["channels_last"] for c in chunks} == {False}
+
+
+def test_channels_last_is_opted_in_by_the_environment_and_recorded(store, digits, digits_cnn, digits_mlp, monkeypatch):
+    _, _, xte, yte = digits
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "1")
+    cnn = evaluate(store, _model_row(store, "cnn"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
+    assert [c.execution["channels_last"] for c in _chunks_and_evaluation(store, cnn.evaluation_id)[0]] == [True]
+    # Only where it can speed the network up: a network without convolutions keeps the standard layout.
+    mlp = evaluate(store, _model_row(store, "mlp"), digits_mlp, xte, yte, _spec(n_samples=10), progress=False)
+    assert [c.execution["channels_last"] for c in _chunks_and_evaluation(store, mlp.evaluation_id)[0]] == [False]
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{CHANNELS_LAST_ENV}='yes' is neither 1 \\(channels_last\\) nor 0"):
+        evaluate(store, _model_row(store, "other"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
 
 
 def test_the_executor_interface_gives_the_rows_of_one_evaluate_call(store, digits, digits_mlp):

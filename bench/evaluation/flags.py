@@ -1,0 +1,17 @@
+"""The flags an evaluation can raise beside AutoAttack's own sanity-check flags, and those that mark it unreliable."""
+
+from __future__ import annotations
+
+from bench.attacks.autoattack import AA_FLAGS
+
+# FMN broke, within eps, a sample every AutoAttack stage left robust.
+FMN_BEAT_AA_FLAG = "fmn_beat_autoattack"
+# AutoAttack's own clean pass disagreed with ours on some sample (a randomised or input-dependent model).
+CLEAN_DISAGREEMENT_FLAG = "clean_pass_disagreement"
+# Our forward pass did not find an adversarial example AutoAttack returned adversarial (the same kind of model):
+# FMN does not start from it and its norm is no best-known distance.
+AA_ADV_NOT_REPRODUCED_FLAG = "autoattack_adversarial_not_reproduced"
+# A sample AutoAttack broke at eps ended with a best-known distance above eps: AutoAttack's own perturbation, rounded
+# in float32, exceeds eps by a last-place unit and neither FMN run found a smaller one. Visible, not unreliable.
+BEST_KNOWN_ABOVE_EPS_FLAG = "best_known_above_eps"
+UNRELIABLE_FLAGS = AA_FLAGS | {CLEAN_DISAGREEMENT_FLAG, AA_ADV_NOT_REPRODUCED_FLAG}
