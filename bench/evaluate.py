@@ -22,6 +22,7 @@ for convolution networks (faster on CPU and cuDNN); each chunk records the layou
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable
 from contextlib import closing
@@ -98,6 +99,7 @@ def evaluate(
     Returns:
         The summary, recomputed from the stored rows.
     """
+    _check_not_starting_a_worker()
     _check_split(y, spec)
     channels_last = _channels_last()
     if workers > 1 and torch.device(spec.device).type != "cpu":
@@ -202,6 +204,18 @@ def _run_chunks(store, evaluation_id, model, x, y, spec, todo, n_done, progress,
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _check_not_starting_a_worker() -> None:
+    """Refuse to run in a worker process that is still starting: a spawned worker runs the caller's script again,
+    and a script that calls :func:`evaluate` outside ``if __name__ == "__main__":`` would wait there for the lock
+    its own parent holds, so neither would ever end. ``_inheriting`` is the flag multiprocessing itself reads to
+    refuse starting processes from a re-run script."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "evaluate() was called while a worker process was starting: worker processes run the calling script "
+            'again; call it under `if __name__ == "__main__":`'
+        )
 
 
 def _check_split(y: torch.Tensor, spec: RunSpec) -> None:

@@ -733,3 +733,44 @@ def test_a_model_the_workers_cannot_receive_is_refused_in_one_line(store, digits
         r"define its class in an importable module, or use --workers 1",
         str(err.value),
     ), str(err.value)
+
+
+_UNGUARDED_SCRIPT = """
+import sys
+
+import torch
+from torch import nn
+
+import apbench
+
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+apbench.evaluate(
+    model, dataset="digits", db=sys.argv[1], workers=2, n_samples=8, batch_size=4, version="standard", fmn_steps=5
+)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_ends_with_the_fix_instead_of_waiting_forever(tmp_path):
+    """Each spawned worker runs the calling script again; one that calls evaluate() outside ``if __name__ ==
+    "__main__"`` waited for the lock its parent holds, and the parent for the worker, forever."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), f"sqlite:///{tmp_path / 'results.db'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+    )
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert re.fullmatch(
+        r"bench\.evaluation\.workers\.WorkerError: worker process \d+ ended \(exit status 1\) while starting; any "
+        r"error it printed is above",
+        run.stderr.strip().splitlines()[-1],
+    ), run.stderr
+    assert (
+        "RuntimeError: evaluate() was called while a worker process was starting: worker processes run the calling "
+        'script again; call it under `if __name__ == "__main__":`'
+    ) in run.stderr
