@@ -112,11 +112,13 @@ _CODE_HASHES: dict[str, str] = {}
 def code_hash(method_key: str) -> str:
     """Hash of :func:`source_modules`' files: a change there recomputes the method's entries (moves do not).
 
-    Read once per process, right after the imports, so that files moved or edited while a long run goes on do not
-    break it: the run keeps using (and keying by) the code it imported.
+    Read once per process for every registered method together, right after the imports, so that files moved or
+    edited while a long run goes on neither break it nor mislabel it: the run keys by the code it imported.
     """
-    if method_key not in _CODE_HASHES:
-        _CODE_HASHES[method_key] = _hash_sources(method_key)
+    if not _CODE_HASHES:
+        from methods.base import list_methods
+
+        _CODE_HASHES.update({key: _hash_sources(key) for key in list_methods()})
     return _CODE_HASHES[method_key]
 
 
