@@ -51,9 +51,11 @@ def _sign_ascent(
     random_start: bool = False,
 ) -> torch.Tensor:
     if random_start:
-        # A uniform point of the ε-ball (Madry et al.): every input coordinate starts up to ε away from x, so a
-        # coordinate whose first-layer ReLUs are all off at x (zero gradient, sign 0) is still explored.
-        x_adv = clip_linf(x + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        # A uniform point of B∞(x, ε) ∩ [0, 1]: each coordinate uniform on [max(0, x − ε), min(1, x + ε)], so a
+        # coordinate whose first-layer ReLUs are all off at x (zero gradient, sign 0) starts away from x and is
+        # explored. Sampling the ball and then clipping would leave half of the blank pixels (x = 0) at exactly 0.
+        low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+        x_adv = low + (high - low) * torch.rand_like(x)
     else:
         # TRADES and MART both start at x + 0.001·N(0, 1): sign ascent can never move a coordinate whose gradient
         # is exactly 0 there, e.g. a blank pixel inside the dead zone of every first-layer unit that sees it.
@@ -78,9 +80,9 @@ def trades_adversarial(
 ) -> torch.Tensor:
     """TRADES inner maximisation: L∞ sign ascent on Σ_i KL(f(x) ‖ f(x'_i)), run in eval mode.
 
-    Starts at ``x + 0.001·N(0, 1)`` (the released code) or, with ``random_start``, at a uniform point of the
-    ε-ball; every step is projected onto the ε-ball and [0, 1]. The natural distribution f(x) is computed once
-    (the released code recomputes it every step, to the same values).
+    Starts at ``x + 0.001·N(0, 1)`` (the released code) or, with ``random_start``, at a uniform point of
+    B∞(x, ε) ∩ [0, 1]; every step is projected onto the ε-ball and [0, 1]. The natural distribution f(x) is
+    computed once (the released code recomputes it every step, to the same values).
 
     Args:
         model: the network; its train/eval flags are restored on return.
@@ -88,7 +90,7 @@ def trades_adversarial(
         eps: L∞ radius.
         steps: sign-gradient steps (10 in HYDRA).
         step_size: α (2/255 in HYDRA for ε = 8/255).
-        random_start: start at a uniform point of the ε-ball instead of TRADES' ``x + 0.001·N(0, 1)``.
+        random_start: start at a uniform point of B∞(x, ε) ∩ [0, 1] instead of TRADES' ``x + 0.001·N(0, 1)``.
 
     Returns:
         Detached adversarial inputs with ‖x' − x‖∞ ≤ ε and x' ∈ [0, 1].
@@ -128,7 +130,7 @@ def mart_adversarial(
         eps: L∞ radius.
         steps: sign-gradient steps (10 in MART and MAD).
         step_size: α (MART uses 0.007, MAD 0.03/10·2.3 for ε = 0.03).
-        random_start: start at a uniform point of the ε-ball instead of ``x + 0.001·N(0, 1)``.
+        random_start: start at a uniform point of B∞(x, ε) ∩ [0, 1] instead of ``x + 0.001·N(0, 1)``.
 
     Returns:
         Detached adversarial inputs with ‖x' − x‖∞ ≤ ε and x' ∈ [0, 1].

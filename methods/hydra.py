@@ -167,8 +167,8 @@ class Hydra(PruningMethod):
             scaled_score_init: initialise scores as ``sqrt(6/fan_in)·w/max|w|``; otherwise Kaiming-uniform
                 (``a = sqrt(5)``), HYDRA's layer default.
             freeze_bn: also freeze BatchNorm affine parameters while pruning (HYDRA's ``--freeze-bn``).
-            random_start: start TRADES' inner maximisation at a uniform point of the ε-ball instead of the
-                code's ``x + 0.001·N(0, I)`` (off in the paper's setting; on in :meth:`digits_config`, see there).
+            random_start: start TRADES' inner maximisation at a uniform point of B∞(x, ε) ∩ [0, 1] instead of
+                the code's ``x + 0.001·N(0, I)`` (off in the paper's setting; on in :meth:`digits_config`, see there).
         """
 
         prune_epochs: int = 20
@@ -200,11 +200,15 @@ class Hydra(PruningMethod):
         When a kink finally crosses the blank value (there, a bias change in the third decimal: at any learning
         rate, even the last epoch's) the background gradient appears, the TRADES loss jumps and PGD-20 falls to
         what the robustness really was. Which seeds this hits depends on the draw; PGD-10 (HYDRA's own step
-        count) does not prevent it, since more sign steps cannot move a zero-gradient pixel. A uniform start puts
-        blank pixels anywhere up to ε, past the kinks within reach, so TRADES trains against perturbed
-        backgrounds too (as PGD with a random start does for the dense parent).
-        ``benchmarks/track_stability.py --methods hydra --sparsities 0.95 --set random_start=false --out …`` runs
-        the paper-start schedule; ``docs/figures/track_stability.md`` holds the measured figures of this one.
+        count) does not prevent it, since more sign steps cannot move a zero-gradient pixel. The digits schedule
+        starts at a uniform point of B∞(x, ε) ∩ [0, 1], so every blank pixel starts somewhere in (0, ε] and the
+        attack explores the background past any kink within reach; TRADES then trains against perturbed
+        backgrounds too (as PGD with a random start does for the dense parent). The box matters: sampling the
+        ε-ball and clipping leaves half of the blank pixels at exactly 0, and models trained that way were
+        stable under PGD-20, but AutoAttack's gradient-free Square stage then broke tens of test digits that its
+        gradient attacks had left (the mark of masked gradients). ``benchmarks/track_stability.py --methods hydra
+        --sparsities 0.95 --set random_start=false --out …`` runs the paper-start schedule;
+        ``docs/figures/track_stability.md`` holds the measured figures of this one.
         """
         defaults = {"prune_epochs": 3, "finetune_epochs": 5, "batch_size": 64, "pgd_steps": 5, "random_start": True}
         return self.config(**{**defaults, **overrides})
