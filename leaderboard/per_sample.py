@@ -8,12 +8,8 @@ depends only on its evaluation's rows, so the site is the same whatever the numb
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import math
-import os
-import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from bench.analysis.paired import McNemar, mcnemar
 from bench.analysis.records import CSV_COLUMNS, EvaluationRecords, load_records
 from bench.analysis.report import failure
 from bench.analysis.thin_ice import ThinIce, ThinIceError, thin_ice
+from bench.processes import die_with_parent
 from bench.store import Store
 from leaderboard import plots
 
@@ -254,8 +251,6 @@ def run_job(store: Store, tasks: list[EvalTask], out: Path) -> dict[int, SampleR
     return results
 
 
-PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
-
 # Worker processes open their own engine on the same URL (a connection must not cross a fork).
 _worker_store: Store | None = None
 
@@ -263,22 +258,9 @@ _worker_store: Store | None = None
 def worker_init(url: str, parent_pid: int | None = None) -> None:
     global _worker_store
     if parent_pid is not None:
-        _die_with_parent(parent_pid)
+        # A killed build leaves no worker writing into its folder.
+        die_with_parent(parent_pid)
     _worker_store = Store(url, migrate=False)
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to kill this worker when the build process dies (SIGKILL included), so a killed build leaves no
-    worker writing into its folder. Elsewhere the worker notices the closed queue on its next job."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
 
 
 def worker_job(args: tuple[list[EvalTask], str]) -> dict[int, SampleResults]:

@@ -217,20 +217,10 @@ def _printed_tables(stdout: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- the README blocks
 
 
-def _pct(v: float) -> str:
-    from bench.analysis.format import percent
-
-    return percent(v)
-
-
-def _p(p: float | None) -> str:
-    if p is None:
-        return "n/a"
-    return f"{p:.0e}".replace("e-0", "e-") if p < 1e-3 else f"{p:.3f}"
-
-
 def render_blocks() -> dict[str, str]:
     """Every marked README block, rendered from the JSON files in docs/figures/."""
+    from bench.analysis.format import number, p_value, percent
+
     blocks: dict[str, str] = {}
     demo_path = FIGURES / "demo.json"
     if demo_path.exists():
@@ -249,26 +239,26 @@ def render_blocks() -> dict[str, str]:
         lo, hi = wilson(dense["autoattack"], dense["n"])
         blocks["demo-dense-figures"] = (
             f"Measured on all {dense['n']} test digits by the main job's fresh run ({where}): "
-            f"**clean {_pct(dense['clean'])}, AutoAttack-plus robust {_pct(dense['autoattack'])} "
-            f"[{_pct(lo)}, {_pct(hi)}]**, FMN-at-eps {_pct(dense['fmn_at_eps'])}, best-known "
-            f"{_pct(dense['best_known'])}, FMN median L∞ distance {dense['fmn_median']:.3f}."
+            f"**clean {percent(dense['clean'])}, AutoAttack-plus robust {percent(dense['autoattack'])} "
+            f"[{percent(lo)}, {percent(hi)}]**, FMN-at-eps {percent(dense['fmn_at_eps'])}, best-known "
+            f"{percent(dense['best_known'])}, FMN median L∞ distance {dense['fmn_median']:.3f}."
         )
         ranges = demo["ranges"]
         rows = ["| figure | dense | pruned |", "|---|---|---|"]
         for label, key in ACCURACIES.items():
             rows.append(
-                f"| {label} | {_pct(dense[key])} (range {_pct(ranges['dense'][key][0])}–"
-                f"{_pct(ranges['dense'][key][1])}) | {_pct(pruned[key])} (range {_pct(ranges['pruned'][key][0])}–"
-                f"{_pct(ranges['pruned'][key][1])}) |"
+                f"| {label} | {percent(dense[key])} (range {percent(ranges['dense'][key][0])}–"
+                f"{percent(ranges['dense'][key][1])}) | {percent(pruned[key])} "
+                f"(range {percent(ranges['pruned'][key][0])}–{percent(ranges['pruned'][key][1])}) |"
             )
         rows.append(f"| FMN median distance | {dense['fmn_median']:.4f} (±10 %) | {pruned['fmn_median']:.4f} (±10 %) |")
-        rows.append(f"| measured sparsity | {_pct(dense['sparsity'])} | {_pct(pruned['sparsity'])} |")
+        rows.append(f"| measured sparsity | {percent(dense['sparsity'])} | {percent(pruned['sparsity'])} |")
         blocks["demo-ranges"] = "\n".join(rows)
         ti = demo["thin_ice"]
         s10 = ti["counts"]["S10"]
         blocks["demo-thin-ice"] = (
             f"On the demo's models (same run): S10 {ti['percent']['S10']:.2f} % ({s10} samples), "
-            f"AUC(ε10 < ε11) {_auc(ti['auc_10_11'])} (p {_p(ti['p_10_11'])})"
+            f"AUC(ε10 < ε11) {number(ti['auc_10_11'], 3)} (p {p_value(ti['p_10_11'])})"
         )
         blocks["demo-perf"] = (
             f"| the main job, `{demo['command']}`, fresh cache and store (dense training, dense evaluation, HYDRA "
@@ -329,10 +319,6 @@ def _throughput_table(t: dict[str, Any]) -> str:
             f"Frozen parameters: {diffs(frozen)}. channels_last: {diffs(fast)}.",
         ]
     )
-
-
-def _auc(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
 
 
 _BLOCK = re.compile(r"<!-- figures:(?P<name>[a-z0-9-]+) -->\n(?P<body>.*?)<!-- /figures:(?P=name) -->", re.S)

@@ -12,7 +12,6 @@ interrupted: a store for trying ``bench ... --db postgresql://...`` by hand.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import re
@@ -27,11 +26,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.processes import set_parent_death_signal
+
 # A folder holding initdb and postgres, when neither the PATH nor /usr/lib/postgresql/*/bin has them.
 PG_BIN_ENV = "APBENCH_PG_BIN"
 SERVER_USER = "postgres"  # the OS user the server runs as when we are root
 SUPERUSER = "postgres"  # the database role initdb creates
-_PR_SET_PDEATHSIG = 1
 
 
 class PostgresUnavailable(RuntimeError):
@@ -69,7 +69,7 @@ def _free_port() -> int:
 def _die_with_parent() -> None:
     # Runs in the child after it switched user: if the test process is killed outright, the server follows
     # instead of living on as an orphan (SIGQUIT: immediate shutdown, nothing worth keeping).
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGQUIT)
+    set_parent_death_signal(signal.SIGQUIT)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """CPU worker processes attacking an evaluation's chunks in parallel (:func:`attack_in_workers`).
 
 Each worker is a spawned process, started once. It first arms its own end with the parent's
-(:func:`die_with_parent`), then runs its start-up (one torch thread; the model unpickled and prepared as the parent
-prepared it), says it is ready, and attacks the chunks the parent hands it one at a time over its own pipe.
+(:func:`bench.processes.die_with_parent`), then runs its start-up (one torch thread; the model unpickled and
+prepared as the parent prepared it), says it is ready, and attacks the chunks the parent hands it one at a time
+over its own pipe.
 
 Not ``multiprocessing.Pool``: a Pool replaces every worker that ends, so a worker whose start-up raised (a model
 class it cannot import, a failing preparation) was started again and again, printing the same traceback each time,
@@ -14,13 +15,10 @@ as its cause, and a worker that ends without a word is named with its exit statu
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import pickle
 import signal
-import sys
-import threading
 import time
 import traceback
 from collections import deque
@@ -33,10 +31,9 @@ import torch
 
 from bench.evaluation.chunk import ChunkResult, attack_one_chunk
 from bench.performance import fast_model
+from bench.processes import die_with_parent
 from bench.spec import RunSpec
 
-# How often a worker checks that the process that started it still lives (where no parent-death signal exists).
-_PARENT_POLL_S = 1.0
 # How long a worker that was told to stop (its pipe closed) may take to exit before it is terminated.
 _STOP_TIMEOUT_S = 10.0
 
@@ -261,28 +258,3 @@ def _describe(err: BaseException) -> str:
     """``Type: message`` on one line (a message over several lines joined)."""
     message = " ".join(str(err).split())
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """End this process when ``parent_pid`` ends, however it ends (``kill -9`` included).
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, the kernel kills the worker the moment its parent dies. Everywhere:
-    a daemon thread polling ``os.getppid()``, which changes when the parent dies (the orphan is reparented). Without
-    either, orphaned workers kept attacking and printed BrokenPipe tracebacks when sending their results.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(_PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="apbench-parent-watch", daemon=True).start()
