@@ -10,7 +10,8 @@
 
 :func:`evaluate` is ``bench evaluate --checkpoint``: the run spec from :meth:`bench.spec.RunSpec.for_dataset` (the
 command's defaults, so the same settings get the same stored key from Python and from the shell), the model
-registered by :func:`bench.catalog.register_model`, the attacks run and stored by :func:`bench.evaluate.evaluate`.
+registered by :func:`bench.store.registration.register_model`, the attacks run and stored by
+:func:`bench.evaluate.evaluate`.
 
 An in-memory model needs no file. Its identity in the store is :func:`state_dict_sha256`, the hash of its state
 dict, stored as the model's ``checkpoint_sha256`` with no checkpoint path, beside the store's ``normalization``
@@ -35,22 +36,17 @@ import torch
 from torch import nn
 
 from bench.analysis.records import CSV_COLUMNS, load_records
-from bench.analysis.results import results_frame
-from bench.catalog import (
-    load_checkpoint_model,
-    normalization_key,
-    parse_normalization,
-    register_model,
-    resolve_normalization,
-)
-from bench.checkpoints import sha256_file
+from bench.analysis.results import results_frame, settings_frame
+from bench.checkpoints import load_checkpoint_model, sha256_file
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import EvaluationSummary
 from bench.evaluate import evaluate as run_evaluation
 from bench.models import ARCHS, NormalizedModel, unwrap
+from bench.models.normalize import normalization_key, parse_normalization, resolve_normalization
 from bench.paths import atomic_write, cache_dir
 from bench.spec import RunSpec
 from bench.store import Store
+from bench.store.registration import register_model
 from methods.base import get_method
 from methods.pipeline import DenseParent, is_same_model, name_holder, prune_checkpoint, taken_name_error
 
@@ -196,7 +192,7 @@ def evaluate(
     ``bench evaluate --checkpoint`` does.
 
     An ``nn.Module`` is evaluated as it is: it must take inputs in [0, 1] and return logits. No normalisation layer
-    is added in front of it: a model built with :func:`bench.catalog.build_model` (or any
+    is added in front of it: a model built with :func:`bench.models.build_model` (or any
     :class:`bench.models.NormalizedModel`) carries its own, which the store records as its ``normalization``; any
     other module is recorded as taking raw [0, 1] inputs (``none``). Its identity is :func:`state_dict_sha256`; it
     is neither moved nor modified (the attacks run on a prepared copy). A checkpoint path is loaded into ``arch``
@@ -257,7 +253,7 @@ def evaluate(
         if normalization is not None:
             raise ValueError(
                 "normalization= describes a checkpoint file; an in-memory model is evaluated as it is (give it its "
-                "own normalisation layer, e.g. bench.catalog.build_model(arch, dataset, normalization))"
+                "own normalisation layer, e.g. bench.models.build_model(arch, dataset, normalization))"
             )
         source = _in_memory_source(model, dataset, arch, workers)
     elif isinstance(model, (str, os.PathLike)):
@@ -324,7 +320,7 @@ def prune(
 
     An in-memory dense model is registered under :func:`state_dict_sha256` (the row :func:`evaluate` uses for it)
     and its state dict written once to the cache (``$BENCH_CACHE_DIR/models``) for the pruning run to load; it
-    must be a registered architecture behind the dataset's normalisation (:func:`bench.catalog.build_model`). The
+    must be a registered architecture behind the dataset's normalisation (:func:`bench.models.build_model`). The
     pruned checkpoint is cached by content: pruning the same model the same way again reuses it.
 
     Args:
@@ -403,19 +399,24 @@ def prune(
     )
 
 
-def load_results(db: str | None = None, *, model: str | int | None = None) -> pd.DataFrame:
+def load_results(db: str | None = None, *, model: str | int | None = None, by_setting: bool = False) -> pd.DataFrame:
     """The stored evaluations, one row each, as ``bench results`` lists them (accuracies as fractions in [0, 1]).
 
     Args:
         db: the store [default: ``$BENCH_DB`` or ``sqlite:///results.db``]; it is only read.
         model: only this model's evaluations: its id, its name, or a shell pattern over names (``"HYDRA*"``).
+        by_setting: one row per setting and protocol instead, replicates (seeds) aggregated, as
+            ``bench results --by-setting`` lists them; not with ``model``.
 
     Returns:
-        A DataFrame with the columns of :data:`bench.analysis.results.RESULT_COLUMNS`.
+        A DataFrame with the columns of :data:`bench.analysis.results.RESULT_COLUMNS`
+        (:data:`bench.analysis.results.SETTING_COLUMNS` with ``by_setting``).
     """
+    if by_setting and model is not None:
+        raise ValueError("load_results(by_setting=True) aggregates every model's seeds; leave model= out")
     store = Store(db, read_only=True)
     try:
-        return results_frame(store, model)
+        return settings_frame(store) if by_setting else results_frame(store, model)
     finally:
         store.dispose()
 
@@ -470,7 +471,7 @@ def _in_memory_dense(model: nn.Module, dataset: str, arch: str | None) -> tuple[
     ):
         raise ValueError(
             f"pruning rebuilds the network behind {dataset}'s normalisation layer; give a model built with "
-            "bench.catalog.build_model(arch, dataset), or a checkpoint path"
+            "bench.models.build_model(arch, dataset), or a checkpoint path"
         )
     arch = arch or infer_arch(model, dataset)
     if arch is None:

@@ -4,9 +4,10 @@ The core knows one format, ``plain`` (a state dict of our architecture). The nat
 methods' authors (HYDRA's popup scores, MAD's ``.t7`` files, ...) need the methods' own code, which sits above the
 core, so the methods register them here (``methods/convert.py``) instead of the core importing the methods. A
 process that never imported them, e.g. an evaluation task rebuilding a stored author checkpoint
-(:func:`bench.catalog.load_stored_model`), finds them through the ``apbench.checkpoint_formats`` entry point that
-the installed package declares (``pyproject.toml``): :data:`FORMATS` loads every such entry point the first time
-it is read, the way pytest finds its plugins. Another package can add its formats the same way.
+(:func:`bench.store.registration.load_stored_model`), finds them through the ``apbench.checkpoint_formats``
+entry point that the installed package declares (``pyproject.toml``): :data:`FORMATS` loads every such entry point
+the first time it is read, the way pytest finds its plugins. Another package can add its formats the same way.
+:func:`load_converted_model` builds the model a converted file fits, behind its authors' input normalisation.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 
 from torch import Tensor
 
-from bench.checkpoints import drop_unused_keys, load_state_dict
+from bench.checkpoints import CheckpointMismatchError, drop_unused_keys, load_state_dict, load_weights
 from bench.data import get_dataset_info
+from bench.models import NormalizedModel, build_model
 from bench.registry import Registry
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "MeanStd",
     "converted_provenance",
     "load_converted",
+    "load_converted_model",
     "load_plain",
     "native_normalization",
     "register_format",
@@ -190,3 +193,46 @@ def converted_provenance(
         "normalization": {"mean": list(mean), "std": list(std)},
         **({"k": k} if k is not None else {}),
     }
+
+
+def load_converted_model(
+    path: str | Path,
+    fmt: str,
+    arch: str,
+    dataset: str,
+    *,
+    k: float | None = None,
+    normalization: Mapping[str, Any] | None = None,
+) -> NormalizedModel:
+    """Convert ``path`` and load it into ``arch`` behind the authors' input normalisation, in eval mode.
+
+    The result gives the native model's logits on [0, 1] inputs: :func:`bench.formats.load_converted` for the
+    weights, :func:`bench.formats.native_normalization` for the fixed first layer.
+
+    Args:
+        path: the checkpoint file.
+        fmt: a registered format (``bench formats``).
+        arch: a registered architecture; the format's ``archs`` are the ones its authors' files fit.
+        dataset: a registered dataset (its class count sizes the classifier).
+        k: HYDRA's kept fraction, for ``hydra-subnet`` only.
+        normalization: ``{"mean", "std"}`` recorded in a stored model's provenance; replaces the format's
+            constants, so a stored model is rebuilt as it was registered.
+
+    Returns:
+        A :class:`bench.models.NormalizedModel`.
+
+    Raises:
+        CheckpointMismatchError: the converted keys do not fit ``arch``; the message names the format's
+            architectures.
+    """
+    spec = FORMATS.get(fmt)
+    state_dict = load_converted(path, fmt, k=k)
+    model = build_model(arch, dataset, normalization or converted_provenance(fmt, dataset)["normalization"])
+    try:
+        load_weights(model, state_dict, source=path)
+    except CheckpointMismatchError as e:
+        if not spec.archs or arch in spec.archs:
+            raise
+        hint = f"--format {fmt} files fit --arch {' or '.join(spec.archs)}, not {arch!r}"
+        raise CheckpointMismatchError(f"{e}\n{hint}", e.missing, e.unexpected, e.mismatched) from None
+    return model.eval()

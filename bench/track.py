@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bench.catalog import build_model
 from bench.data import get_dataset_info, load_split, parse_eps
+from bench.models import build_model
 from bench.paths import atomic_write, cache_dir, stable_hash
 from bench.provenance import cpu_info
 from bench.training import AdversarialTrainingConfig, adversarial_training

@@ -92,7 +92,7 @@ _IGNORED_FIELDS = {"id", "evaluation_id", "created_at"}
 
 
 def load_digits(n: int) -> dict[str, Any]:
-    from bench.catalog import load_checkpoint_model
+    from bench.checkpoints import load_checkpoint_model
     from bench.track import TRACKS, dense_checkpoint
 
     track = TRACKS["digits"]
@@ -423,8 +423,8 @@ class StoreTimer:
 
 
 def scale_out(args, data: dict, workers: list[int], out: dict, write) -> None:
-    from bench.catalog import register_model
     from bench.store import Evaluation, SampleResult, Store
+    from bench.store.registration import register_model
 
     eps = args.eps or data["eps"]
     batch = args.batch_size or max(1, args.n // 8)

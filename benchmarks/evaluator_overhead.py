@@ -45,12 +45,13 @@ import torch
 from sqlalchemy import select
 
 from bench.attacks.autoattack import WarningCollector, run_autoattack
-from bench.catalog import load_checkpoint_model, register_model
+from bench.checkpoints import load_checkpoint_model
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import evaluate
 from bench.paths import cache_dir
 from bench.spec import RunSpec
 from bench.store import Evaluation, SampleResult, Store
+from bench.store.registration import register_model
 from bench.track import TRACKS, dense_checkpoint
 
 

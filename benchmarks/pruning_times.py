@@ -36,8 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from bench.catalog import load_checkpoint_model, register_model
+    from bench.checkpoints import load_checkpoint_model
     from bench.store import Store
+    from bench.store.registration import register_model
     from bench.track import TRACKS, dense_checkpoint
     from methods.base import get_method, list_methods
     from methods.pipeline import prune_checkpoint

@@ -173,8 +173,7 @@ def run_job(job: Job, root: str) -> dict:
     """Prune (or load the cached pruned model), evaluate, write the entry; returns it. Runs in a worker."""
     torch.set_num_threads(1)
     from bench.attacks.autoattack import run_autoattack
-    from bench.catalog import load_checkpoint_model
-    from bench.checkpoints import sha256_file
+    from bench.checkpoints import load_checkpoint_model, sha256_file
     from bench.data import load_split
     from bench.paths import atomic_write
     from bench.provenance import environment
@@ -417,8 +416,7 @@ def markdown(result: dict) -> str:
 def dense_figures(autoattack: bool, root: Path) -> dict:
     """Clean / PGD-20 (and AutoAttack-plus) of the dense parent, cached like the entries."""
     from bench.attacks.autoattack import run_autoattack
-    from bench.catalog import load_checkpoint_model
-    from bench.checkpoints import sha256_file
+    from bench.checkpoints import load_checkpoint_model, sha256_file
     from bench.data import load_split
     from bench.paths import atomic_write
     from bench.track import TRACKS, dense_checkpoint

@@ -116,7 +116,8 @@ def _model_cell(row: Row) -> Markup:
     slug = model_slug(m)
     out = head + Markup('<br><a class="name" href="models/{}.html">{}</a>').format(slug, word_breaks(m.name))
     if row["normalization"] != "dataset":
-        # Another input normalisation than the dataset's is another model (bench.catalog): say so beside its name.
+        # Another input normalisation than the dataset's is another model (bench.store.registration): say so
+        # beside its name.
         label = "none" if row["normalization"] == "none" else "own mean/std"
         out += Markup(
             ' <span class="badge inputs" title="Input normalisation: {}, not the dataset\'s mean/std">inputs: {}</span>'

@@ -191,8 +191,9 @@ class Setting:
 
 
 def inputs_label(model: Model) -> str:
-    """A model's input normalisation as ``--normalization`` spells it (:func:`bench.catalog.normalization_label`)."""
-    from bench.catalog import normalization_label
+    """A model's input normalisation as ``--normalization`` spells it
+    (:func:`bench.models.normalize.normalization_label`)."""
+    from bench.models.normalize import normalization_label
 
     key = getattr(model, "normalization", None)
     try:
@@ -203,8 +204,8 @@ def inputs_label(model: Model) -> str:
 
 def inputs_text(model: Model) -> str | None:
     """A model's input normalisation in words, None for the dataset's own
-    (:func:`bench.catalog.describe_normalization`)."""
-    from bench.catalog import describe_normalization
+    (:func:`bench.models.normalize.describe_normalization`)."""
+    from bench.models.normalize import describe_normalization
 
     key = getattr(model, "normalization", None)
     try:

@@ -3,7 +3,7 @@
 The formats are registered in the core's :data:`bench.formats.FORMATS` when this module is imported; the package
 declares it as an ``apbench.checkpoint_formats`` entry point, so that a process which never imported the methods
 (an evaluation task rebuilding a stored author checkpoint) finds them too. Loading goes through the core:
-:func:`bench.formats.load_converted` and :func:`bench.catalog.load_converted_model`.
+:func:`bench.formats.load_converted` and :func:`bench.formats.load_converted_model`.
 
 Every converter reads the file weights-only (``bench.checkpoints.load_state_dict``, or MAD's loader that admits
 ``argparse.Namespace`` and nothing else) and returns a state dict with the authors' module names;
@@ -25,7 +25,7 @@ atmc          ``resnet18``, ``resnet34`` (kuangliu naming in ATMC's ``cifar/resn
 The authors also normalise inputs their own way, which the fixed :class:`bench.models.Normalize` layer must
 reproduce for the logits to be the native ones: HYDRA, PwoA, RAP-ADMM and ATMC feed raw [0, 1] images on
 CIFAR/SVHN, MAD standardises with its own constants (its CIFAR-10 std is (0.2023, 0.1994, 0.2010), not the
-dataset's). :func:`bench.formats.native_normalization` gives them and :func:`bench.catalog.load_converted_model`
+dataset's). :func:`bench.formats.native_normalization` gives them and :func:`bench.formats.load_converted_model`
 builds the model with them, unless ``bench evaluate --normalization`` says otherwise.
 """
 

@@ -23,12 +23,12 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from bench.catalog import load_checkpoint_model, register_model
-from bench.checkpoints import sha256_file
+from bench.checkpoints import load_checkpoint_model, sha256_file
 from bench.data import load_split
 from bench.paths import atomic_write, cache_dir, stable_hash
 from bench.provenance import environment
 from bench.store import Model, Store
+from bench.store.registration import register_model
 from methods.base import PruneData, config_dict, get_method
 
 # Hex digits of the setting hash in a model name: 8 make an accidental clash between two settings of one

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.catalog import build_model
 from bench.data import load_split
+from bench.models import build_model
 from bench.store import Store
 
 

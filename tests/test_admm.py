@@ -13,9 +13,8 @@ from torch import nn
 
 import methods.admm as admm_module
 import methods.common as common_module
-from bench.catalog import build_model
 from bench.checkpoints import load_weights
-from bench.models import NormalizedModel, unwrap
+from bench.models import NormalizedModel, build_model, unwrap
 from bench.sparsity import measure_sparsity
 from methods.admm import RAPADMM, admm_learning_rate, build_admm_state, convert_admm_checkpoint
 from methods.base import PruneData, get_method

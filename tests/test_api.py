@@ -24,9 +24,8 @@ import apbench
 import bench.api
 from bench.analysis.records import CSV_COLUMNS, load_records
 from bench.api import infer_arch, state_dict_sha256
-from bench.catalog import build_model
 from bench.cli import main
-from bench.models import unwrap
+from bench.models import build_model, unwrap
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, Store
 
@@ -178,7 +177,7 @@ def test_in_memory_identity_is_stable_and_changes_when_a_weight_does():
     assert state_dict_sha256(type(model)(model.normalize, model.net)) == sha
     # Another process, same weights (seeded): the same identity.
     code = (
-        "import torch\nfrom bench.api import state_dict_sha256\nfrom bench.catalog import build_model\n"
+        "import torch\nfrom bench.api import state_dict_sha256\nfrom bench.models import build_model\n"
         "torch.manual_seed(0)\nprint(state_dict_sha256(build_model('small_cnn', 'digits')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

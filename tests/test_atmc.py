@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import methods.atmc as atmc_module
-from bench.catalog import build_model
 from bench.checkpoints import load_state_dict, load_weights
-from bench.models import unwrap
+from bench.models import build_model, unwrap
 from bench.sparsity import measure_sparsity
 from methods.atmc import (
     ATMC,

@@ -20,19 +20,22 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
-from bench.catalog import build_model, load_checkpoint_model, load_converted_model, load_stored_model, register_model
 from bench.checkpoints import (
     NonFiniteWeightsError,
     NotACheckpointError,
     check_finite,
     check_input_file,
     checkpoint_format,
+    load_checkpoint_model,
     load_state_dict,
     load_weights,
     sha256_file,
 )
 from bench.cli import main
+from bench.formats import load_converted_model
+from bench.models import build_model
 from bench.store import Model, Store
+from bench.store.registration import load_stored_model, register_model
 from bench.zoo.fetch import NotACheckpoint, import_local_file, read_records
 
 FIX = "the checkpoint is corrupt or diverged; re-export it"

@@ -25,9 +25,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.catalog import register_model
 from bench.evaluate import evaluate
 from bench.spec import RunSpec
+from bench.store.registration import register_model
 from leaderboard.build import build_site
 from leaderboard.formatting import model_slug
 

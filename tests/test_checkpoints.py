@@ -229,7 +229,8 @@ def _trades_wrn_file(tmp_path: Path) -> tuple[Path, nn.Module]:
 
 
 def test_plain_and_converter_paths_drop_trades_sub_block1_alike(tmp_path: Path) -> None:
-    from bench.catalog import load_checkpoint_model, load_converted_model
+    from bench.checkpoints import load_checkpoint_model
+    from bench.formats import load_converted_model
 
     path, net = _trades_wrn_file(tmp_path)
     plain = load_checkpoint_model(path, "wrn28_4", "cifar10")  # was refused: 'unexpected sub_block1.*'

@@ -25,11 +25,11 @@ from alembic import command
 from sqlalchemy import create_engine, delete, func, inspect, select
 from sqlalchemy.orm import Session
 
-from bench.catalog import build_model
 from bench.data import load_split
 from bench.evaluate import evaluate, evaluate_chunks, finalize_evaluation, missing_chunks, open_evaluation
 from bench.evaluation.chunk import attack_one_chunk
 from bench.evaluation.commits import commit_chunk
+from bench.models import build_model
 from bench.provenance import utcnow
 from bench.records import RECORD_COLUMNS
 from bench.spec import RunSpec

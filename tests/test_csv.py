@@ -46,9 +46,13 @@ def test_per_sample_csv_fast_path_and_writer_agree_and_guard(tmp_path):
     ev = add_evaluation(store, model, clean_correct=[True, False, True, True])
     with store.session() as s:
         rec = load_records(s, ev)
-    assert records_csv(rec) == rec.to_csv() == csv_text(
-        [name for name in rec.to_csv().splitlines()[0].split(",")],
-        zip(*(getattr(rec, n).tolist() for n in rec.to_csv().splitlines()[0].split(",")), strict=True),
+    assert (
+        records_csv(rec)
+        == rec.to_csv()
+        == csv_text(
+            [name for name in rec.to_csv().splitlines()[0].split(",")],
+            zip(*(getattr(rec, n).tolist() for n in rec.to_csv().splitlines()[0].split(",")), strict=True),
+        )
     )
     # A text column whose value would start a formula: both paths write the guarded text.
     hostile = dataclasses.replace(rec, best_attack=np.array(["=cmd"] + [None] * (rec.n - 1), dtype=object))

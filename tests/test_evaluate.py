@@ -395,7 +395,7 @@ def test_digits_track_dense_model_has_no_best_known_distance_above_eps_where_aut
     """The dense model of the built-in digits track, first 60 test digits, the track's protocol (AutoAttack-plus,
     L∞ eps 0.2, FMN 100 steps): plain FMN's distance exceeds eps on several samples AutoAttack broke at eps; the
     best-known distance never does."""
-    from bench.catalog import load_checkpoint_model
+    from bench.checkpoints import load_checkpoint_model
     from bench.data import get_dataset_info, load_split, parse_eps
     from bench.track import TRACKS, dense_checkpoint
 

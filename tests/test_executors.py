@@ -249,7 +249,7 @@ def _zoo_of_two(root: Path, server, digits_cnn, folder: Path) -> None:
 
     import torch
 
-    from bench.catalog import load_converted_model
+    from bench.formats import load_converted_model
     from bench.sparsity import measure_sparsity
     from tests.zoo_helpers import dense_submission, new_submission, write_manifest
 
@@ -325,10 +325,11 @@ def test_zoo_with_the_local_executor_is_one_submission_equal_to_in_process(digit
 
 def _half_done(url: str, checkpoint, chunk_ids, workers):
     """A store with one evaluation (the reference's spec) of which only ``chunk_ids`` are committed."""
-    from bench.catalog import load_checkpoint_model, register_model
+    from bench.checkpoints import load_checkpoint_model
     from bench.data import load_split
     from bench.evaluate import evaluate_chunks, open_evaluation
     from bench.spec import RunSpec
+    from bench.store.registration import register_model
 
     store = Store(url)
     model = load_checkpoint_model(checkpoint, "small_cnn", "digits")

@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from torch import nn
 
 import bench.formats as formats_module
-from bench.catalog import build_model, load_converted_model
 from bench.checkpoints import CheckpointMismatchError
 from bench.cli import main
 from bench.data import get_dataset_info
@@ -29,10 +28,11 @@ from bench.formats import (
     CheckpointFormat,
     converted_provenance,
     load_converted,
+    load_converted_model,
     native_normalization,
     register_format,
 )
-from bench.models import ARCHS
+from bench.models import ARCHS, build_model
 from methods.hydra import hydra_mask
 
 
@@ -424,8 +424,8 @@ def test_every_format_lists_registered_architectures_and_normalisation():
 
 
 def test_a_stored_converted_model_is_rebuilt_with_its_format_and_normalisation(tmp_path):
-    from bench.catalog import load_stored_model, register_model
     from bench.store import Store
+    from bench.store.registration import load_stored_model, register_model
 
     path, _ = _hydra_subnet_file(tmp_path)
     normalization = {"mean": [0.5], "std": [0.25]}  # not the dataset's: must come back from provenance
@@ -487,7 +487,7 @@ def test_the_core_imports_no_method_module(tmp_path):
     # Loading, training, attacking, evaluating and sharding need nothing from methods/ at import time.
     code = (
         "import sys\n"
-        "import bench.catalog, bench.formats, bench.track, bench.training, bench.evaluate, bench.executors\n"
+        "import bench.store.registration, bench.formats, bench.track, bench.training, bench.evaluate, bench.executors\n"
         "print(sorted(m for m in sys.modules if m == 'methods' or m.startswith('methods.')))\n"
     )
     run = _fresh(code, tmp_path)
@@ -503,8 +503,8 @@ def test_the_authors_formats_are_declared_as_an_entry_point():
 
 def test_a_fresh_process_rebuilds_a_stored_author_checkpoint(tmp_path):
     # An evaluation task (bench.executors.run_shard) imports only the core, yet rebuilds HYDRA's own file.
-    from bench.catalog import register_model
     from bench.store import Store
+    from bench.store.registration import register_model
 
     path, _ = _hydra_subnet_file(tmp_path)
     model = load_converted_model(path, "hydra-subnet", "small_cnn", "digits", k=0.1)
@@ -515,7 +515,7 @@ def test_a_fresh_process_rebuilds_a_stored_author_checkpoint(tmp_path):
     torch.save(x, tmp_path / "x.pt")
     code = (
         "import sys, torch\n"
-        "from bench.catalog import load_stored_model\n"
+        "from bench.store.registration import load_stored_model\n"
         "from bench.store import Model, Store\n"
         f"store = Store({url!r})\n"
         f"with store.session() as s:\n    row = s.get(Model, {row.id})\n"

@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bench.catalog import build_model
 from bench.checkpoints import load_weights
-from bench.models import BasicBlock, Normalize, NormalizedModel
+from bench.models import BasicBlock, Normalize, NormalizedModel, build_model
 from bench.sparsity import measure_sparsity
 from methods.base import PruneData, get_method
 from methods.common import magnitude_masks, prunable_layers, trades_adversarial

@@ -13,9 +13,8 @@ from torch.func import functional_call
 
 import methods.common as common
 import methods.mad as mad
-from bench.catalog import build_model
 from bench.checkpoints import UnsafeCheckpointError, load_state_dict, load_weights
-from bench.models import Normalize, NormalizedModel
+from bench.models import Normalize, NormalizedModel, build_model
 from bench.sparsity import measure_sparsity
 from methods.base import PruneData, get_method
 from methods.common import prunable_layers

@@ -24,21 +24,15 @@ from sqlalchemy import create_engine, inspect, select
 
 import bench.cli.config as cli_config
 import bench.cli.evaluate as cli_evaluate
-from bench.catalog import (
-    build_model,
-    describe_normalization,
-    load_checkpoint_model,
-    load_stored_model,
-    normalization_key,
-    parse_normalization,
-    register_model,
-)
-from bench.checkpoints import sha256_file
+from bench.checkpoints import load_checkpoint_model, sha256_file
 from bench.cli import main
 from bench.data import get_dataset_info
+from bench.models import build_model
+from bench.models.normalize import describe_normalization, normalization_key, parse_normalization
 from bench.provenance import utcnow
 from bench.store import Evaluation, Model, SampleResult, Store
 from bench.store.db import alembic_config
+from bench.store.registration import load_stored_model, register_model
 
 torch.set_num_threads(1)
 

@@ -136,8 +136,8 @@ def test_evaluate_method_on_the_track_stores_dense_and_pruned(tmp_path, monkeypa
 
 
 def test_structured_prune_writes_the_physically_smaller_network(tmp_path, digits_cnn_checkpoint, digits):
-    from bench.catalog import build_model, load_checkpoint_model
-    from bench.checkpoints import load_state_dict, load_weights, sha256_file
+    from bench.checkpoints import load_checkpoint_model, load_state_dict, load_weights, sha256_file
+    from bench.models import build_model
     from methods.structured import compact_model
 
     db = tmp_path / "r.db"
@@ -228,7 +228,7 @@ def test_the_readme_tour_override_and_the_default_get_distinct_names(tmp_path, t
 
 
 def test_a_short_name_held_by_another_checkpoint_falls_back_to_the_tagged_one(tmp_path, tiny_hydra, digits):
-    from bench.catalog import build_model
+    from bench.models import build_model
 
     # Two dense parents pruned with the same (default) config and seed: e.g. a changed track recipe, or two files.
     db = tmp_path / "r.db"
@@ -345,7 +345,8 @@ def test_evaluate_refuses_seeds_without_a_method(tmp_path, digits_cnn_checkpoint
 
 def _store_other_model(db, name: str, tmp_path) -> str:
     """Register another checkpoint (random small_cnn) under ``name``; returns its sha256."""
-    from bench.catalog import build_model, register_model
+    from bench.models import build_model
+    from bench.store.registration import register_model
 
     torch.manual_seed(7)
     model = build_model("small_cnn", "digits")
@@ -421,7 +422,8 @@ def test_evaluate_seeds_after_the_readme_override_ends_with_the_seed_table(tmp_p
 
 def test_the_same_bytes_behind_another_normalisation_cannot_take_the_name(tmp_path, digits_cnn_checkpoint):
     # Another input normalisation makes another model, so the name of the first is not the second's to take.
-    from bench.catalog import load_checkpoint_model, register_model
+    from bench.checkpoints import load_checkpoint_model
+    from bench.store.registration import register_model
 
     db = tmp_path / "r.db"
     store = Store(f"sqlite:///{db}")

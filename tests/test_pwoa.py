@@ -15,8 +15,7 @@ from torch import nn
 import bench.training as training_module
 import methods.common as common_module
 import methods.pwoa as pwoa_module
-from bench.catalog import build_model
-from bench.models import unwrap
+from bench.models import build_model, unwrap
 from bench.sparsity import measure_sparsity
 from methods.base import PruneData, get_method
 from methods.pwoa import (
@@ -60,7 +59,13 @@ def test_card_and_defaults_follow_the_released_code():
     cfg = method.config()
     assert (cfg.temperature, cfg.kd_weight, cfg.xentropy_weight) == (30.0, 10.0, 0.0)
     assert (cfg.admm_epochs, cfg.admm_lr, cfg.lr_cycle, cfg.rho, cfg.rho_growth, cfg.rho_cap) == (
-        50, 0.01, 3, 0.01, 1.35, 1.0)
+        50,
+        0.01,
+        3,
+        0.01,
+        1.35,
+        1.0,
+    )
     assert (cfg.retrain_epochs, cfg.retrain_lr, cfg.retrain_lambda_x, cfg.retrain_lambda_y) == (100, 0.005, 2e-5, 1e-4)
     assert (cfg.lambda_x, cfg.lambda_y, cfg.mix_ratio, cfg.hsic_sigma) == (0.0, 0.0, 0.0, 5.0)
     # The code's rule: convolutions (shortcuts included) plus names containing fc.weight; ResNet's `linear` stays.

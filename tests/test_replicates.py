@@ -23,6 +23,7 @@ from bench.analysis.replicates import (
     summarize,
     summarize_evaluations,
 )
+from bench.analysis.results import SETTING_COLUMNS
 from bench.analysis.stats import wilson_interval
 from bench.cli import main
 from bench.store import Store
@@ -302,6 +303,17 @@ def test_results_by_setting_aggregates_the_replicates(replicate_db):
     assert table.exit_code == 0, table.output
     line = next(x for x in table.output.splitlines() if x.startswith(f"{SETTING} ") and "0,1,2" in x)
     assert "41.67% (10.00%–70.00%)" in line and "90.00% (90.00%–90.00%)" in line
+
+
+def test_the_api_reads_the_by_setting_table_the_command_prints(replicate_db):
+    import apbench
+
+    frame = apbench.load_results(replicate_db.url_text, by_setting=True)
+    printed = json.loads(_run(replicate_db, "results", "--by-setting", "--format", "json").output)
+    assert json.loads(frame.to_json(orient="records")) == printed
+    assert list(frame.columns) == SETTING_COLUMNS and len(frame) == 4
+    with pytest.raises(ValueError, match="leave model= out"):
+        apbench.load_results(replicate_db.url_text, model="x", by_setting=True)
 
 
 def test_report_shows_the_seed_summary_next_to_the_interval(replicate_db):

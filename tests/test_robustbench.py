@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from torch import nn
 
-from bench.catalog import register_model
 from bench.cli import main
 from bench.models import ARCHS
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model
+from bench.store.registration import register_model
 from bench.zoo.robustbench import import_robustbench, model_info
 
 # The keys of RobustBench/robustbench model_info/cifar10/Linf/Sehwag2020Hydra.json, in their order.
@@ -159,7 +159,7 @@ def test_import_registers_a_robustbench_model_as_a_dense_parent(store, tmp_path,
     with store.session() as s:
         assert s.get(Model, child.id).parent_id == row.id
     # The stored model is rebuilt from the saved file with the same logits as RobustBench's.
-    from bench.catalog import load_stored_model
+    from bench.store.registration import load_stored_model
 
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

@@ -136,14 +136,22 @@ def test_rebuilt_resnet_with_removed_blocks_equals_masked():
     nonzero = sum(int((w != 0).sum()) if n in affected else w.numel() for n, w in _weights(masked.net))
     assert sum(w.numel() for _, w in _weights(small.net)) == nonzero
     # Downsampling blocks (first of stages 2 and 3) are not removable.
-    assert {b.name for b in blocks} == {"layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1",
-                                        "layer3.2"}
+    assert {b.name for b in blocks} == {
+        "layer1.0",
+        "layer1.1",
+        "layer1.2",
+        "layer2.1",
+        "layer2.2",
+        "layer3.1",
+        "layer3.2",
+    }
 
 
 def test_removed_structures_stay_exactly_zero_after_finetuning(dense, digits):
     method = get_method("structured")
-    cfg = method.digits_config(criterion="l1", finetune_epochs=2, batch_size=16, momentum=0.9, weight_decay=1e-2,
-                               lr=0.05)
+    cfg = method.digits_config(
+        criterion="l1", finetune_epochs=2, batch_size=16, momentum=0.9, weight_decay=1e-2, lr=0.05
+    )
     result = method.prune(copy.deepcopy(dense), 0.75, _data(digits), cfg)
     net = result.model.net
     removed1 = (net.features[0].weight.flatten(1) == 0).all(dim=1)
@@ -167,9 +175,16 @@ def test_parameters_removed_reach_the_target(sparsity, dense, digits):
     numel = sum(dict(dense.net.named_modules())[n].weight.numel() for n in layers)
     assert abs(zeros / numel - sparsity) <= method.sparsity_tolerance
     assert sparsity <= result.native_sparsity["params_removed"] <= sparsity + method.sparsity_tolerance
-    rebuilt = rebuild(result.model, {k: (v != 0).flatten(1).any(1).nonzero().flatten()
-                                     for k, v in [("features.0", result.model.net.features[0].weight),
-                                                  ("features.2", result.model.net.features[2].weight)]})
+    rebuilt = rebuild(
+        result.model,
+        {
+            k: (v != 0).flatten(1).any(1).nonzero().flatten()
+            for k, v in [
+                ("features.0", result.model.net.features[0].weight),
+                ("features.2", result.model.net.features[2].weight),
+            ]
+        },
+    )
     assert result.native_sparsity["rebuilt_params"] == sum(p.numel() for p in rebuilt.parameters())
 
 
@@ -226,8 +241,16 @@ def test_both_mode_on_resnet_hits_the_target_and_keeps_zeros():
     model = _resnet(3)
     torch.manual_seed(0)
     data = PruneData(torch.rand(16, 3, 32, 32), torch.arange(16) % 10, eps=8 / 255)
-    cfg = method.config(criterion="l1", mode="both", p_filter=0.5, max_iterations=3, finetune_epochs=1,
-                        n_samples=8, batch_size=8, weight_decay=1e-2)
+    cfg = method.config(
+        criterion="l1",
+        mode="both",
+        p_filter=0.5,
+        max_iterations=3,
+        finetune_epochs=1,
+        n_samples=8,
+        batch_size=8,
+        weight_decay=1e-2,
+    )
     result = method.prune(model, 0.75, data, cfg, seed=1)
     ns = result.native_sparsity
     assert abs(ns["params_removed"] - 0.75) <= method.sparsity_tolerance

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import bench.track as track_module
-from bench.catalog import build_model, load_checkpoint_model
-from bench.checkpoints import sha256_file
+from bench.checkpoints import load_checkpoint_model, sha256_file
+from bench.models import build_model
 from bench.track import TRACKS, Track, dense_checkpoint
 from bench.training import AdversarialTrainingConfig, adversarial_training, pgd_linf
 

@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from bench.catalog import load_converted_model
 from bench.cli import main
 from bench.data import load_split
+from bench.formats import load_converted_model
 from bench.sparsity import measure_sparsity
 from bench.store import Evaluation, Model, Store
 from bench.zoo.downloader import _SafeRedirects

@@ -35,12 +35,12 @@ AUTOATTACK_PREFIX = "autoattack:"
 GAP_REL_TOL = 0.01
 
 
-
 def eps_float32(eps: float) -> float:
     """The budget as the attacks hold it. AutoAttack projects onto the ε-ball in float32, so a perturbation it
     found "within ε" can measure float32(ε) — 0.2 is 0.20000000298… in float32 — which is above the float64 ε
     though it is on the ball's surface. A best-known distance is "above ε" only when it exceeds this."""
     return float(np.float32(eps))
+
 
 def autoattack_source(stage: str) -> str:
     """The ``best_attack`` name of an AutoAttack stage (``"autoattack:apgd-ce"``)."""

@@ -1,4 +1,5 @@
-"""The table of stored evaluations, one row each, that ``bench results`` prints and ``apbench.load_results`` returns.
+"""The tables of stored evaluations that ``bench results`` prints and ``apbench.load_results`` returns: one row per
+evaluation (:func:`results_frame`), or one per setting with its seeds aggregated (:func:`settings_frame`).
 
 Reading the store is the only I/O here; accuracies are fractions in [0, 1] (the terminal table formats them).
 """
@@ -11,9 +12,16 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import select
 
-from bench.analysis.replicates import group_replicates, seed_of, summarize_evaluations
+from bench.analysis.replicates import (
+    METRICS,
+    group_replicates,
+    seed_of,
+    setting_label,
+    summarize,
+    summarize_evaluations,
+)
 from bench.analysis.stats import wilson_interval
-from bench.catalog import normalization_label
+from bench.models.normalize import normalization_label
 from bench.store import Evaluation, Store
 
 RESULT_COLUMNS = [
@@ -118,3 +126,68 @@ def results_frame(store: Store, model: str | int | None = None) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).astype({"seed": "Int64", "replicates": "Int64"})
+
+
+# bench results --by-setting: one row per setting and protocol (settings_frame).
+SETTING_COLUMNS = [
+    "setting",
+    "method",
+    "arch",
+    "dataset",
+    "structure",
+    "target_sparsity",
+    "sparsity",
+    "protocol",
+    "norm",
+    "eps",
+    "version",
+    "n",
+    "n_seeds",
+    "seeds",
+    *(f"{metric}_{stat}" for metric, _ in METRICS for stat in ("mean", "min", "max", "std")),
+    "autoattack_wilson_low",
+    "autoattack_wilson_high",
+    "models",
+]
+
+
+def settings_frame(store: Store) -> pd.DataFrame:
+    """One row per setting and protocol (``bench results --by-setting``): replicates (models differing only in
+    their pruning seed) aggregated, each accuracy's mean, min, max and std across seeds, and the Wilson 95 %
+    interval of one evaluation at the mean AutoAttack accuracy; any other model is a setting of its own.
+    Accuracies are fractions in [0, 1]; the columns are :data:`SETTING_COLUMNS`."""
+    rows = []
+    with store.session() as s:
+        groups = group_replicates(s.scalars(select(Evaluation).order_by(Evaluation.id)).all())
+        for (key, protocol), group in sorted(groups.items(), key=lambda item: item[1][0].model.id):
+            first, m = group[0], group[0].model
+            # Index by position for a model without a seed (a setting of its own): one value, no seed to show.
+            seeds = [seed_of(ev.model) for ev in group]
+            row = {
+                "setting": m.name if key.startswith("model:") else setting_label(m.name),
+                "method": m.method,
+                "arch": m.arch,
+                "dataset": m.dataset,
+                "structure": m.structure,
+                "target_sparsity": m.target_sparsity,
+                "sparsity": sum(ev.model.measured_sparsity for ev in group) / len(group),
+                "protocol": protocol[:12],
+                "norm": first.spec["norm"],
+                "eps": first.spec["eps"],
+                "version": first.spec["version"],
+                "n": first.n_samples,
+                "n_seeds": len(group),
+                "seeds": ",".join(str(seed) for seed in seeds if seed is not None),
+                "models": ",".join(ev.model.name for ev in group),
+            }
+            for metric, attr in METRICS:
+                summary = summarize({i: getattr(ev, attr) for i, ev in enumerate(group)})
+                for stat in ("mean", "min", "max", "std"):
+                    row[f"{metric}_{stat}"] = getattr(summary, stat) if summary else None
+            mean = row["autoattack_mean"]
+            if mean is not None and first.n_samples:
+                row["autoattack_wilson_low"], row["autoattack_wilson_high"] = wilson_interval(
+                    round(mean * first.n_samples), first.n_samples
+                )
+            rows.append(row)
+    return pd.DataFrame(rows, columns=SETTING_COLUMNS)

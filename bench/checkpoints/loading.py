@@ -15,17 +15,19 @@ import pickle
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from bench.checkpoints.safety import UnsafeCheckpointError, check_finite, check_torch_archive, checkpoint_format
-from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel
+from bench.models import WRN_UNUSED_PREFIXES, NormalizedModel, build_model
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
     "CheckpointMismatchError",
     "drop_unused_keys",
+    "load_checkpoint_model",
     "load_state_dict",
     "load_weights",
     "sha256_file",
@@ -274,3 +276,21 @@ def _mismatch_message(
         "or other names) needs --format."
     )
     return "\n".join(lines)
+
+
+def load_checkpoint_model(
+    path: str | Path,
+    arch: str,
+    dataset: str,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    normalization: Mapping[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Build ``arch`` for ``dataset`` and load the checkpoint's weights (weights-only, strict), in eval mode.
+
+    ``state_dict`` replaces reading ``path`` (a converted author checkpoint); ``normalization``
+    (:func:`parse_normalization`) replaces the dataset's mean/std in front of the network.
+    """
+    model = build_model(arch, dataset, normalization)
+    load_weights(model, state_dict if state_dict is not None else load_state_dict(path))
+    return model.eval()

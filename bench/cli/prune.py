@@ -76,7 +76,7 @@ def prune(method, sparsity, track, dense, arch, dataset, eps, seed, seeds, setti
     """
     import torch
 
-    from bench.catalog import load_checkpoint_model
+    from bench.checkpoints import load_checkpoint_model
     from bench.data import get_dataset_info, parse_eps
     from bench.store import Store
     from methods.base import get_method

@@ -19,7 +19,7 @@ def report(ref, db):
     """Everything known about one model: figures, evaluations with intervals, per-attack breakdown, security
     curve, reported numbers and drops, thin ice against its parent, provenance."""
     from bench.analysis.report import model_report
-    from bench.catalog import describe_normalization
+    from bench.models.normalize import describe_normalization
     from bench.store import Store
 
     store = Store(db, read_only=True)

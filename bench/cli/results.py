@@ -10,78 +10,10 @@ import click
 from bench.analysis.format import MISSING, interval, is_missing, percent, percent_range
 from bench.cli.options import db_option, fmt_table, friendly_errors, output_format_option
 
-METRIC_NAMES = ("clean", "autoattack", "fmn", "best_known")
-SETTING_COLUMNS = [
-    "setting",
-    "method",
-    "arch",
-    "dataset",
-    "structure",
-    "target_sparsity",
-    "sparsity",
-    "protocol",
-    "norm",
-    "eps",
-    "version",
-    "n",
-    "n_seeds",
-    "seeds",
-    *(f"{metric}_{stat}" for metric in METRIC_NAMES for stat in ("mean", "min", "max", "std")),
-    "autoattack_wilson_low",
-    "autoattack_wilson_high",
-    "models",
-]
-
-
-def _settings_frame(store):
-    """One row per setting and protocol: replicates (models differing only in their pruning seed) aggregated;
-    any other model is a setting of its own."""
-    import pandas as pd
-    from sqlalchemy import select
-
-    from bench.analysis.replicates import METRICS, group_replicates, seed_of, setting_label, summarize
-    from bench.analysis.stats import wilson_interval
-    from bench.store import Evaluation
-
-    rows = []
-    with store.session() as s:
-        groups = group_replicates(s.scalars(select(Evaluation).order_by(Evaluation.id)).all())
-        for (key, protocol), group in sorted(groups.items(), key=lambda item: item[1][0].model.id):
-            first, m = group[0], group[0].model
-            # Index by position for a model without a seed (a setting of its own): one value, no seed to show.
-            seeds = [seed_of(ev.model) for ev in group]
-            row = {
-                "setting": m.name if key.startswith("model:") else setting_label(m.name),
-                "method": m.method,
-                "arch": m.arch,
-                "dataset": m.dataset,
-                "structure": m.structure,
-                "target_sparsity": m.target_sparsity,
-                "sparsity": sum(ev.model.measured_sparsity for ev in group) / len(group),
-                "protocol": protocol[:12],
-                "norm": first.spec["norm"],
-                "eps": first.spec["eps"],
-                "version": first.spec["version"],
-                "n": first.n_samples,
-                "n_seeds": len(group),
-                "seeds": ",".join(str(seed) for seed in seeds if seed is not None),
-                "models": ",".join(ev.model.name for ev in group),
-            }
-            for metric, attr in METRICS:
-                summary = summarize({i: getattr(ev, attr) for i, ev in enumerate(group)})
-                for stat in ("mean", "min", "max", "std"):
-                    row[f"{metric}_{stat}"] = getattr(summary, stat) if summary else None
-            mean = row["autoattack_mean"]
-            if mean is not None and first.n_samples:
-                row["autoattack_wilson_low"], row["autoattack_wilson_high"] = wilson_interval(
-                    round(mean * first.n_samples), first.n_samples
-                )
-            rows.append(row)
-    return pd.DataFrame(rows, columns=SETTING_COLUMNS)
-
 
 def _settings_table(df) -> str:
     """The --by-setting table: each accuracy as mean (min–max) across seeds, the Wilson interval beside."""
+    from bench.analysis.replicates import METRICS
 
     def across(row, metric: str) -> str:
         mean, low, high = (row[f"{metric}_{stat}"] for stat in ("mean", "min", "max"))
@@ -100,7 +32,7 @@ def _settings_table(df) -> str:
                 "protocol": row["protocol"],
                 "n": str(row["n"]),
                 "seeds": row["seeds"] or MISSING,
-                **{metric: across(row, metric) for metric in METRIC_NAMES},
+                **{metric: across(row, metric) for metric, _ in METRICS},
                 "autoattack 95 % (one evaluation at the mean)": wilson,
             }
         )
@@ -153,12 +85,12 @@ def results(db, fmt, by_setting):
     A pruned model with replicates (other seeds of its setting, evaluated under the same protocol) shows the
     AutoAttack robust accuracy's mean and range across seeds beside its Wilson 95 % interval.
     """
-    from bench.analysis.results import results_frame
+    from bench.analysis.results import results_frame, settings_frame
     from bench.store import Store
 
     store = Store(db, read_only=True)
     try:
-        df = _settings_frame(store) if by_setting else results_frame(store)
+        df = settings_frame(store) if by_setting else results_frame(store)
     finally:
         store.dispose()
     if fmt == "csv":

@@ -24,7 +24,7 @@ class Resolved:
         model: the network (inputs in [0, 1], normalisation as its first layer).
         checkpoint: the file it was loaded from, which the store keys it on.
         arch, dataset: its architecture and dataset.
-        register: ``name``, ``source`` and ``provenance`` for :func:`bench.catalog.register_model`.
+        register: ``name``, ``source`` and ``provenance`` for :func:`bench.store.registration.register_model`.
         chosen_name: the name was typed (``--name``), so another model holding it is an error.
     """
 
@@ -51,8 +51,8 @@ class CheckpointSource:
     def resolve(self, db: str | None, log: Callable[[str], None]) -> Resolved:
         """The file loaded weights-only into the architecture (converted from its authors' format if one is
         given): a missing or unreadable file fails here, before the test split is loaded."""
-        from bench.catalog import load_checkpoint_model, load_converted_model
-        from bench.formats import converted_provenance
+        from bench.checkpoints import load_checkpoint_model
+        from bench.formats import converted_provenance, load_converted_model
 
         register: dict[str, Any] = {"name": self.name}
         if self.fmt != "plain" or self.k is not None:
@@ -90,7 +90,7 @@ class TrackSource:
 
     def resolve(self, db: str | None, log: Callable[[str], None]) -> Resolved:
         """The dense model, trained once and cached (a ``--name`` another model holds is refused before that)."""
-        from bench.catalog import load_checkpoint_model
+        from bench.checkpoints import load_checkpoint_model
         from bench.store import Store
         from bench.track import dense_checkpoint
 
@@ -108,7 +108,7 @@ class TrackSource:
 
     def pruned(self, store, dense_row, dense: Resolved, *, data_dir, log) -> Iterator[tuple[int, Any, Any]]:
         """``(seed, stored row, model)`` of each pruned child, pruned (or found in the cache) as it is asked for."""
-        from bench.catalog import load_checkpoint_model
+        from bench.checkpoints import load_checkpoint_model
         from methods.pipeline import prune_checkpoint
 
         eps = self.track.training.eps
@@ -214,7 +214,7 @@ def pick_source(o: dict[str, Any], config: EvaluateConfig) -> Source:
     ARCHS.get(arch)
     normalization = None
     if o["normalization"] is not None:
-        from bench.catalog import parse_normalization
+        from bench.models.normalize import parse_normalization
 
         normalization = parse_normalization(o["normalization"], dataset)
     config.check(dataset)
@@ -252,7 +252,7 @@ def _picks_zoo_entry(checkpoint, method, dataset, track) -> bool:
 
 def register(store, resolved: Resolved, log: Callable[[str], None]):
     """Store the model (once: the same bytes behind the same normalisation are the same row) and return its row."""
-    from bench.catalog import register_model
+    from bench.store.registration import register_model
 
     kw = dict(resolved.register)
     # The normalisation register_model will key the model on (a converted author model brings its own).
@@ -292,8 +292,8 @@ def _store_name(store, checkpoint, name: str | None, *, chosen: bool, dataset: s
     """The name to register ``checkpoint`` under: a chosen --name if no other model holds it (else refused), a
     derived one (``digits-dense``) or, when another model holds that, the same with the checkpoint's hash appended.
     """
-    from bench.catalog import normalization_key
     from bench.checkpoints import sha256_file
+    from bench.models.normalize import normalization_key
     from methods.pipeline import available_name
 
     if name is None:

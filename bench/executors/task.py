@@ -78,12 +78,12 @@ def _say(message: str) -> None:
 
 def run_shard(shard: Shard) -> ShardResult:
     """Attack a shard's chunks and commit them (the function every task runs; see the module doc)."""
-    from bench.catalog import load_stored_model
     from bench.data import load_split
     from bench.evaluate import evaluate_chunks, finalize_evaluation
     from bench.spec import RunSpec
     from bench.store import Model, Store
     from bench.store.db import shown_url
+    from bench.store.registration import load_stored_model
 
     start = time.perf_counter()
     torch.set_num_threads(shard.threads)

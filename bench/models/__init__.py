@@ -10,8 +10,10 @@ were trained with (kuangliu/pytorch-cifar, akamaster/pytorch_resnet_cifar10, TRA
 pruning methods' own VGG-16s: ``vgg16_bn_hydra``, ``vgg16_mad``, ``vgg16_pwoa``), so their state dicts load
 unchanged (``methods.convert`` folds masks and scores in first).
 
-Layout (like ``timm.models``): :mod:`.registry` holds :data:`ARCHS`, ``register_arch`` and ``create_model``;
-:mod:`.normalize` the fixed first layer; one module per family registers its builders when imported below.
+Layout (like ``timm.models``): :mod:`.registry` holds :data:`ARCHS`, ``register_arch``, ``create_model`` and
+``build_model`` (an architecture for a dataset, behind its normalisation); :mod:`.normalize` the fixed first
+layer and the normalisation as part of a model's identity (``--normalization``, the store's key); one module per
+family registers its builders when imported below.
 Adding an architecture is one decorated builder in a family module (plus its import here for a new family)::
 
     @register_arch("resnet18", description="...", paper_url="...")
@@ -23,7 +25,7 @@ from __future__ import annotations
 # The family modules register their architectures when imported; the registry sorts names, so order is free.
 from bench.models.mobilenet import InvertedResidual, MobileNetV2
 from bench.models.normalize import Normalize, NormalizedModel, unwrap
-from bench.models.registry import ARCHS, ArchInfo, Builder, create_model, register_arch
+from bench.models.registry import ARCHS, ArchInfo, Builder, build_model, create_model, register_arch
 from bench.models.resnet import BasicBlock, CifarBasicBlock, CifarResNet, PadShortcut, ResNet
 from bench.models.small_cnn import SmallCNN
 from bench.models.vgg import VGG, HydraVGG, MadVGG, PwoaVGG16
@@ -51,6 +53,7 @@ __all__ = [
     "SmallCNN",
     "WideBasicBlock",
     "WideResNet",
+    "build_model",
     "create_model",
     "register_arch",
     "unwrap",

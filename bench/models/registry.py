@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
+from bench.data import get_dataset_info
 from bench.models.normalize import Normalize, NormalizedModel
 from bench.registry import Registry
 
@@ -75,3 +77,14 @@ def create_model(arch: str, *, num_classes: int, mean: Sequence[float], std: Seq
     """
     info = ARCHS.get(arch)
     return NormalizedModel(Normalize(mean, std), info.builder(num_classes))
+
+
+def build_model(arch: str, dataset: str, normalization: Mapping[str, Any] | None = None) -> nn.Module:
+    """The registered architecture with the dataset's class count and normalisation layer.
+
+    ``normalization`` (``{"mean": [...], "std": [...]}``, as recorded in a model's provenance) replaces the
+    dataset's constants: an author checkpoint keeps its authors' input handling.
+    """
+    info = get_dataset_info(dataset)
+    mean, std = (normalization["mean"], normalization["std"]) if normalization else (info.mean, info.std)
+    return create_model(arch, num_classes=info.num_classes, mean=tuple(mean), std=tuple(std))

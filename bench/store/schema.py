@@ -47,7 +47,7 @@ class Model(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
-    # bench.catalog.normalization_key: "dataset" for the dataset's own mean/std, else "MEAN/STD" as float32
+    # bench.models.normalize.normalization_key: "dataset" for the dataset's own mean/std, else "MEAN/STD" as float32
     # decimals ("0.0,0.0,0.0/1.0,1.0,1.0": raw [0, 1] inputs).
     normalization: Mapped[str] = mapped_column(String(255), default="dataset", server_default="dataset")
     checkpoint_path: Mapped[str | None] = mapped_column(Text)

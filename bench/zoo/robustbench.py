@@ -272,11 +272,12 @@ def import_robustbench(
     log: Callable[[str], None] = lambda _msg: None,
 ):
     """Register RobustBench model ``name`` as a dense model ``robustbench:<name>``; returns the model row."""
-    from bench.catalog import build_model, register_model
     from bench.checkpoints import load_weights
     from bench.data import get_dataset_info
+    from bench.models import build_model
     from bench.paths import atomic_write
     from bench.provenance import package_version
+    from bench.store.registration import register_model
     from bench.zoo.fetch import zoo_cache_dir
 
     info = get_dataset_info(dataset)

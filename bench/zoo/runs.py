@@ -14,8 +14,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from bench.catalog import normalization_key
 from bench.formats import converted_provenance
+from bench.models.normalize import normalization_key
 from bench.store import Evaluation, Model, Store
 from bench.store.db import resolve_db_url
 from bench.zoo import zoo

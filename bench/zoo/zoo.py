@@ -199,8 +199,8 @@ def fetch_entry(
 
 def load_model(entry: ZooEntry, path: Path):
     """The entry's network from its fetched file: converted weights-only, behind the authors' normalisation."""
-    from bench.catalog import load_converted_model
     from bench.data import DATASETS
+    from bench.formats import load_converted_model
     from bench.models import ARCHS
 
     m = entry.manifest
@@ -291,8 +291,8 @@ def register_entry(store, entry: ZooEntry, fetched: FetchResult, model):
     """Register the fetched checkpoint as a model (or enrich the row its bytes already have)."""
     from sqlalchemy import select
 
-    from bench.catalog import register_model
     from bench.store import Model
+    from bench.store.registration import register_model
 
     m = entry.manifest
     provenance = entry_provenance(entry, fetched)

@@ -64,8 +64,8 @@ def check_online(report: FileReport, options: ValidationOptions, log: Callable[[
 
 def load_entry_model(report: FileReport, path: Path):
     """Convert and load the fetched file; a refusal becomes an error naming the field."""
-    from bench.catalog import load_converted_model
     from bench.checkpoints import CheckpointMismatchError, UnsafeCheckpointError
+    from bench.formats import load_converted_model
 
     m = report.manifest
     try:

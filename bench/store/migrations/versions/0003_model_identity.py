@@ -2,7 +2,7 @@
 
 A model was found by its checkpoint's sha256 alone, so the same weights evaluated behind another mean/std (e.g.
 ``bench evaluate --normalization none``) would have reused the first model's row and evaluations. ``models`` gets
-``normalization`` (``bench.catalog.normalization_key``: "dataset" for the dataset's own constants, else
+``normalization`` (``bench.models.normalize.normalization_key``: "dataset" for the dataset's own constants, else
 "MEAN/STD" as float32 decimals), filled from each row's provenance, and the unique index moves from
 ``checkpoint_sha256`` to ``(checkpoint_sha256, normalization)``.
 
@@ -23,14 +23,15 @@ _DEFAULT = "dataset"
 
 
 def _float32_text(values) -> str:
-    # As bench.catalog: the layer holds float32, and str() of a numpy float32 is its shortest round-tripping decimal.
+    # As bench.models.normalize: the layer holds float32, and str() of a numpy float32 is its shortest
+    # round-tripping decimal.
     return ",".join(str(np.float32(float(v)) + np.float32(0.0)) for v in values)
 
 
 def _key(dataset: str, normalization) -> str:
-    """The key bench.catalog.normalization_key gives the normalisation a row was registered with."""
+    """The key bench.models.normalize.normalization_key gives the normalisation a row was registered with."""
     if not isinstance(normalization, dict) or "mean" not in normalization or "std" not in normalization:
-        return _DEFAULT  # plain checkpoints: the dataset's constants (bench.catalog.load_stored_model)
+        return _DEFAULT  # plain checkpoints: the dataset's constants (bench.store.registration.load_stored_model)
     text = f"{_float32_text(normalization['mean'])}/{_float32_text(normalization['std'])}"
     try:
         from bench.data import get_dataset_info
