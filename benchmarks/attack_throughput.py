@@ -60,6 +60,7 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import platform
 import statistics
 import tempfile
@@ -513,6 +514,9 @@ def provenance(device: str) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "device": device,
         "cpu": cpu_info(),
+        # The cores this process may use, and the load when it started: worker figures mean little without them.
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(torch.device(device))
@@ -615,7 +619,8 @@ def main() -> None:
     prov = out["provenance"]
     print(
         f"machine: {prov['cpu']['model']} ({prov['cpu']['torch_capability']}), torch {prov['torch']}, "
-        f"{prov['threads']} threads, device {prov.get('device_name', args.device)}, commit {prov['git_commit']}",
+        f"{prov['threads']} threads, device {prov.get('device_name', args.device)}, commit {prov['git_commit']}; "
+        f"{prov['cpus_usable']} usable CPUs, load average {prov['load_average_at_start']}",
         flush=True,
     )
     if args.workers is not None:

@@ -153,7 +153,8 @@ def _cpu() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from bench.provenance import cpu_info, git_commit
 
-    return {"cpu": cpu_info(), "git_commit": git_commit()}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu_info(), "git_commit": git_commit(), "cpus_usable": usable}
 
 
 def run_demo(out: Path) -> dict[str, Any]:
@@ -263,11 +264,14 @@ def render_blocks() -> dict[str, str]:
         blocks["demo-perf"] = (
             f"| the main job, `{demo['command']}`, fresh cache and store (dense training, dense evaluation, HYDRA "
             f"pruning, pruned evaluation) | `scripts/figures.py demo` | **{prov['wall_seconds']:.0f} s** on "
-            f"{prov['date']} ({prov['cpu']['model']}, 2 cores) |"
+            f"{prov['date']} ({prov['cpu']['model']}, {_cores(prov)}) |"
         )
     throughput = FIGURES / "attack_throughput_digits.json"
     if throughput.exists():
         blocks["attack-throughput"] = _throughput_table(json.loads(throughput.read_text()))
+    scaleout = FIGURES / "attack_scaleout_digits.json"
+    if scaleout.exists():
+        blocks["attack-scaleout"] = _scaleout_table(json.loads(scaleout.read_text()))
     stability_md = FIGURES / "track_stability.md"
     if stability_md.exists():
         blocks["track-stability"] = stability_md.read_text().strip()
@@ -317,6 +321,48 @@ def _throughput_table(t: dict[str, Any]) -> str:
             *rows,
             "",
             f"Frozen parameters: {diffs(frozen)}. channels_last: {diffs(fast)}.",
+        ]
+    )
+
+
+def _cores(prov: dict[str, Any]) -> str:
+    cpus = prov.get("cpus_usable")
+    return f"{cpus} usable CPUs" if cpus else "CPU count not recorded"
+
+
+def _scaleout_table(t: dict[str, Any]) -> str:
+    """benchmarks/attack_throughput.py --workers: one evaluation over 1, 2, 4 worker processes (wall time, parallel
+    efficiency, attack seconds summed over chunks, time in the store, chunk overhead, rows against one worker)."""
+    prov, cfg, so = t["provenance"], t["config"], t["scale_out"]
+    spec = so["spec"]
+    rows = [
+        "| workers | wall s | speed-up | parallel efficiency | attack s, summed over chunks | store s (SQL alone) | "
+        "chunk overhead s | rows against 1 worker |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in so["runs"].values():
+        same = run["rows_vs_first"]
+        worst = max(same["max_abs_diff"].values(), default=0.0)
+        rows_text = "identical" if not same["mismatches"] and worst == 0.0 else f"differ ({same['mismatches']})"
+        rows.append(
+            f"| {run['workers']} | {run['wall_s']:.1f} | {run['speedup']:.2f}× | {100 * run['efficiency']:.1f} % | "
+            f"{run['attack_s']:.1f} | {run['store_s']:.3f} ({run['sql_s']:.3f}) | {run['chunk_overhead_s']:.2f} | "
+            f"{rows_text} |"
+        )
+    cpus = prov.get("cpus_usable")
+    load = prov.get("load_average_at_start")
+    machine = f"{prov['cpu']['model']}, {cpus} usable CPUs" if cpus else prov["cpu"]["model"]
+    if load:
+        machine += f", load average {load[0]:.2f} at the start"
+    return "\n".join(
+        [
+            f"`python benchmarks/attack_throughput.py --model digits --n {cfg['n']} --workers "
+            f"{','.join(str(w) for w in cfg['workers'])} --version {cfg['version']} --json "
+            f"docs/figures/attack_scaleout_digits.json` on {prov['date'][:10]} ({machine}, commit "
+            f"{str(prov['git_commit'])[:10]}): one evaluation of {spec['n_samples']} samples in chunks of "
+            f"{spec['batch_size']}, AutoAttack-{spec['version']} and FMN, into a fresh SQLite store:",
+            "",
+            *rows,
         ]
     )
 
