@@ -27,7 +27,7 @@ chromium:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "installing chromium for the browser test (apt-get)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
-		|| echo "warning: could not install chromium; tests/test_browser.py will be skipped (see its reason)"; \
+		|| echo "warning: could not install chromium; tests/leaderboard/test_browser.py will be skipped (see its reason)"; \
 	fi
 
 # The store's tests also run on a real PostgreSQL server that they start themselves in a temporary folder

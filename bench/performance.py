@@ -14,8 +14,8 @@ so every setting here is one that changes *how* the network's arithmetic is sche
   the digits model and on pyautoattack's ResNet-18, this is a change of the arithmetic: on the digits model some
   FMN distances move by one unit in the last place, and on the ResNet-18 FMN's 100 steps amplified it to 3e-5
   (ℓ∞, budget 8/255 ≈ 0.031) in 3 of 4 distances. Robust flags, the stage that broke a sample and adversarial
-  predictions stayed equal (``tests/test_fast.py``, ``benchmarks/attack_throughput.py``); a distance within that
-  margin of eps could still flip a sample's FMN verdict. The setting is recorded with the results
+  predictions stayed equal (``tests/bench/test_performance.py``, ``benchmarks/attack_throughput.py``); a distance
+  within that margin of eps could still flip a sample's FMN verdict. The setting is recorded with the results
   (:func:`execution_settings`), and ``channels_last=False`` keeps the plain model's arithmetic exactly.
 * **frozen parameters** (``requires_grad=False``): FAB calls ``backward()`` once per class at every step, and
   with trainable parameters each call also computes and accumulates every weight's gradient, which no attack

@@ -1,5 +1,5 @@
 """The evaluator end to end: per-sample rows, the protocol's conventions, reuse, overwrite and resumption, the
-interface executors build on. Many processes on one evaluation: tests/test_concurrency.py."""
+interface executors build on. Many processes on one evaluation: tests/bench/evaluation/test_concurrency.py."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from methods.atmc import (
 )
 from methods.base import PruneData, get_method
 from methods.common import prunable_layers
-from tests import atmc_upstream as upstream
+from tests.methods import atmc_upstream as upstream
 
 N_TRAIN = 48
 EPS = 0.2
@@ -241,7 +241,7 @@ def test_factorised_model_matches_dense_at_init(dense, data):
 
 
 # ------------------------------------------------------------------------------------------------------
-# Files in the authors' factor layout (tests/atmc_upstream.py mirrors their Conv2dsp_v2 / Linearsp_v2).
+# Files in the authors' factor layout (tests/methods/atmc_upstream.py mirrors their Conv2dsp_v2 / Linearsp_v2).
 
 _FACTOR_KEYS = ("weightA", "weightB", "weightC", "eye_const")
 

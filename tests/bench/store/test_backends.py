@@ -26,8 +26,8 @@ from bench.provenance import utcnow
 from bench.store import Model, Store, StoreError
 from bench.store.db import alembic_config
 from tests.analysis_store import add_evaluation, add_model
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 NO_STORE = "create one with bench db upgrade --db"
 
 
@@ -267,7 +267,7 @@ def _read_only_results(store_path: Path) -> dict:
     store_path.chmod(0o444)
     store_path.parent.chmod(0o555)
     try:
-        run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     finally:
         store_path.parent.chmod(0o755)
         store_path.chmod(0o644)

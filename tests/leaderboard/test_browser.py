@@ -30,6 +30,7 @@ from bench.spec import RunSpec
 from bench.store.registration import register_model
 from leaderboard.build import build_site
 from leaderboard.formatting import model_slug
+from tests.paths import REPO_ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
 # No sandbox (root in a container), no GPU, and none of chromium's own background traffic.
@@ -42,7 +43,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 SPARSITIES = (0.5, 0.7)
 RANDOM_SPARSITY = 0.3
 SEEDS = (0, 1)

@@ -34,6 +34,7 @@ from bench.formats import (
 )
 from bench.models import ARCHS, build_model
 from methods.hydra import hydra_mask
+from tests.paths import REPO_ROOT
 
 
 def _hydra_subnet_file(tmp_path):
@@ -374,8 +375,9 @@ def test_apb_pwoa_vgg16_converts_to_vgg16_pwoa(tmp_path, images):
 
 def test_atmc_resnet18_factor_file_converts_to_resnet18(tmp_path, images):
     # ATMC's --abc_special stage (cifar/train_proj_admm_quant.py): the dense ResNet-18 becomes resnet_abcv2's
-    # Conv2dsp_v2/Linearsp_v2 model, training moves all factors, model_snapshot saves it (tests/atmc_upstream.py).
-    from tests import atmc_upstream as upstream
+    # Conv2dsp_v2/Linearsp_v2 model, training moves all factors, model_snapshot saves it
+    # (tests/methods/atmc_upstream.py).
+    from tests.methods import atmc_upstream as upstream
 
     torch.manual_seed(0)
     dense = upstream.resnet18_dense().eval()
@@ -473,11 +475,9 @@ def test_trades_wrn_sub_block1_is_dropped(tmp_path):
 
 # ------------------------------------------------------------------------------ the core's registry, filled from above
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def _fresh(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False
     )

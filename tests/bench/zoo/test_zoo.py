@@ -32,6 +32,7 @@ from bench.zoo.fetch import (
 from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest
 from bench.zoo.zoo import ZooEntry, entry_taxonomy, load_zoo, prepare_entry
 from methods.base import get_method
+from tests.paths import REPO_ROOT
 from tests.zoo_helpers import (
     CHILD_ID,
     PARENT_ID,
@@ -246,7 +247,7 @@ def test_a_sha256_mismatch_is_refused_and_nothing_is_kept(checkpoints, tmp_path)
 
 
 def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path):
-    repo = Path(__file__).resolve().parent.parent / "submissions"
+    repo = REPO_ROOT / "submissions"
     entry_id = "Dense_Sehwag2020Hydra_V16_CIFAR10_US_0"
     root = tmp_path / "submissions"
     (root / "dense").mkdir(parents=True)
@@ -366,7 +367,7 @@ def test_google_drive_links_use_the_direct_download_endpoint():
 
 
 def test_a_file_given_by_hand_is_recorded_as_its_own_origin_not_the_manifest_url(tmp_path):
-    repo = Path(__file__).resolve().parent.parent / "submissions"
+    repo = REPO_ROOT / "submissions"
     entry_id = "MAD_Lee2022Masking_R18_CIFAR10_US_90"  # a seeded entry with a download URL
     root = tmp_path / "submissions"
     (root / "mad").mkdir(parents=True)
@@ -554,7 +555,7 @@ def test_a_part_file_larger_than_the_cap_is_discarded_not_resumed(server, tmp_pa
 
 
 def test_evaluate_zoo_without_data_reports_the_missing_dataset_once(tmp_path):
-    repo = Path(__file__).resolve().parent.parent / "submissions"
+    repo = REPO_ROOT / "submissions"
     root = tmp_path / "submissions"
     ids = [
         "MAD_Lee2022Masking_R18_CIFAR10_US_90",

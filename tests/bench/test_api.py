@@ -28,14 +28,14 @@ from bench.cli import main
 from bench.models import build_model, unwrap
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, Store
+from tests.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 # Cheap evaluations: the standard AutoAttack on 12 digits in chunks of 4, short FMN.
 CHEAP = dict(n_samples=12, batch_size=4, version="standard", fmn_steps=10)
 
 
 def readme_example() -> str:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     found = re.search(r"<!-- api-example -->\s*```python\n(.*?)```\s*<!-- /api-example -->", text, re.S)
     assert found, "README.md has no ```python block between <!-- api-example --> and <!-- /api-example -->"
     return found.group(1)
@@ -180,7 +180,7 @@ def test_in_memory_identity_is_stable_and_changes_when_a_weight_does():
         "import torch\nfrom bench.api import state_dict_sha256\nfrom bench.models import build_model\n"
         "torch.manual_seed(0)\nprint(state_dict_sha256(build_model('small_cnn', 'digits')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
     torch.manual_seed(0)
     assert out.stdout.strip() == state_dict_sha256(build_model("small_cnn", "digits"))
     # requires_grad and training mode are not weights.

@@ -183,7 +183,7 @@ def test_a_missing_checkpoint_file_fails_clearly(tmp_path):
 
 
 def test_results_on_an_empty_store_says_so(tmp_path):
-    # Read-only commands never create a store (tests/test_store_backends.py): make an empty one first.
+    # Read-only commands never create a store (tests/bench/store/test_backends.py): make an empty one first.
     assert _invoke("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'empty.db'}").exit_code == 0
     result = _invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
     assert result.exit_code == 0, result.output

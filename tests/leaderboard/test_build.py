@@ -1,7 +1,7 @@
 """The static site: pages and downloads, escaping of submitter strings, byte-identical rebuilds, odd stores.
 
-The stores here hold synthetic results (``leaderboard.synthetic``); ``tests/test_browser.py`` builds a site from
-real evaluations and drives it in chromium.
+The stores here hold synthetic results (``leaderboard.synthetic``); ``tests/leaderboard/test_browser.py`` builds a
+site from real evaluations and drives it in chromium.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest, manifest_json_schem
 from bench.zoo.seeded import SEEDED
 from bench.zoo.validate import Problem, ValidationOptions, validate_paths
 from bench.zoo.zoo import load_zoo
+from tests.paths import REPO_ROOT
 from tests.zoo_helpers import (
     CHILD_ID,
     DELETE,
@@ -26,7 +27,7 @@ from tests.zoo_helpers import (
     write_manifest,
 )
 
-REPO_SUBMISSIONS = Path(__file__).resolve().parent.parent / "submissions"
+REPO_SUBMISSIONS = REPO_ROOT / "submissions"
 URL = "https://example.org/model_best.pth.tar"
 DATA = b"not fetched in offline tests"
 OFFLINE = ValidationOptions(offline=True)

@@ -32,10 +32,10 @@ from bench.provenance import utcnow
 from bench.store import Model, Store, StoreError
 from bench.store.db import alembic_config, migration_transaction
 from bench.store.schema import Base
+from tests.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
 STORE_TABLES = {t.name for t in Base.metadata.sorted_tables}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _head() -> str:
@@ -84,7 +84,13 @@ def _one_line_error(result) -> str:
 
 def _run_python(code: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, **popen
+        [sys.executable, "-c", code, *args],
+        cwd=REPO_ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
     )
 
 
@@ -120,7 +126,7 @@ def test_six_processes_first_opening_one_new_store_all_succeed(store_url, trial,
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", OPENER, store_url, str(go), how],
-            cwd=REPO,
+            cwd=REPO_ROOT,
             env=ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
