@@ -31,9 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.evaluation.chunk import FMN_WARM_STAGE, attack_chunk, attack_one_chunk
-from bench.evaluation.commits import commit_chunk, is_committed, missing_chunks, open_evaluation
+from bench.evaluation.commits import (
+    commit_chunk,
+    is_committed,
+    missing_chunks,
+    open_evaluation,
+    stored_executions,
+)
 from bench.evaluation.finalize import EvaluationSummary, finalize_evaluation
-from bench.evaluation.flags import UNRELIABLE_FLAGS
+from bench.evaluation.flags import MIXED_EXECUTION_FLAG, RESULT_SETTINGS, UNRELIABLE_FLAGS, result_settings
 from bench.evaluation.lock import RunLock, running_line
 from bench.evaluation.workers import attack_in_workers
 from bench.performance import execution_settings, fast_model
@@ -130,6 +136,8 @@ def _evaluate_locked(
         log(f"resuming evaluation #{evaluation_id}: {n_done}/{spec.n_samples} samples already stored")
     if todo:
         prepared = _prepared(model, spec, x, channels_last)
+        if n_done:
+            _note_other_settings(store, evaluation_id, execution_settings(prepared), log)
         _run_chunks(store, evaluation_id, prepared, x, y, spec, todo, n_done, progress, workers, log)
     summary = finalize_evaluation(store, evaluation_id, spec)
     if summary is None:
@@ -204,6 +212,23 @@ def _run_chunks(store, evaluation_id, model, x, y, spec, todo, n_done, progress,
     finally:
         for bar in bars.values():
             bar.close()
+
+
+def _note_other_settings(store: Store, evaluation_id: int, ours: dict | None, log: Callable[[str], None]) -> None:
+    """Say so when a resumed evaluation's stored chunks ran under other result-relevant settings than this run's
+    (typically APBENCH_CHANNELS_LAST set then, not now): the finished evaluation carries MIXED_EXECUTION_FLAG."""
+    theirs = [e for e in stored_executions(store, evaluation_id) if result_settings(e) != result_settings(ours)]
+    if ours is None or not theirs:
+        return
+
+    def text(execution: dict) -> str:
+        return ", ".join(f"{key}={execution.get(key)}" for key in RESULT_SETTINGS)
+
+    log(
+        f"note: evaluation #{evaluation_id}'s stored chunks ran with {text(theirs[0])}, this run with {text(ours)} "
+        f"({CHANNELS_LAST_ENV} sets the layout): their distances may differ in the last float bits, and the "
+        f"evaluation will carry the flag {MIXED_EXECUTION_FLAG}; --overwrite recomputes it under one setting"
+    )
 
 
 def _check_not_starting_a_worker() -> None:

@@ -56,10 +56,14 @@ FLAG_TEXT = {
         "a sample AutoAttack broke at ε has a best-known distance just above ε (AutoAttack's perturbation, rounded "
         "in float32, exceeds ε by a last-place unit, and neither FMN run found a smaller one); shown, not unreliable"
     ),
+    "mixed_execution_settings": (
+        "the evaluation's chunks ran under different execution settings (memory layout, TF32): flags and "
+        "predictions are those of either, distances may differ in the last float bits; shown, not unreliable"
+    ),
 }
 # The badge a flag gets: FMN's and the best-known notes inform; every other flag is an AutoAttack or consistency
 # check that marks the evaluation potentially unreliable (bench.evaluate.UNRELIABLE_FLAGS; a test checks the split).
-FLAG_BADGE = {"fmn_beat_autoattack": "fmn", "best_known_above_eps": "notice"}
+FLAG_BADGE = {"fmn_beat_autoattack": "fmn", "best_known_above_eps": "notice", "mixed_execution_settings": "notice"}
 # Who found a sample's best-known distance (SampleResult.best_attack), in words.
 BEST_ATTACK_TEXT = {"fmn": "plain FMN", "fmn_from_autoattack": "FMN from AutoAttack's adversarial"}
 

@@ -159,6 +159,21 @@ def is_committed(store: Store, evaluation_id: int, index: int) -> bool:
         )
 
 
+def stored_executions(store: Store, evaluation_id: int) -> list[dict]:
+    """The distinct execution settings the evaluation's committed chunks recorded, in chunk order."""
+    with store.session() as s:
+        recorded = s.scalars(
+            select(EvaluationChunk.execution)
+            .where(EvaluationChunk.evaluation_id == evaluation_id)
+            .order_by(EvaluationChunk.chunk_index)
+        ).all()
+    out: list[dict] = []
+    for execution in recorded:
+        if execution is not None and execution not in out:
+            out.append(execution)
+    return out
+
+
 def missing_chunks(store: Store, evaluation_id: int, spec: RunSpec) -> list[int]:
     """Indices into ``spec.chunks()`` of the chunks of evaluation ``evaluation_id`` not committed yet, ascending."""
     with store.session() as s:

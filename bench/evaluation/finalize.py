@@ -19,7 +19,13 @@ from bench.analysis.best_known import distance_gap, eps_float32
 from bench.analysis.stats import SampleOutcome, aggregate, wilson_interval
 from bench.attacks.autoattack import square_check_flags
 from bench.evaluation.commits import EVALUATIONS, check_evaluation
-from bench.evaluation.flags import BEST_KNOWN_ABOVE_EPS_FLAG, FMN_BEAT_AA_FLAG, UNRELIABLE_FLAGS
+from bench.evaluation.flags import (
+    BEST_KNOWN_ABOVE_EPS_FLAG,
+    FMN_BEAT_AA_FLAG,
+    MIXED_EXECUTION_FLAG,
+    UNRELIABLE_FLAGS,
+    result_settings,
+)
 from bench.provenance import environment, utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model, SampleResult, Store
@@ -169,6 +175,8 @@ def _aggregates(store: Store, evaluation_id: int, spec: RunSpec) -> dict[str, An
     for c in chunks:
         if c.execution is not None and c.execution not in executions:
             executions.append(c.execution)
+    if len({result_settings(e) for e in executions}) > 1:
+        flags.add(MIXED_EXECUTION_FLAG)
     provenance = {
         **environment(spec.device),
         "protocol": spec.protocol,

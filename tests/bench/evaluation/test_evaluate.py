@@ -535,6 +535,35 @@ def test_channels_last_is_opted_in_by_the_environment_and_recorded(store, digits
         evaluate(store, _model_row(store, "other"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
 
 
+def test_an_evaluation_resumed_under_another_layout_says_so_and_is_flagged(store, digits, digits_cnn, monkeypatch):
+    # Begun with APBENCH_CHANNELS_LAST=1 (one chunk of two), finished without it: the rows of the two chunks come
+    # from two orders of float additions, so the evaluation carries mixed_execution_settings (not unreliable) and
+    # the resuming run says why in one line.
+    _, _, xte, yte = digits
+    spec = _spec(n_samples=20)
+    model_id = _model_row(store, "cnn")
+    evaluation_id = open_evaluation(store, model_id, spec)
+    monkeypatch.setenv(CHANNELS_LAST_ENV, "1")
+    assert evaluate_chunks(store, evaluation_id, digits_cnn, xte, yte, spec, [0]) == 1
+    monkeypatch.delenv(CHANNELS_LAST_ENV)
+    lines = []
+    summary = evaluate(store, model_id, digits_cnn, xte, yte, spec, progress=False, log=lines.append)
+    chunks, ev = _chunks_and_evaluation(store, summary.evaluation_id)
+    assert sorted((c.chunk_index, c.execution["channels_last"]) for c in chunks) == [(0, True), (1, False)]
+    assert "mixed_execution_settings" in summary.flags and not summary.unreliable
+    assert [e["channels_last"] for e in ev.provenance["execution"]] == [True, False]
+    (note,) = [line for line in lines if line.startswith("note:")]
+    assert "channels_last=True" in note and "channels_last=False" in note and "mixed_execution_settings" in note
+    # Resumed under the settings it began with: no note, no flag.
+    other = _model_row(store, "cnn-same")
+    evaluation_id = open_evaluation(store, other, spec)
+    assert evaluate_chunks(store, evaluation_id, digits_cnn, xte, yte, spec, [0]) == 1
+    lines.clear()
+    summary = evaluate(store, other, digits_cnn, xte, yte, spec, progress=False, log=lines.append)
+    assert "mixed_execution_settings" not in summary.flags
+    assert not [line for line in lines if line.startswith("note:")]
+
+
 def test_the_executor_interface_gives_the_rows_of_one_evaluate_call(store, digits, digits_mlp):
     """open_evaluation, missing_chunks, evaluate_chunks on subsets in any order, finalize_evaluation: the rows and
     figures of one evaluate() call."""
