@@ -46,6 +46,7 @@ from bench.models.normalize import normalization_key, parse_normalization, resol
 from bench.paths import atomic_write, cache_dir
 from bench.spec import RunSpec
 from bench.store import Store
+from bench.store.db import shown_url
 from bench.store.registration import register_model
 from methods.base import get_method
 from methods.pipeline import DenseParent, is_same_model, name_holder, prune_checkpoint, taken_name_error
@@ -110,7 +111,7 @@ class EvaluationResult:
                 + (" (stored run reused)" if s.reused else ""),
                 self.accuracies.to_string(float_format="{:.4f}".format),
                 f"flags: {flags}",
-                f"stored in {self.db}",
+                f"stored in {shown_url(self.db)}",
             ]
         )
 

@@ -23,6 +23,7 @@ from bench.analysis.replicates import (
 from bench.analysis.stats import wilson_interval
 from bench.models.normalize import normalization_label
 from bench.store import Evaluation, Store
+from bench.store.db import shown_url
 
 RESULT_COLUMNS = [
     "evaluation",
@@ -86,8 +87,8 @@ def results_frame(store: Store, model: str | int | None = None) -> pd.DataFrame:
             evaluations = [ev for ev in evaluations if str(ev.model.id) == text or fnmatchcase(ev.model.name, text)]
             if not evaluations:
                 raise ValueError(
-                    f"no evaluation of a model {text!r} in {store.url} (give a model's id, name or a shell pattern; "
-                    "`bench results` lists them)"
+                    f"no evaluation of a model {text!r} in {shown_url(store.url)} (give a model's id, name or a "
+                    "shell pattern; `bench results` lists them)"
                 )
         for ev in evaluations:
             m = ev.model

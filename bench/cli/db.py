@@ -19,9 +19,10 @@ def db():
 def db_upgrade(db):
     """Create or migrate the results store to the newest schema (Alembic)."""
     from bench.store import Store
+    from bench.store.db import shown_url
 
     store = Store(db)
-    click.echo(f"{store.url} is at the newest schema")
+    click.echo(f"{shown_url(store.url)} is at the newest schema")
 
 
 def _stored_model_line(m) -> str:

@@ -273,6 +273,7 @@ def evaluate_row(store, row, model, *, x, y, spec, config: EvaluateConfig, unran
     marked a sanity run first, so no ranked table ever shows its evaluation). With an executor the evaluation is
     opened and its missing chunks run as shards, now or (``defer``) with every other evaluation of the command."""
     from bench.evaluate import evaluate as run_evaluation
+    from bench.store.db import shown_url
 
     if (config.unranked if unranked is None else unranked) and row.ranked:
         from bench.store.lifecycle import set_ranked
@@ -304,7 +305,7 @@ def evaluate_row(store, row, model, *, x, y, spec, config: EvaluateConfig, unran
         workers=config.workers,
         log=click.echo,
     )
-    _print_summary(summary, spec, store.url, time.perf_counter() - start)
+    _print_summary(summary, spec, shown_url(store.url), time.perf_counter() - start)
     return summary
 
 

@@ -127,6 +127,7 @@ def zoo_import_robustbench(model_name, dataset, threat_model, model_dir, db):
     """
     from bench.data import get_dataset_info
     from bench.store import Store
+    from bench.store.db import shown_url
     from bench.zoo.robustbench import import_robustbench
 
     get_dataset_info(dataset)
@@ -140,7 +141,8 @@ def zoo_import_robustbench(model_name, dataset, threat_model, model_dir, db):
         log=click.echo,
     )
     click.echo(
-        f"model {row.name}: {row.arch} on {row.dataset}, sha256 {row.checkpoint_sha256[:12]}…, stored in {store.url}"
+        f"model {row.name}: {row.arch} on {row.dataset}, sha256 {row.checkpoint_sha256[:12]}…, "
+        f"stored in {shown_url(store.url)}"
     )
     click.echo(f"evaluate it: bench evaluate --checkpoint {row.checkpoint_path} --arch {row.arch} --dataset {dataset}")
 

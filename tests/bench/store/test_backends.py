@@ -143,6 +143,27 @@ def test_a_stopped_server_ends_in_one_line_and_hides_the_password():
         assert "s3cret" not in line
 
 
+def test_a_running_server_s_password_is_never_printed(pg_url, digits_cnn_checkpoint):
+    # The test server trusts local connections, so a URL with a password connects, and every line that names the
+    # store (bench db upgrade, an evaluation's summary, the API's result and errors) must mask the password.
+    import apbench
+
+    url = pg_url.replace("postgres@", "postgres:s3cret@", 1)
+    assert "s3cret" in url
+    upgraded = _invoke("db", "upgrade", "--db", url)
+    assert upgraded.exit_code == 0, upgraded.output
+    args = ["--arch", "small_cnn", "--dataset", "digits", "--n-samples", "4", "--aa-version", "standard"]
+    evaluated = _invoke("evaluate", "--checkpoint", str(digits_cnn_checkpoint), *args, "--fmn-steps", "3", "--db", url)
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "stored in                postgresql+psycopg://postgres:***@" in evaluated.output
+    with pytest.raises(
+        ValueError, match=r"no evaluation of a model 'nomatch' in postgresql\+psycopg://postgres:\*\*\*@"
+    ):
+        apbench.load_results(url, model="nomatch")
+    for output in (upgraded.output, evaluated.output):
+        assert "s3cret" not in output
+
+
 def test_a_missing_postgres_driver_names_the_extra(monkeypatch):
     # A None entry in sys.modules makes `import psycopg` fail as if the package were not installed.
     monkeypatch.setitem(sys.modules, "psycopg", None)
