@@ -153,6 +153,7 @@ def fetch_checkpoint(
             log=log,
         )
         _check_complete(part, digest, received, expected, size, verified_by, url)
+        _check_is_checkpoint(part, url)
         os.replace(part, target)
         _finish(key, url, target, digest, verified_by, root)
         return FetchResult(target, digest, received, verified_by, downloaded=True)
@@ -297,6 +298,21 @@ def _check_complete(part: Path, digest: str, received: int, expected, size, veri
             "Fix: if you replaced the file, put the new file's sha256 (sha256sum FILE) in the manifest; "
             "otherwise the file at that URL is not the one that was submitted."
         )
+
+
+def _check_is_checkpoint(part: Path, where: str) -> None:
+    """Refuse bytes that are no checkpoint (an error page sent as application/octet-stream, a wrong link) before
+    they are cached or their hash is recorded as an unverified entry's first one; the partial file is deleted."""
+    try:
+        checkpoint_format(part, what="downloaded file")
+    except (FileNotFoundError, NotACheckpointError):
+        size = part.stat().st_size if part.exists() else 0
+        part.unlink(missing_ok=True)
+        raise NotACheckpoint(
+            f"{where} sent {size:,} bytes that are not a checkpoint (neither a torch.save file nor safetensors); "
+            "the file was deleted and no hash was recorded. Fix: checkpoint.url must give the file itself (a "
+            "direct download link), not a page about it"
+        ) from None
 
 
 @contextlib.contextmanager

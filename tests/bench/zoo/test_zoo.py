@@ -274,7 +274,10 @@ def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path)
 @pytest.fixture
 def server():
     with CheckpointServer() as s:
-        s.files["/ckpt.pt"] = os.urandom(300_000)
+        # A real torch.save file of ~300 kB (the downloader refuses bytes that are no checkpoint).
+        buffer = io.BytesIO()
+        torch.save({"weight": torch.randn(75_000, generator=torch.Generator().manual_seed(0))}, buffer)
+        s.files["/ckpt.pt"] = buffer.getvalue()
         yield s
 
 
@@ -345,6 +348,20 @@ def test_a_wrong_hash_is_refused_and_the_first_download_of_an_unhashed_entry_is_
     with pytest.raises(ChecksumMismatch, match="hash recorded at its first download"):
         fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
 
+
+
+def test_bytes_that_are_no_checkpoint_are_neither_cached_nor_recorded(server, tmp_path):
+    # An error page sent as application/octet-stream to an unhashed entry: before, its hash became the entry's
+    # recorded first hash and every later fetch of the real file failed as "replaced upstream".
+    server.files["/not-a-checkpoint"] = b"Error 404: the file you asked for was removed\n" * 10
+    with pytest.raises(NotACheckpoint, match="not a checkpoint .* no hash was recorded"):
+        fetch_checkpoint("E11", server.url("/not-a-checkpoint"), "ckpt.pt", root=tmp_path)
+    assert "E11" not in read_records(tmp_path)
+    assert not list((tmp_path / "E11").glob("ckpt.pt*"))
+    data = server.files["/ckpt.pt"]
+    server.files["/not-a-checkpoint"] = data  # the link fixed: the real file is fetched and its hash recorded
+    result = fetch_checkpoint("E11", server.url("/not-a-checkpoint"), "ckpt.pt", root=tmp_path)
+    assert result.verified_by == "first download" and read_records(tmp_path)["E11"]["sha256"] == sha256(data)
 
 def test_web_pages_and_unsafe_redirects_are_refused(server, tmp_path):
     server.files["/page"] = b"<html>Google Drive can't scan this file for viruses</html>"
