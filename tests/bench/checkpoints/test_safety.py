@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 from torch import nn
 
@@ -31,19 +30,15 @@ from bench.checkpoints import (
     load_weights,
     sha256_file,
 )
-from bench.cli import main
 from bench.formats import load_converted_model
 from bench.models import build_model
 from bench.store import Model, Store
 from bench.store.registration import load_stored_model, register_model
 from bench.zoo.fetch import NotACheckpoint, import_local_file, read_records
+from tests.cli import invoke
 
 FIX = "the checkpoint is corrupt or diverged; re-export it"
 CLI_ARGS = ("--arch", "small_cnn", "--dataset", "digits", "--n-samples", "10")
-
-
-def _invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _small_cnn_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -195,7 +190,7 @@ def _stored_counts(url: str) -> dict[str, int]:
 
 @pytest.mark.parametrize("fmt", ["plain", "mad"])
 def test_cli_refuses_nan_weights_and_stores_nothing(store_url, nan_checkpoint, fmt) -> None:
-    result = _invoke("evaluate", "--checkpoint", nan_checkpoint, *CLI_ARGS, "--format", fmt, "--db", store_url)
+    result = invoke("evaluate", "--checkpoint", nan_checkpoint, *CLI_ARGS, "--format", fmt, "--db", store_url)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     lines = result.output.strip().splitlines()
@@ -220,7 +215,7 @@ def test_stored_counts_sees_a_registered_model(store_url, tmp_path) -> None:
 
 def test_prune_refuses_a_nan_dense_checkpoint_before_any_work(tmp_path, nan_checkpoint) -> None:
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    result = _invoke(
+    result = invoke(
         "prune", "--method", "hydra", "--sparsity", "0.5", "--dense", nan_checkpoint,
         "--arch", "small_cnn", "--dataset", "digits", "--out", tmp_path / "pruned", "--db", db,
     )  # fmt: skip
@@ -257,7 +252,7 @@ def test_a_symlink_to_etc_passwd_is_not_a_checkpoint(tmp_path) -> None:
     message = str(info.value)
     _assert_one_line(message, "(a symlink to /etc/passwd)", "is not a checkpoint", "torch.save", "safetensors")
     assert "root:" not in message and ":0:0:" not in message  # nothing of the file's content is shown
-    result = _invoke("evaluate", "--checkpoint", link, *CLI_ARGS, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+    result = invoke("evaluate", "--checkpoint", link, *CLI_ARGS, "--db", f"sqlite:///{tmp_path / 'r.db'}")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.count("\n") == 1 and "is not a checkpoint" in result.output
     assert not (tmp_path / "r.db").exists()
@@ -318,8 +313,8 @@ def test_a_fifo_is_refused_without_being_opened(tmp_path) -> None:
             load_state_dict(fifo)
         with pytest.raises(NotACheckpointError) as linked:
             load_state_dict(link)
-        cli = _invoke("evaluate", "--checkpoint", link, *CLI_ARGS, "--db", f"sqlite:///{tmp_path / 'r.db'}")
-        prune = _invoke(
+        cli = invoke("evaluate", "--checkpoint", link, *CLI_ARGS, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+        prune = invoke(
             "prune", "--method", "hydra", "--sparsity", "0.5", "--dense", fifo,
             "--arch", "small_cnn", "--dataset", "digits", "--db", f"sqlite:///{tmp_path / 'r.db'}",
         )  # fmt: skip

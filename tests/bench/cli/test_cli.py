@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from bench.cli import main
 from bench.data import DATASETS
 from bench.models import ARCHS
+from tests.cli import invoke
 
 # The columns `bench results` documents (one row per evaluation; accuracies as fractions in csv/json).
 RESULT_COLUMNS = [
@@ -70,13 +71,9 @@ EVAL_ARGS = [
 PERCENT_WITH_INTERVAL = r"\d{1,3}\.\d\d%\s+\[\d{1,3}\.\d\d%, \d{1,3}\.\d\d%\]"
 
 
-def _invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
 def _evaluate(tmp_path, checkpoint, *options: str):
     """``bench evaluate`` on ``checkpoint`` with a throw-away store (never ./results.db)."""
-    return _invoke("evaluate", "--checkpoint", str(checkpoint), *options, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+    return invoke("evaluate", "--checkpoint", str(checkpoint), *options, "--db", f"sqlite:///{tmp_path / 'r.db'}")
 
 
 def _listed_names(output: str) -> list[str]:
@@ -84,7 +81,7 @@ def _listed_names(output: str) -> list[str]:
 
 
 def test_models_lists_every_registered_architecture():
-    result = _invoke("models")
+    result = invoke("models")
     assert result.exit_code == 0, result.output
     names = _listed_names(result.output)
     assert names == sorted(name for name, _ in ARCHS.items())
@@ -95,7 +92,7 @@ def test_models_lists_every_registered_architecture():
 
 
 def test_models_filters_with_a_wildcard():
-    result = _invoke("models", "resnet*")
+    result = invoke("models", "resnet*")
     assert result.exit_code == 0, result.output
     names = _listed_names(result.output)
     assert names and all(n.startswith("resnet") for n in names)
@@ -104,7 +101,7 @@ def test_models_filters_with_a_wildcard():
 
 
 def test_datasets_lists_the_registered_datasets():
-    result = _invoke("datasets")
+    result = invoke("datasets")
     assert result.exit_code == 0, result.output
     names = _listed_names(result.output)
     assert {"digits", "cifar10", "cifar100"} <= set(names)
@@ -184,11 +181,11 @@ def test_a_missing_checkpoint_file_fails_clearly(tmp_path):
 
 def test_results_on_an_empty_store_says_so(tmp_path):
     # Read-only commands never create a store (tests/bench/store/test_backends.py): make an empty one first.
-    assert _invoke("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'empty.db'}").exit_code == 0
-    result = _invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
+    assert invoke("db", "upgrade", "--db", f"sqlite:///{tmp_path / 'empty.db'}").exit_code == 0
+    result = invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}")
     assert result.exit_code == 0, result.output
     assert "no evaluations stored yet" in result.output
-    csv_out = _invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--format", "csv")
+    csv_out = invoke("results", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--format", "csv")
     assert csv_out.exit_code == 0
     assert list(csv.reader(io.StringIO(csv_out.output))) == [RESULT_COLUMNS]
 
@@ -247,7 +244,7 @@ def _model_name(db: str) -> str:
 
 def test_results_table_shows_the_model(evaluated):
     db, _, _ = evaluated
-    result = _invoke("results", "--db", db)
+    result = invoke("results", "--db", db)
     assert result.exit_code == 0, result.output
     assert _model_name(db) in result.output
     assert "small_cnn" in result.output and "complete" in result.output
@@ -255,7 +252,7 @@ def test_results_table_shows_the_model(evaluated):
 
 def test_results_csv_has_one_row_with_the_documented_columns(evaluated):
     db, _, _ = evaluated
-    result = _invoke("results", "--db", db, "--format", "csv")
+    result = invoke("results", "--db", db, "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.output)))
     assert len(rows) == 1
@@ -280,7 +277,7 @@ def test_results_csv_has_one_row_with_the_documented_columns(evaluated):
 
 def test_results_json_holds_fractions(evaluated):
     db, _, _ = evaluated
-    result = _invoke("results", "--db", db, "--format", "json")
+    result = invoke("results", "--db", db, "--format", "json")
     assert result.exit_code == 0, result.output
     records = json.loads(result.output)
     assert len(records) == 1
@@ -304,7 +301,7 @@ def test_bench_db_env_var_is_used_when_no_db_option(evaluated, monkeypatch, tmp_
     db, _, _ = evaluated
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BENCH_DB", db)
-    result = _invoke("results", "--format", "json")
+    result = invoke("results", "--format", "json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)) == 1
     assert not (tmp_path / "results.db").exists()
@@ -375,7 +372,7 @@ REFUSED = [
 def test_a_bad_numeric_option_is_refused_before_any_work(tmp_path, monkeypatch, args, error):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "data"))
-    result = _invoke(*args, "--db", str(tmp_path / "r.db"))
+    result = invoke(*args, "--db", str(tmp_path / "r.db"))
     assert result.exit_code in (1, 2), result.output  # 2: click's usage error
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
@@ -400,13 +397,13 @@ def test_evaluate_unranked_marks_the_model_and_a_later_run_keeps_it(evaluated, t
     url = f"sqlite:///{copy}"
     name = _model_name(url)
     args = ["evaluate", "--checkpoint", str(_checkpoint_of(url)), *EVAL_ARGS, "--db", url]
-    result = _invoke(*args, "--unranked")
+    result = invoke(*args, "--unranked")
     assert result.exit_code == 0, result.output
     assert "stored run reused" in result.output  # the same evaluation: only the flag changed
     assert f"model {name} stored unranked: kept off the ranked tables (bench db rank {name} --on)" in result.output
     with sqlite3.connect(copy) as conn:
         assert conn.execute("SELECT ranked FROM models").fetchall() == [(0,)]
-    again = _invoke(*args)
+    again = invoke(*args)
     assert again.exit_code == 0, again.output
     assert "stored unranked" not in again.output
     with sqlite3.connect(copy) as conn:
@@ -452,17 +449,17 @@ def test_evaluate_takes_the_old_spellings_of_the_renamed_options_as_hidden_alias
     assert _parsed("--checkpoint-format", "mad")["ckpt_format"] == _parsed("--format", "mad")["ckpt_format"] == "mad"
     assert _parsed("--aa-version", "standard")["aa_version"] == _parsed("--version", "standard")["aa_version"]
     assert _parsed()["aa_version"] == "plus" and _parsed()["ckpt_format"] == "plain"
-    shown = _invoke("evaluate", "--help")
+    shown = invoke("evaluate", "--help")
     assert shown.exit_code == 0, shown.output
     assert "--checkpoint-format" in shown.output and "--aa-version" in shown.output
     # The old names parse, but neither help nor errors offer them: --format and --version mean output format and
     # the program's version everywhere else.
     assert not re.search(r"(?<![\w-])--(format|version)\b", shown.output), shown.output
     for spelling in ("--aa-version", "--version"):
-        refused = _invoke("evaluate", spelling, "strong")
+        refused = invoke("evaluate", spelling, "strong")
         assert refused.exit_code == 2 and "Invalid value for '--aa-version': 'strong' is not one of" in refused.output
     # At the top, --version is still the program's.
-    program = _invoke("--version")
+    program = invoke("--version")
     assert program.exit_code == 0 and program.output.rstrip().endswith(f"version {package_version('apbench')}")
 
 
@@ -477,13 +474,13 @@ def test_evaluate_takes_the_old_spellings_of_the_renamed_options_as_hidden_alias
     ],
 )
 def test_a_listing_pattern_that_matches_nothing_says_so_and_fails(args, says):
-    result = _invoke(*args)
+    result = invoke(*args)
     assert result.exit_code == 1 and result.output.startswith(says), result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
 def test_methods_lists_one_method_by_name():
-    result = _invoke("methods", "hydra")
+    result = invoke("methods", "hydra")
     assert result.exit_code == 0, result.output
     assert _listed_names(result.output)[0] == "hydra" and "HYDRA" in result.output
 
@@ -509,6 +506,6 @@ def test_a_missing_checkpoint_is_reported_before_a_missing_dataset(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "no-data").mkdir()
     args = ["--checkpoint", "missing.pt", "--arch", "resnet18", "--dataset", "cifar10", "--data-dir", "no-data"]
-    result = _invoke("evaluate", *args, "--db", "sqlite:///r.db")
+    result = invoke("evaluate", *args, "--db", "sqlite:///r.db")
     assert result.exit_code == 1 and result.output.strip() == "Error: checkpoint not found: missing.pt"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no-data"]  # no store, nothing downloaded

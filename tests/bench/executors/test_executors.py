@@ -32,6 +32,7 @@ from bench.executors import (
 )
 from bench.store import Evaluation, SampleResult, Store
 from bench.store.schema import EvaluationChunk
+from tests.cli import one_line_error
 
 N, BATCH = 60, 10
 N_CHUNKS = N // BATCH
@@ -173,22 +174,15 @@ def test_executor_config_file_and_command_line(tmp_path):
         ExecutorOptions(kind="local", partition="gpu", setup=("x",))
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 def test_slurm_refuses_sqlite_before_any_work(digits_cnn_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     db = tmp_path / "results.db"
-    line = _one_line_error(_evaluate(digits_cnn_checkpoint, f"sqlite:///{db}", "--executor", "slurm"))
+    line = one_line_error(_evaluate(digits_cnn_checkpoint, f"sqlite:///{db}", "--executor", "slurm"))
     assert "PostgreSQL" in line and "--db postgresql://" in line and "pip install 'apbench[postgres]'" in line
     assert not db.exists()
     # The default store ($BENCH_DB unset: ./results.db) is SQLite too.
     args = ["evaluate", "--checkpoint", str(digits_cnn_checkpoint), "--arch", "small_cnn", "--dataset", "digits"]
-    line = _one_line_error(CliRunner().invoke(main, [*args, "--executor", "slurm"]))
+    line = one_line_error(CliRunner().invoke(main, [*args, "--executor", "slurm"]))
     assert "PostgreSQL" in line
     assert not db.exists()
 
@@ -205,14 +199,14 @@ def test_slurm_refuses_sqlite_before_any_work(digits_cnn_checkpoint, tmp_path, m
 )
 def test_executor_options_refused_in_one_line(digits_cnn_checkpoint, extra, message):
     # An unreachable server: every refusal comes before the store is opened.
-    line = _one_line_error(_evaluate(digits_cnn_checkpoint, "postgresql://nobody@127.0.0.1:1/none", *extra))
+    line = one_line_error(_evaluate(digits_cnn_checkpoint, "postgresql://nobody@127.0.0.1:1/none", *extra))
     assert message in line
 
 
 def test_slurm_executor_config_refused_in_one_line(digits_cnn_checkpoint, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("gpus: 1\n")
-    line = _one_line_error(
+    line = one_line_error(
         _evaluate(
             digits_cnn_checkpoint, "postgresql://nobody@127.0.0.1:1/none", "--executor", "slurm",
             "--executor-config", str(bad),
@@ -387,10 +381,10 @@ def test_status_of_a_half_done_evaluation(digits_cnn_checkpoint, tmp_path):
     assert st["remaining_s"] is None
     store.dispose()
 
-    line = _one_line_error(CliRunner().invoke(main, ["status", "--db", url, "resnet*"]))
+    line = one_line_error(CliRunner().invoke(main, ["status", "--db", url, "resnet*"]))
     assert "no stored model matches 'resnet*'" in line
     missing = tmp_path / "none.db"
-    _one_line_error(CliRunner().invoke(main, ["status", "--db", f"sqlite:///{missing}"]))
+    one_line_error(CliRunner().invoke(main, ["status", "--db", f"sqlite:///{missing}"]))
     assert not missing.exists()
 
 

@@ -32,6 +32,7 @@ from bench.provenance import utcnow
 from bench.store import Model, Store, StoreError
 from bench.store.db import alembic_config, migration_transaction
 from bench.store.schema import Base
+from tests.cli import one_line_error
 from tests.paths import REPO_ROOT
 
 STORE_TABLES = {t.name for t in Base.metadata.sorted_tables}
@@ -72,14 +73,6 @@ def _assert_usable_at_head(url: str) -> None:
             assert conn.execute(text("SELECT name FROM models")).all() == [("after",)]
     finally:
         store.dispose()
-
-
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def _run_python(code: str, *args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
@@ -325,7 +318,7 @@ def _check_full_disk_run(url: str, where: str, first, again) -> bool:
     if first.exit_code == 0:
         assert _state(url) == (STORE_TABLES, [_head()])
         return False
-    line = _one_line_error(first)
+    line = one_line_error(first)
     assert where in line, line
     assert again.exit_code == 0, again.output
     _assert_usable_at_head(url)
@@ -523,7 +516,7 @@ def test_an_empty_half_created_store_is_repaired(store_url, version_table, caplo
     before = _state(store_url)
     assert before == ({"models", "evaluations"}, [] if version_table else None)
     # A command that only reads says what happened and how to repair it, and changes nothing.
-    line = _one_line_error(CliRunner().invoke(main, ["results", "--db", store_url]))
+    line = one_line_error(CliRunner().invoke(main, ["results", "--db", store_url]))
     assert f"the store {_where(store_url)} was left half-created" in line
     assert f"bench db upgrade --db {_where(store_url)} repairs it" in line
     assert _state(store_url) == before
@@ -538,7 +531,7 @@ def test_an_empty_half_created_store_is_repaired(store_url, version_table, caplo
 def test_a_half_created_store_with_rows_is_refused_and_kept(store_url):
     _half_created(store_url, version_table=True, rows=2)
     for command_line in (["db", "upgrade"], ["results"]):
-        line = _one_line_error(CliRunner().invoke(main, [*command_line, "--db", store_url]))
+        line = one_line_error(CliRunner().invoke(main, [*command_line, "--db", store_url]))
         assert f"the store {_where(store_url)} holds tables evaluations, models with 2 rows but no schema revision" in (
             line
         )

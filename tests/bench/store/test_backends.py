@@ -17,31 +17,17 @@ from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
-from click.testing import CliRunner
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
 
-from bench.cli import main
 from bench.provenance import utcnow
 from bench.store import Model, Store, StoreError
 from bench.store.db import alembic_config
 from tests.analysis_store import add_evaluation, add_model
+from tests.cli import invoke, one_line_error
 from tests.paths import REPO_ROOT
 
 NO_STORE = "create one with bench db upgrade --db"
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
-
-
-def _one_line_error(result) -> str:
-    """The message of a command that failed cleanly: exit status 1, one ``Error:`` line, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def _closed_port() -> int:
@@ -72,11 +58,11 @@ READ_COMMANDS = {
 @pytest.mark.parametrize("command", READ_COMMANDS.values(), ids=READ_COMMANDS.keys())
 def test_read_only_commands_never_create_a_store(command, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    line = _one_line_error(_invoke(*command, "--db", "nonsense"))
+    line = one_line_error(invoke(*command, "--db", "nonsense"))
     assert line == f"Error: no store at nonsense; {NO_STORE} nonsense or run bench evaluate"
     # Nor from $BENCH_DB, nor from the default; an empty $BENCH_DB counts as unset.
     monkeypatch.setenv("BENCH_DB", "")
-    line = _one_line_error(_invoke(*command))
+    line = one_line_error(invoke(*command))
     assert line == f"Error: no store at results.db; {NO_STORE} results.db or run bench evaluate"
     assert list(tmp_path.iterdir()) == []
 
@@ -85,7 +71,7 @@ def test_a_read_only_command_on_an_empty_database_says_no_store(store_url):
     # An existing but empty database (a new PostgreSQL database, a zero-byte file) is no store either.
     if store_url.startswith("sqlite"):
         Path(store_url.removeprefix("sqlite:///")).touch()
-    line = _one_line_error(_invoke("results", "--db", store_url))
+    line = one_line_error(invoke("results", "--db", store_url))
     assert "no store at" in line and NO_STORE in line
     bare = Store(store_url, migrate=False)
     try:
@@ -98,16 +84,16 @@ def test_a_read_only_command_on_an_empty_database_says_no_store(store_url):
 
 def test_store_cases_on_sqlite_end_in_one_line(tmp_path):
     missing_folder = tmp_path / "no" / "such" / "results.db"
-    line = _one_line_error(_invoke("results", "--db", str(missing_folder)))
+    line = one_line_error(invoke("results", "--db", str(missing_folder)))
     assert f"no store at {missing_folder}" in line
-    line = _one_line_error(_invoke("db", "upgrade", "--db", str(missing_folder)))
+    line = one_line_error(invoke("db", "upgrade", "--db", str(missing_folder)))
     assert f"folder {missing_folder.parent} does not exist" in line
     assert not (tmp_path / "no").exists()
 
     folder = tmp_path / "a_folder"
     folder.mkdir()
     for command in (["results"], ["db", "upgrade"]):
-        line = _one_line_error(_invoke(*command, "--db", str(folder)))
+        line = one_line_error(invoke(*command, "--db", str(folder)))
         assert f"{folder} is a folder, not a store; give a file such as {folder / 'results.db'}" in line
     assert list(folder.iterdir()) == []
 
@@ -115,7 +101,7 @@ def test_store_cases_on_sqlite_end_in_one_line(tmp_path):
     not_sqlite.write_text("not a database\n" * 100)
     before = _sha256(not_sqlite)
     for command in (["results"], ["db", "upgrade"], ["analyze", "drops"]):
-        line = _one_line_error(_invoke(*command, "--db", str(not_sqlite)))
+        line = one_line_error(invoke(*command, "--db", str(not_sqlite)))
         assert f"{not_sqlite} is not a SQLite database" in line, command
     assert _sha256(not_sqlite) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "notes.txt"]
@@ -131,13 +117,13 @@ def test_store_cases_on_sqlite_end_in_one_line(tmp_path):
 )
 def test_unsupported_urls_end_in_one_line(url, expected):
     for command in (["results"], ["db", "upgrade"]):
-        assert expected in _one_line_error(_invoke(*command, "--db", url))
+        assert expected in one_line_error(invoke(*command, "--db", url))
 
 
 def test_a_stopped_server_ends_in_one_line_and_hides_the_password():
     url = f"postgresql://bench:s3cret@127.0.0.1:{_closed_port()}/results"
     for command in (["results"], ["db", "upgrade"], ["leaderboard", "build", "--out", "site"]):
-        line = _one_line_error(_invoke(*command, "--db", url))
+        line = one_line_error(invoke(*command, "--db", url))
         assert line.startswith("Error: cannot connect to the store postgresql+psycopg://bench:***@127.0.0.1:")
         assert "check that the server runs" in line
         assert "s3cret" not in line
@@ -150,10 +136,10 @@ def test_a_running_server_s_password_is_never_printed(pg_url, digits_cnn_checkpo
 
     url = pg_url.replace("postgres@", "postgres:s3cret@", 1)
     assert "s3cret" in url
-    upgraded = _invoke("db", "upgrade", "--db", url)
+    upgraded = invoke("db", "upgrade", "--db", url)
     assert upgraded.exit_code == 0, upgraded.output
     args = ["--arch", "small_cnn", "--dataset", "digits", "--n-samples", "4", "--aa-version", "standard"]
-    evaluated = _invoke("evaluate", "--checkpoint", str(digits_cnn_checkpoint), *args, "--fmn-steps", "3", "--db", url)
+    evaluated = invoke("evaluate", "--checkpoint", str(digits_cnn_checkpoint), *args, "--fmn-steps", "3", "--db", url)
     assert evaluated.exit_code == 0, evaluated.output
     assert "stored in                postgresql+psycopg://postgres:***@" in evaluated.output
     with pytest.raises(
@@ -169,14 +155,14 @@ def test_a_missing_postgres_driver_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "psycopg", None)
     with pytest.raises(StoreError, match=r"pip install 'apbench\[postgres\]'"):
         Store("postgresql://user@127.0.0.1/db")
-    line = _one_line_error(_invoke("db", "upgrade", "--db", "postgresql://user@127.0.0.1/db"))
+    line = one_line_error(invoke("db", "upgrade", "--db", "postgresql://user@127.0.0.1/db"))
     assert line.startswith("Error: the PostgreSQL driver psycopg is not installed")
     assert "pip install 'apbench[postgres]'" in line
 
 
 def test_a_missing_database_on_a_running_server_ends_in_one_line(pg_cluster):
     url = pg_cluster.url("no_such_database")
-    line = _one_line_error(_invoke("db", "upgrade", "--db", url))
+    line = one_line_error(invoke("db", "upgrade", "--db", url))
     assert "cannot connect to the store" in line and 'database "no_such_database" does not exist' in line
 
 
@@ -193,7 +179,7 @@ def test_a_store_from_a_newer_apbench_is_refused(store_url):
     Store(store_url).dispose()
     _set_revision(store_url, "9999_from_the_future")
     for command in (["results"], ["db", "upgrade"], ["analyze", "drops"]):
-        line = _one_line_error(_invoke(*command, "--db", store_url))
+        line = one_line_error(invoke(*command, "--db", store_url))
         assert "is at schema revision 9999_from_the_future, which this apbench does not know" in line
         assert "upgrade apbench" in line
     with pytest.raises(StoreError, match="does not know"):
@@ -206,7 +192,7 @@ def test_a_read_only_command_does_not_migrate_an_older_store(store_url):
     assert head != base, "the migration chain has a single revision; this test needs two"
     Store(store_url).dispose()
     _set_revision(store_url, base)
-    line = _one_line_error(_invoke("results", "--db", store_url))
+    line = one_line_error(invoke("results", "--db", store_url))
     assert f"is at schema revision {base}, older than this apbench's {head}" in line
     assert f"upgrade it with bench db upgrade --db {store_url}" in line
     store = Store(store_url, migrate=False)
@@ -229,9 +215,9 @@ def test_read_commands_work_on_a_store_opened_read_only(store_url, tmp_path):
         ["analyze", "curve", "m"],
         ["leaderboard", "build", "--out", str(tmp_path / "site"), "--workers", "1"],
     ):
-        result = _invoke(*command, "--db", store_url)
+        result = invoke(*command, "--db", store_url)
         assert result.exit_code == 0, (command, result.output)
-    assert json.loads(_invoke("results", "--format", "json", "--db", store_url).output)[0]["n"] == 6
+    assert json.loads(invoke("results", "--format", "json", "--db", store_url).output)[0]["n"] == 6
     assert (tmp_path / "site" / "index.html").is_file()
 
 
@@ -345,7 +331,7 @@ def test_read_only_open_of_a_writable_store_leaves_its_bytes_alone(tmp_path):
     _evaluation(store, n_samples=2)
     store.dispose()
     before = _sha256(path)
-    result = _invoke("results", "--db", str(path), "--format", "json")
+    result = invoke("results", "--db", str(path), "--format", "json")
     assert result.exit_code == 0, result.output
     assert [r["n"] for r in json.loads(result.output)] == [2]
     assert _sha256(path) == before

@@ -9,10 +9,8 @@ from __future__ import annotations
 import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
-from click.testing import CliRunner
 from sqlalchemy import create_engine, event, func, inspect, select, text
 
-from bench.cli import main
 from bench.provenance import utcnow
 from bench.store import Evaluation, Model, SampleResult, Store, StoreError
 from bench.store.db import alembic_config
@@ -28,6 +26,7 @@ from bench.store.lifecycle import (
     rename_model,
     set_ranked,
 )
+from tests.cli import invoke
 
 TABLES = ("models", "evaluations", "sample_results")
 
@@ -395,10 +394,6 @@ def test_the_migration_downgrades_to_0003(store_url):
 # ------------------------------------------------------------------------------------------- bench db ...
 
 
-def _invoke(*args: str, input: str | None = None):
-    return CliRunner().invoke(main, list(args), input=input)
-
-
 def _error_line(result) -> str:
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
@@ -420,7 +415,7 @@ def populated(store_url):
 def test_cli_rm_removes_with_yes_and_says_where_the_checkpoint_stays(populated):
     url, store, ids = populated
     before = _rows(store)
-    result = _invoke("db", "rm", "other", "--yes", "--db", url)
+    result = invoke("db", "rm", "other", "--yes", "--db", url)
     assert result.exit_code == 0, result.output
     assert (
         f"removed model #{ids['other']} 'other' (dense, small_cnn, digits): 2 evaluations (1 unfinished), "
@@ -435,12 +430,12 @@ def test_cli_rm_removes_with_yes_and_says_where_the_checkpoint_stays(populated):
 def test_cli_rm_asks_first_and_a_no_removes_nothing(populated):
     url, store, ids = populated
     before = _rows(store)
-    result = _invoke("db", "rm", "dense", "--with-children", "--db", url, input="n\n")
+    result = invoke("db", "rm", "dense", "--with-children", "--db", url, input="n\n")
     assert result.exit_code == 1 and result.output.endswith(
         "not confirmed; nothing was removed (--yes removes without asking)\n"
     )
     assert _rows(store) == before
-    closed = _invoke("db", "rm", "dense", "--with-children", "--db", url, input="")  # no terminal, no answer
+    closed = invoke("db", "rm", "dense", "--with-children", "--db", url, input="")  # no terminal, no answer
     assert closed.exit_code == 1 and "nothing was removed" in closed.output and "Error" not in closed.output
     assert "about to remove from" in result.output
     assert f"model #{ids['repruned']} 'repruned' (hydra, small_cnn, digits, derived from #{ids['pruned']})" in (
@@ -448,7 +443,7 @@ def test_cli_rm_asks_first_and_a_no_removes_nothing(populated):
     )
     assert "remove 3 models, 3 evaluations and 9 per-sample rows? [y/N]" in result.output
     assert _rows(store) == before
-    result = _invoke("db", "rm", "dense", "--with-children", "--db", url, input="y\n")
+    result = invoke("db", "rm", "dense", "--with-children", "--db", url, input="y\n")
     assert result.exit_code == 0, result.output
     assert {name for _, name in _rows(store)["models"]} == {"other"}
 
@@ -456,7 +451,7 @@ def test_cli_rm_asks_first_and_a_no_removes_nothing(populated):
 def test_cli_rm_refuses_a_parent_in_one_line(populated):
     url, store, ids = populated
     before = _rows(store)
-    line = _error_line(_invoke("db", "rm", "pruned", "--yes", "--db", url))
+    line = _error_line(invoke("db", "rm", "pruned", "--yes", "--db", url))
     assert f"model #{ids['pruned']} 'pruned' is the parent of #{ids['repruned']} 'repruned'" in line
     assert "--with-children" in line
     assert _rows(store) == before
@@ -464,10 +459,10 @@ def test_cli_rm_refuses_a_parent_in_one_line(populated):
 
 def test_cli_rename_and_a_taken_name(populated):
     url, store, ids = populated
-    result = _invoke("db", "rename", "pruned", "hydra-90", "--db", url)
+    result = invoke("db", "rename", "pruned", "hydra-90", "--db", url)
     assert result.exit_code == 0, result.output
     assert result.output.strip() == f"renamed model #{ids['pruned']} 'pruned' to 'hydra-90'"
-    line = _error_line(_invoke("db", "rename", "hydra-90", "dense", "--db", url))
+    line = _error_line(invoke("db", "rename", "hydra-90", "dense", "--db", url))
     assert line == (
         f"Error: the name 'dense' is already model #{ids['dense']} (dense, small_cnn, digits); choose another name, "
         "or rename or remove that model first"
@@ -477,20 +472,20 @@ def test_cli_rename_and_a_taken_name(populated):
 
 def test_cli_rank_off_on_and_show(populated):
     url, store, ids = populated
-    result = _invoke("db", "rank", "other", "--off", "--db", url)
+    result = invoke("db", "rank", "other", "--off", "--db", url)
     assert result.exit_code == 0, result.output
     assert f"model #{ids['other']} 'other' is now unranked" in result.output
     assert describe_models(store, ["other"])[0].ranked is False
-    shown = _invoke("db", "rank", "other", "dense", "--db", url)
+    shown = invoke("db", "rank", "other", "dense", "--db", url)
     assert shown.output.splitlines() == [
         f"model #{ids['other']} 'other' is not ranked (a sanity run)",
         f"model #{ids['dense']} 'dense' is ranked",
     ]
-    listed = _invoke("db", "list", "--db", url)
+    listed = invoke("db", "list", "--db", url)
     assert listed.exit_code == 0, listed.output
     other = next(line for line in listed.output.splitlines() if " other " in line)
     assert "no (sanity run)" in other
-    assert _invoke("db", "rank", "other", "--on", "--db", url).exit_code == 0
+    assert invoke("db", "rank", "other", "--on", "--db", url).exit_code == 0
     assert describe_models(store, ["other"])[0].ranked is True
 
 
@@ -498,7 +493,7 @@ def test_cli_db_commands_never_create_a_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     missing = tmp_path / "missing.db"
     for args in (["rm", "x", "--yes"], ["rename", "x", "y"], ["rank", "x", "--off"], ["rank", "x"], ["list"]):
-        line = _error_line(_invoke("db", *args, "--db", str(missing)))
+        line = _error_line(invoke("db", *args, "--db", str(missing)))
         assert f"no store at {missing}" in line
     assert not missing.exists() and list(tmp_path.iterdir()) == []
 

@@ -8,17 +8,16 @@ import types
 
 import pytest
 import torch
-from click.testing import CliRunner
 from sqlalchemy import select
 from torch import nn
 
-from bench.cli import main
 from bench.models import ARCHS
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, Model
 from bench.store.registration import register_model
 from bench.zoo.robustbench import import_robustbench, model_info
+from tests.cli import invoke
 
 # The keys of RobustBench/robustbench model_info/cifar10/Linf/Sehwag2020Hydra.json, in their order.
 ROBUSTBENCH_KEYS = [
@@ -35,10 +34,6 @@ ROBUSTBENCH_KEYS = [
     "reported",
     "autoattack_acc",
 ]
-
-
-def _invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -79,7 +74,7 @@ def evaluated(store, tmp_path, small_cnn_init):
 
 
 def test_model_info_follows_robustbench_conventions(store, evaluated, tmp_path):
-    result = _invoke("export", "robustbench", "hydra-digits", "--out", tmp_path / "mi", "--db", store.url)
+    result = invoke("export", "robustbench", "hydra-digits", "--out", tmp_path / "mi", "--db", store.url)
     assert result.exit_code == 0, result.output
     path = tmp_path / "mi" / "digits" / "Linf" / "hydra-digits.json"
     info = json.loads(path.read_text())
@@ -168,21 +163,21 @@ def test_import_registers_a_robustbench_model_as_a_dense_parent(store, tmp_path,
 
 def test_import_through_the_cli(store, monkeypatch):
     _stand_in(monkeypatch, _resnet56_with_unused_block)
-    result = _invoke("zoo", "import-robustbench", "Test2099Stand", "--db", store.url)
+    result = invoke("zoo", "import-robustbench", "Test2099Stand", "--db", store.url)
     assert result.exit_code == 0, result.output
     assert "model robustbench:Test2099Stand: resnet56 on cifar10" in result.output
 
 
 def test_an_unknown_architecture_is_named(store, monkeypatch):
     _stand_in(monkeypatch, lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)))
-    result = _invoke("zoo", "import-robustbench", "Test2099Odd", "--db", store.url)
+    result = invoke("zoo", "import-robustbench", "Test2099Odd", "--db", store.url)
     assert result.exit_code != 0 and "no registered architecture has these weights" in result.output
 
 
 def test_without_robustbench_the_message_says_what_to_install(store, monkeypatch):
     monkeypatch.setitem(sys.modules, "robustbench", None)
     monkeypatch.delitem(sys.modules, "robustbench.utils", raising=False)
-    result = _invoke("zoo", "import-robustbench", "Carmon2019Unlabeled", "--db", store.url)
+    result = invoke("zoo", "import-robustbench", "Carmon2019Unlabeled", "--db", store.url)
     assert result.exit_code != 0
     assert "pip install 'apbench[robustbench]'" in result.output and "Traceback" not in result.output
     with store.session() as s:
@@ -198,7 +193,7 @@ def test_a_broken_robustbench_install_is_explained(store, monkeypatch, tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     for name in ("robustbench", "robustbench.utils", "autoattack"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    result = _invoke("zoo", "import-robustbench", "Carmon2019Unlabeled", "--db", store.url)
+    result = invoke("zoo", "import-robustbench", "Carmon2019Unlabeled", "--db", store.url)
     assert result.exit_code != 0
     assert "needs the module 'autoattack'" in result.output and "fra31/auto-attack" in result.output
 

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from bench.cli import main
 from bench.zoo.fetch import CheckpointTooLarge, fetch_checkpoint
 from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest, manifest_json_schema
 from bench.zoo.seeded import SEEDED
 from bench.zoo.validate import Problem, ValidationOptions, validate_paths
 from bench.zoo.zoo import load_zoo
+from tests.cli import invoke
 from tests.paths import REPO_ROOT
 from tests.zoo_helpers import (
     CHILD_ID,
@@ -31,10 +30,6 @@ REPO_SUBMISSIONS = REPO_ROOT / "submissions"
 URL = "https://example.org/model_best.pth.tar"
 DATA = b"not fetched in offline tests"
 OFFLINE = ValidationOptions(offline=True)
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def _errors(report) -> dict[str, str]:
@@ -72,7 +67,7 @@ def test_every_seeded_manifest_passes_offline_and_says_it_is_unverified():
 
 
 def test_the_cli_validates_the_seeded_zoo_offline():
-    result = _invoke("submit", "validate", "--offline", str(REPO_SUBMISSIONS))
+    result = invoke("submit", "validate", "--offline", str(REPO_SUBMISSIONS))
     assert result.exit_code == 0, result.output
     assert f"{len(SEEDED)} manifest(s): {len(SEEDED)} ok, 0 failed" in result.output
     assert "skipped fetch, sha256, load, sparsity, clean accuracy: --offline" in result.output
@@ -93,9 +88,9 @@ def test_seeded_numbers_match_the_specs():
 def test_schema_json_is_generated_from_the_model_and_up_to_date():
     published = json.loads((REPO_SUBMISSIONS / "schema.json").read_text())
     assert published == manifest_json_schema()
-    result = _invoke("submit", "schema", "--out", str(REPO_SUBMISSIONS / "schema.json"), "--check")
+    result = invoke("submit", "schema", "--out", str(REPO_SUBMISSIONS / "schema.json"), "--check")
     assert result.exit_code == 0, result.output
-    printed = json.loads(_invoke("submit", "schema").output)
+    printed = json.loads(invoke("submit", "schema").output)
     assert printed["properties"]["model_id"]["pattern"].startswith("^")
     assert printed["additionalProperties"] is False
 
@@ -103,7 +98,7 @@ def test_schema_json_is_generated_from_the_model_and_up_to_date():
 def test_schema_check_fails_on_a_stale_file(tmp_path):
     stale = tmp_path / "schema.json"
     stale.write_text("{}\n")
-    result = _invoke("submit", "schema", "--out", str(stale), "--check")
+    result = invoke("submit", "schema", "--out", str(stale), "--check")
     assert result.exit_code != 0 and "out of date" in result.output
 
 
@@ -133,7 +128,7 @@ def test_a_seeded_entry_cannot_point_at_another_url(tmp_path):
 
 def test_failures_name_file_field_reason_and_fix_with_exit_status_1(subs):
     path = write_manifest(subs, new_submission(URL, DATA, {"checkpoint.sha256": "12ab"}))
-    result = _invoke("submit", "validate", "--offline", "--submissions", str(subs), str(path))
+    result = invoke("submit", "validate", "--offline", "--submissions", str(subs), str(path))
     assert result.exit_code == 1
     assert f"FAIL {path}" in result.output
     line = next(line for line in result.output.splitlines() if "checkpoint.sha256" in line)
@@ -304,26 +299,26 @@ def test_the_zoo_leaves_out_invalid_manifests_and_resolves_the_rest(subs):
 
 def test_evaluate_resolves_through_the_zoo_and_lists_ambiguous_candidates(tmp_path):
     db = tmp_path / "r.db"
-    result = _invoke("evaluate", "--method", "hydra", "--sparsity", "0.9", "--dataset", "cifar10", "--db", str(db))
+    result = invoke("evaluate", "--method", "hydra", "--sparsity", "0.9", "--dataset", "cifar10", "--db", str(db))
     assert result.exit_code != 0
     assert "5 zoo entries match --method hydra --sparsity 0.9 --dataset cifar10" in result.output
     assert "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90 (hydra, resnet18" in result.output
     assert "HYDRA_Sehwag2020Hydra_V16_CIFAR10_US_90_Authors" in result.output
     assert not db.exists()
-    unknown = _invoke("evaluate", "--model-id", "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_91", "--db", str(db))
+    unknown = invoke("evaluate", "--model-id", "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_91", "--db", str(db))
     assert unknown.exit_code != 0 and "did you mean" in unknown.output
     assert "HYDRA_Sehwag2020Hydra_R18_CIFAR10_US_90?" in unknown.output
-    no_url = _invoke("evaluate", "--model-id", "HYDRA_Sehwag2020Hydra_V16_CIFAR10_US_90_Authors", "--db", str(db))
+    no_url = invoke("evaluate", "--model-id", "HYDRA_Sehwag2020Hydra_V16_CIFAR10_US_90_Authors", "--db", str(db))
     assert no_url.exit_code != 0 and "--from FILE" in no_url.output
     assert not db.exists()
 
 
 def test_submissions_folder_comes_from_the_environment(subs, monkeypatch):
     monkeypatch.setenv("BENCH_SUBMISSIONS_DIR", str(subs))
-    listed = _invoke("zoo", "list")
+    listed = invoke("zoo", "list")
     assert listed.exit_code == 0 and PARENT_ID in listed.output
     monkeypatch.setenv("BENCH_SUBMISSIONS_DIR", str(subs / "missing"))
-    missing = _invoke("zoo", "list")
+    missing = invoke("zoo", "list")
     assert missing.exit_code != 0 and "no submissions folder" in missing.output
 
 
@@ -400,7 +395,7 @@ def test_the_same_checkpoint_under_two_manifests_is_refused(subs, tmp_path):
     assert f"already submitted as {CHILD_ID} ({child.absolute()})" in by_id[other_id]
     assert by_id[PARENT_ID] == ""
 
-    result = _invoke("submit", "validate", "--offline", "--submissions", str(subs), str(twin_path))
+    result = invoke("submit", "validate", "--offline", "--submissions", str(subs), str(twin_path))
     assert result.exit_code == 1 and f"the same file that is already submitted as {CHILD_ID}" in result.output
     # The zoo sets both aside: which of the two readings is right is not for it to guess.
     assert set(load_zoo(subs).entries) == {PARENT_ID}
@@ -453,7 +448,7 @@ def _with_extra_key(key: str) -> dict:
 )
 def test_control_characters_in_keys_are_refused_and_printed_escaped(subs, doc, field):
     path = write_manifest(subs, doc)
-    result = _invoke("submit", "validate", "--offline", "--submissions", str(subs), str(path))
+    result = invoke("submit", "validate", "--offline", "--submissions", str(subs), str(path))
     assert result.exit_code == 1
     assert not [line for line in result.output.splitlines() if line.lstrip().startswith("::")], result.output
     assert "\x1b" not in result.output and "\\x1b[2J" in result.output

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from sqlalchemy import select
 
-from bench.cli import main
 from bench.data import load_split
 from bench.formats import load_converted_model
 from bench.sparsity import measure_sparsity
@@ -32,6 +30,7 @@ from bench.zoo.fetch import (
 from bench.zoo.manifest import ALLOW_LOOPBACK_ENV, Manifest
 from bench.zoo.zoo import ZooEntry, entry_taxonomy, load_zoo, prepare_entry
 from methods.base import get_method
+from tests.cli import invoke
 from tests.paths import REPO_ROOT
 from tests.zoo_helpers import (
     CHILD_ID,
@@ -52,10 +51,6 @@ HTML_TITLE = '<script>alert("x")</script> HYDRA & <b>friends</b>'
 def _loopback(monkeypatch):
     # These tests serve checkpoints from 127.0.0.1; the tests of the refusal remove the opt-in again.
     allow_loopback(monkeypatch)
-
-
-def _invoke(*args) -> object:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def _bytes(obj) -> bytes:
@@ -111,19 +106,19 @@ def test_validate_fetch_evaluate_over_http(checkpoints, tmp_path):
     with CheckpointServer() as server:
         _zoo(root, server, checkpoints, **{"paper.title": HTML_TITLE})
 
-        validated = _invoke("submit", "validate", "--submissions", root, root)
+        validated = invoke("submit", "validate", "--submissions", root, root)
         assert validated.exit_code == 0, validated.output
         assert "2 manifest(s): 2 ok, 0 failed" in validated.output
         assert f"sparsity {checkpoints['sparsity']:.4f} vs claim" in validated.output
         assert "clean accuracy" in validated.output and "fetch and sha256 (manifest)" in validated.output
 
-        fetched = _invoke("zoo", "fetch", CHILD_ID, "--submissions", root)
+        fetched = invoke("zoo", "fetch", CHILD_ID, "--submissions", root)
         assert fetched.exit_code == 0, fetched.output
         assert sha256(checkpoints["child"]) in fetched.output and "verified against the manifest" in fetched.output
 
         store = Store(f"sqlite:///{db}")
         prepare_entry(store, load_zoo(root).get(PARENT_ID))  # the dense parent, registered first
-        evaluated = _invoke("evaluate", "--model-id", CHILD_ID, "--submissions", root, "--db", db, *EVAL_ARGS)
+        evaluated = invoke("evaluate", "--model-id", CHILD_ID, "--submissions", root, "--db", db, *EVAL_ARGS)
         assert evaluated.exit_code == 0, evaluated.output
         assert f"model {CHILD_ID}" in evaluated.output
         # Validation downloaded each file once; fetch and evaluate used the verified cache.
@@ -149,11 +144,11 @@ def test_validate_fetch_evaluate_over_http(checkpoints, tmp_path):
         assert ev.provenance  # protocol provenance recorded by the evaluator
         clean = ev.clean_accuracy
 
-    again = _invoke("evaluate", "--zoo", "--method", "hydra", "--submissions", root, "--db", db, *EVAL_ARGS)
+    again = invoke("evaluate", "--zoo", "--method", "hydra", "--submissions", root, "--db", db, *EVAL_ARGS)
     assert again.exit_code == 0, again.output
     assert f"{CHILD_ID}: already evaluated under this protocol" in again.output
 
-    exported = _invoke(
+    exported = invoke(
         "export", "robustbench", CHILD_ID, "--out", tmp_path / "model_info", "--submissions", root, "--db", db
     )
     assert exported.exit_code == 0, exported.output
@@ -185,13 +180,13 @@ def test_evaluate_zoo_goes_through_every_entry_and_reports_failures(checkpoints,
         _zoo(root, server, checkpoints)
         del server.files["/hydra/model_best.pth.tar"]  # the child's file is gone: 404
         args = ["evaluate", "--zoo", "--dataset", "digits", "--submissions", root, "--db", db, *EVAL_ARGS]
-        first = _invoke(*args)
+        first = invoke(*args)
         assert first.exit_code == 1
         assert f"evaluation #1 of {PARENT_ID}" in first.output
         assert f"FAILED {CHILD_ID}:" in first.output and "HTTP 404" in first.output
         assert "1 of 2 zoo entries failed" in first.output
         server.files["/hydra/model_best.pth.tar"] = checkpoints["child"]
-        second = _invoke(*args)
+        second = invoke(*args)
     assert second.exit_code == 0, second.output
     assert f"{PARENT_ID}: already evaluated under this protocol (evaluation #1)" in second.output
     assert f"evaluation #2 of {CHILD_ID}" in second.output
@@ -201,7 +196,7 @@ def test_online_validation_measures_sparsity_and_clean_accuracy(checkpoints, tmp
     root = tmp_path / "submissions"
     with CheckpointServer() as server:
         _zoo(root, server, checkpoints, **{"model.claimed_sparsity": 0.5, "reported.clean": 0.999})
-        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+        result = invoke("submit", "validate", "--submissions", root, root / "hydra")
     assert result.exit_code == 1
     assert "model.claimed_sparsity: claims 0.5000 but the checkpoint measures" in result.output
     assert "tolerance ±0.0050" in result.output
@@ -228,7 +223,7 @@ def test_a_checkpoint_that_unpickles_objects_is_refused_unexecuted(checkpoints, 
         _zoo(root, server, checkpoints)
         doc = new_submission(server.url("/evil.pth.tar"), evil, {"model.claimed_sparsity": checkpoints["sparsity"]})
         write_manifest(root, doc)
-        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+        result = invoke("submit", "validate", "--submissions", root, root / "hydra")
     assert result.exit_code == 1
     assert "checkpoint.url: refused: checkpoint" in result.output
     assert "contains pickled Python objects beyond tensors" in result.output
@@ -239,7 +234,7 @@ def test_a_sha256_mismatch_is_refused_and_nothing_is_kept(checkpoints, tmp_path)
     root = tmp_path / "submissions"
     with CheckpointServer() as server:
         _zoo(root, server, checkpoints, **{"checkpoint.sha256": "0" * 64})
-        result = _invoke("submit", "validate", "--submissions", root, root / "hydra")
+        result = invoke("submit", "validate", "--submissions", root, root / "hydra")
     assert result.exit_code == 1
     assert "checkpoint.sha256:" in result.output and "the file was deleted and not loaded" in result.output
     cache = Path(os.environ["BENCH_CACHE_DIR"]) / "zoo" / CHILD_ID
@@ -254,16 +249,16 @@ def test_an_entry_without_url_is_fetched_by_hand_and_its_hash_recorded(tmp_path)
     (root / "dense" / f"{entry_id}.yaml").write_bytes((repo / "dense" / f"{entry_id}.yaml").read_bytes())
     download = tmp_path / "model_best_dense.pth.tar"
     torch.save({"w": torch.zeros(3)}, download)  # --from takes checkpoints only
-    first = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    first = invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert first.exit_code == 0, first.output
     assert "the hash is recorded" in first.output
     assert read_records()[entry_id]["sha256"] == sha256(download.read_bytes())
     assert read_records()[entry_id]["url"] == "file:model_best_dense.pth.tar"
-    second = _invoke("zoo", "fetch", entry_id, "--submissions", root)
+    second = invoke("zoo", "fetch", entry_id, "--submissions", root)
     assert second.exit_code == 0, second.output
     assert "verified against the recorded hash" in second.output
     torch.save({"w": torch.ones(3)}, download)
-    third = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    third = invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert third.exit_code != 0 and "the hash recorded at its first download" in third.output
 
 
@@ -349,7 +344,6 @@ def test_a_wrong_hash_is_refused_and_the_first_download_of_an_unhashed_entry_is_
         fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
 
 
-
 def test_bytes_that_are_no_checkpoint_are_neither_cached_nor_recorded(server, tmp_path):
     # An error page sent as application/octet-stream to an unhashed entry: before, its hash became the entry's
     # recorded first hash and every later fetch of the real file failed as "replaced upstream".
@@ -362,6 +356,7 @@ def test_bytes_that_are_no_checkpoint_are_neither_cached_nor_recorded(server, tm
     server.files["/not-a-checkpoint"] = data  # the link fixed: the real file is fetched and its hash recorded
     result = fetch_checkpoint("E11", server.url("/not-a-checkpoint"), "ckpt.pt", root=tmp_path)
     assert result.verified_by == "first download" and read_records(tmp_path)["E11"]["sha256"] == sha256(data)
+
 
 def test_web_pages_and_unsafe_redirects_are_refused(server, tmp_path):
     server.files["/page"] = b"<html>Google Drive can't scan this file for viruses</html>"
@@ -391,7 +386,7 @@ def test_a_file_given_by_hand_is_recorded_as_its_own_origin_not_the_manifest_url
     (root / "mad" / f"{entry_id}.yaml").write_bytes((repo / "mad" / f"{entry_id}.yaml").read_bytes())
     download = tmp_path / "from_a_colleague.t7"
     torch.save({"w": torch.zeros(3)}, download)
-    result = _invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
+    result = invoke("zoo", "fetch", entry_id, "--submissions", root, "--from", download)
     assert result.exit_code == 0, result.output
     assert read_records()[entry_id]["url"] == "file:from_a_colleague.t7"
 
@@ -411,7 +406,7 @@ def test_evaluate_zoo_marks_an_entry_failed_on_any_expected_error_and_goes_on(tm
         raise KeyError("state_dict")
 
     monkeypatch.setattr(zoo_module, "fetch_entry", broken_fetch)
-    result = _invoke("evaluate", "--zoo", "--submissions", root, "--db", tmp_path / "r.db", *EVAL_ARGS)
+    result = invoke("evaluate", "--zoo", "--submissions", root, "--db", tmp_path / "r.db", *EVAL_ARGS)
     assert attempted == [PARENT_ID, CHILD_ID]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"FAILED {PARENT_ID}: [Errno 28] No space left on device" in result.output
@@ -584,7 +579,7 @@ def test_evaluate_zoo_without_data_reports_the_missing_dataset_once(tmp_path):
         (root / "mad" / f"{entry_id}.yaml").write_bytes((repo / "mad" / f"{entry_id}.yaml").read_bytes())
     empty = tmp_path / "no-data"
     empty.mkdir()
-    result = _invoke("evaluate", "--zoo", "--submissions", root, "--data-dir", empty, "--db", tmp_path / "r.db")
+    result = invoke("evaluate", "--zoo", "--submissions", root, "--data-dir", empty, "--db", tmp_path / "r.db")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "\\n" not in result.output  # real line breaks, not escaped ones
     # Once where it happened and once in the summary, not once per entry.
