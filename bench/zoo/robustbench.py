@@ -292,7 +292,8 @@ def import_robustbench(
         channels = info.input_shape[0]
         normalization = {"mean": [0.0] * channels, "std": [1.0] * channels}
     model = build_model(arch, dataset, normalization)
-    load_weights(model, weights)
+    # Non-finite weights are refused naming the file RobustBench downloaded (delete it to download it again).
+    load_weights(model, weights, source=folder / dataset / threat_model / f"{name}.pt")
     model.eval()
     probe = torch.rand(4, *info.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -11,6 +11,7 @@ import torch
 from sqlalchemy import select
 from torch import nn
 
+from bench.checkpoints import NonFiniteWeightsError
 from bench.models import ARCHS
 from bench.provenance import utcnow
 from bench.spec import RunSpec
@@ -123,6 +124,25 @@ def _resnet56_with_unused_block():
     net = ARCHS.get("resnet56").builder(10)
     net.sub_block1 = nn.Conv2d(16, 16, 3)  # defined, never called in forward (as in TRADES's WideResNet)
     return net.eval()
+
+
+def test_a_robustbench_model_with_non_finite_weights_names_its_file(store, tmp_path, monkeypatch):
+    def diverged():
+        net = _resnet56_with_unused_block()
+        with torch.no_grad():
+            net.conv1.weight[0, 0, 0, 0] = float("nan")
+        return net
+
+    _stand_in(monkeypatch, diverged)
+    folder = tmp_path / "rb"
+    with pytest.raises(NonFiniteWeightsError) as raised:
+        import_robustbench(store, "Test2099Nan", dataset="cifar10", model_dir=folder)
+    message = str(raised.value)
+    assert f"checkpoint {folder / 'cifar10' / 'Linf' / 'Test2099Nan.pt'} holds 1 non-finite entry" in message
+    assert "conv1.weight (1 NaN)" in message
+    with store.session() as s:
+        assert s.scalars(select(Model)).all() == []
+    assert not list(folder.rglob("*.apbench.pt"))
 
 
 def test_import_registers_a_robustbench_model_as_a_dense_parent(store, tmp_path, monkeypatch, small_cnn_init):
