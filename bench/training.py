@@ -19,6 +19,17 @@ from torch import nn
 from bench.attacks.utils import clip_linf
 
 
+def uniform_in_box(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """A uniform point of B∞(x, ε) ∩ [0, 1]: each coordinate uniform on [max(0, x − ε), min(1, x + ε)].
+
+    Sampling the ball and then clipping to [0, 1] leaves half of the coordinates at a bound exactly where the bound
+    is (x = 0 on a digit's blank background): a pixel inside the dead zone of every first-layer unit that reads it
+    has a zero gradient there, so sign steps never move it and an attack started there cannot use it.
+    """
+    low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    return low + (high - low) * torch.rand_like(x)
+
+
 def pgd_linf(
     model: nn.Module,
     x: torch.Tensor,
@@ -28,6 +39,7 @@ def pgd_linf(
     steps: int,
     step_size: float | None = None,
     random_start: bool = True,
+    box_start: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """L∞ PGD maximising ``loss_fn`` (cross-entropy by default); the result lies in the ε-ball and [0, 1].
@@ -38,7 +50,9 @@ def pgd_linf(
         eps: L∞ radius.
         steps: iterations; 0 returns ``x`` (or the random start).
         step_size: α; default 2.5 · ε / steps (Madry et al.).
-        random_start: start at a uniform point of the ε-ball.
+        random_start: start at a uniform point of the ε-ball, clipped to [0, 1] (Madry et al.'s start).
+        box_start: with ``random_start``, start at a uniform point of B∞(x, ε) ∩ [0, 1] instead
+            (:func:`uniform_in_box`).
         loss_fn: ``loss_fn(logits, y)`` to maximise, summed over the batch.
     """
     if loss_fn is None:
@@ -48,8 +62,11 @@ def pgd_linf(
 
     alpha = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
     x = x.detach()
-    delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
-    x_adv = (x + delta).clamp(0, 1)
+    if random_start and box_start:
+        x_adv = uniform_in_box(x, eps)
+    else:
+        delta = torch.empty_like(x).uniform_(-eps, eps) if random_start else torch.zeros_like(x)
+        x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = loss_fn(model(x_adv), y)

@@ -33,7 +33,7 @@ from torch import nn
 
 from bench.attacks.utils import clip_linf, eval_mode
 from bench.sparsity import weight_layers
-from bench.training import pgd_linf
+from bench.training import pgd_linf, uniform_in_box
 
 # ---------------------------------------------------------------------------------------------------------------
 # Adversarial losses
@@ -51,11 +51,9 @@ def _sign_ascent(
     random_start: bool = False,
 ) -> torch.Tensor:
     if random_start:
-        # A uniform point of B∞(x, ε) ∩ [0, 1]: each coordinate uniform on [max(0, x − ε), min(1, x + ε)], so a
-        # coordinate whose first-layer ReLUs are all off at x (zero gradient, sign 0) starts away from x and is
-        # explored. Sampling the ball and then clipping would leave half of the blank pixels (x = 0) at exactly 0.
-        low, high = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-        x_adv = low + (high - low) * torch.rand_like(x)
+        # A uniform point of B∞(x, ε) ∩ [0, 1], so a coordinate whose first-layer ReLUs are all off at x (zero
+        # gradient, sign 0) starts away from x and is explored (bench.training.uniform_in_box says why not the ball).
+        x_adv = uniform_in_box(x, eps)
     else:
         # TRADES and MART both start at x + 0.001·N(0, 1): sign ascent can never move a coordinate whose gradient
         # is exactly 0 there, e.g. a blank pixel inside the dead zone of every first-layer unit that sees it.
@@ -234,6 +232,7 @@ def pgd_ce_loss(
     steps: int = 10,
     step_size: float | None = None,
     random_start: bool = True,
+    box_start: bool = False,
 ) -> torch.Tensor:
     """Madry et al.'s adversarial cross-entropy (eq. 2.1): ``CE(f(x'), y)`` at the PGD point x'.
 
@@ -242,12 +241,15 @@ def pgd_ce_loss(
 
     Args:
         step_size: α; ``None`` gives pgd_linf's 2.5·ε/steps (RAP-ADMM uses 2/255 for ε = 8/255).
+        box_start: start uniformly in B∞(x, ε) ∩ [0, 1] rather than in the ball, then clipped.
 
     Returns:
         A scalar to minimise (batch mean).
     """
     with eval_mode(model):
-        x_adv = pgd_linf(model, x, y, eps=eps, steps=steps, step_size=step_size, random_start=random_start)
+        x_adv = pgd_linf(
+            model, x, y, eps=eps, steps=steps, step_size=step_size, random_start=random_start, box_start=box_start
+        )
     return F.cross_entropy(model(x_adv), y)
 
 

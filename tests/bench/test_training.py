@@ -13,7 +13,7 @@ import bench.track as track_module
 from bench.checkpoints import load_checkpoint_model, sha256_file
 from bench.models import build_model
 from bench.track import TRACKS, Track, dense_checkpoint
-from bench.training import AdversarialTrainingConfig, adversarial_training, pgd_linf
+from bench.training import AdversarialTrainingConfig, adversarial_training, pgd_linf, uniform_in_box
 
 EPS = 0.2
 # Float slack for the projection: x ± eps is rounded in float32.
@@ -82,6 +82,28 @@ def test_pgd_zero_steps_with_random_start_is_a_point_of_the_ball(digits, digits_
     assert not torch.equal(x0, x)
     assert (x0 - x).abs().max() <= EPS + TOL
     assert x0.min() >= 0.0 and x0.max() <= 1.0
+
+
+def test_the_box_start_is_uniform_in_the_ball_and_the_image_box(digits, digits_mlp):
+    # The ball-then-clip start pins about half of a blank pixel's (x = 0) starts at exactly 0, where a pixel in the
+    # dead zone of every first-layer unit has a zero gradient; the box start leaves none there, and covers the box.
+    _, _, xte, yte = digits
+    x = xte[:200]
+    blank = x == 0
+    assert blank.float().mean() > 0.3
+    torch.manual_seed(0)
+    ball = pgd_linf(digits_mlp, x, yte[:200], eps=EPS, steps=0)
+    torch.manual_seed(0)
+    box = pgd_linf(digits_mlp, x, yte[:200], eps=EPS, steps=0, box_start=True)
+    assert 0.45 < (ball[blank] == 0).float().mean() < 0.55
+    assert (box[blank] > 0).all() and box[blank].max() <= EPS
+    assert (box - x).abs().max() <= EPS + TOL and box.min() >= 0.0 and box.max() <= 1.0
+    # Uniform on [max(0, x − ε), min(1, x + ε)]: on blank pixels its mean is ε/2.
+    assert box[blank].mean().item() == pytest.approx(EPS / 2, abs=0.01)
+    torch.manual_seed(0)
+    assert torch.equal(uniform_in_box(x, EPS), box)
+    # Without a random start there is no start to place.
+    assert torch.equal(pgd_linf(digits_mlp, x, yte[:200], eps=EPS, steps=0, random_start=False, box_start=True), x)
 
 
 def test_pgd_leaves_the_model_mode_alone(digits, digits_mlp):

@@ -75,6 +75,9 @@ def test_card_and_defaults_follow_the_released_code():
         0.25,
     )
     assert cfg.projection == "irregular" and not cfg.prune_linear and cfg.detach_u
+    # The released attack starts in the ball, clipped; the digits track starts it in the box (digits_config says why).
+    assert not cfg.box_start and method.digits_config().box_start
+    assert not method.digits_config(box_start=False).box_start
     assert method.pruned_layers(build_model("small_cnn", "digits")) == CONVS
     assert method.pruned_layers(build_model("resnet18", "cifar10"))[0] == "conv1"
     assert len(method.pruned_layers(build_model("resnet18", "cifar10"))) == 20  # shortcuts included, no FC
@@ -204,8 +207,10 @@ def test_same_seed_same_masks(dense, data, result):
     assert torch.equal(unwrap(result.model).features[0].weight, unwrap(again.model).features[0].weight)
 
 
-@pytest.mark.parametrize("attack_train_mode", [True, False])
-def test_training_attacks_stay_in_the_eps_ball_and_box(dense, data, monkeypatch, attack_train_mode):
+@pytest.mark.parametrize(
+    ("attack_train_mode", "box_start"), [(True, False), (False, False), (True, True), (False, True)]
+)
+def test_training_attacks_stay_in_the_eps_ball_and_box(dense, data, monkeypatch, attack_train_mode, box_start):
     real = admm_module.pgd_linf
     calls = []
 
@@ -216,10 +221,11 @@ def test_training_attacks_stay_in_the_eps_ball_and_box(dense, data, monkeypatch,
 
     monkeypatch.setattr(admm_module, "pgd_linf", recording)
     monkeypatch.setattr(common_module, "pgd_linf", recording)
-    _prune(dense, data, attack_train_mode=attack_train_mode)
+    _prune(dense, data, attack_train_mode=attack_train_mode, box_start=box_start)
     assert len(calls) == 2 * (N_TRAIN // TINY["batch_size"])  # every training step of both phases
     for x, x_adv, kw, training in calls:
         assert kw["eps"] == EPS and kw["step_size"] == pytest.approx(0.25 * EPS) and kw["steps"] == 2
+        assert kw["box_start"] is box_start
         assert training == attack_train_mode
         assert (x_adv - x).abs().max() <= EPS + 1e-6
         assert x_adv.min() >= 0 and x_adv.max() <= 1
