@@ -383,7 +383,11 @@ def markdown(result: dict) -> str:
         f"{prov['cpu']['model']}, one torch thread per process). Do not edit by hand.",
         "",
         f"All {result['settings']['n_test']} test digits; ε = {result['settings']['eps']:g} (L∞). PGD-20: step "
-        f"{PGD['step_size']:g}, uniform random start, attack seed {PGD['attack_seed']}. AutoAttack-plus: pruning "
+        f"{PGD['step_size']:g}, uniform random start in the ε-ball clipped to [0, 1], attack seed "
+        f"{PGD['attack_seed']}. That start leaves most blank pixels (exactly 0) where a very sparse net's "
+        "first-layer units are all off and the input gradient is 0, so PGD-20 can overstate robustness; it is "
+        "cheap enough for every seed, so the collapse criterion uses it, but methods compare by AutoAttack-plus "
+        "(its Square stage needs no gradient). AutoAttack-plus: pruning "
         f"seed 0 only. A row COLLAPSES when a seed's PGD-20 accuracy is below {COLLAPSE_FRACTION:g} × the row's "
         f'median; "within 10" means every seed is within {SPREAD_POINTS:g} points of it. Structured pruning '
         'fine-tunes on clean data and is reported, not held to the collapse criterion. "near chance": median '

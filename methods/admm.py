@@ -220,9 +220,10 @@ class RAPADMM(PruningMethod):
         (the ball, then clipped) leaves about 88 % of a digit's blank pixels (exactly 0) below the lowest
         threshold (0.151 < ε = 0.2), where the input gradient is exactly 0 and PGD never moves them. Trained
         against such an attack, the model was robust to gradient attacks only: AutoAttack's Square broke 51 digits
-        that APGD and FAB left (PGD-20 60.0 % vs AutoAttack-plus 34.4 %, seed 0). Started in the box, training
-        raised the thresholds (0.163–0.194) and AutoAttack-plus rose to 47.2 % (measured on seed 0).
-        ``--set box_start=false`` runs the released start.
+        that APGD and FAB left (``benchmarks/track_stability.py`` at 0.95 before: PGD-20 median 60.0 %,
+        AutoAttack-plus 34.4 % on seed 0). Started in the box, training raised the thresholds (0.163–0.194 on
+        seed 0) and Square's extra breaks fell to 8, HYDRA's level; ``docs/figures/track_stability.md`` has the
+        rows it gives. ``--set box_start=false`` runs the released start.
         """
         defaults = {
             "admm_epochs": 6,
