@@ -170,10 +170,23 @@ def executor_options(kind: str, config: str | Path | None = None, **given: Any) 
 
 
 def refuse_sqlite(url: str) -> None:
-    """SLURM's tasks run on other machines: they need a database server, not a SQLite file."""
+    """SLURM's tasks run on other machines: they need a database server, not a SQLite file, reached by a URL
+    without a password (the URL is written into every task's pickle in the executor folder)."""
     if url.startswith("sqlite"):
         raise ExecutorError(
             "--executor slurm needs a PostgreSQL store that every node reaches (SQLite's locking does not work "
             f"over a network filesystem): give --db postgresql://user@host/db ({POSTGRES_INSTALL}; "
             "create it with bench db upgrade --db ...)"
+        )
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:  # an unreadable URL is the store's to report
+        return
+    if password:
+        raise ExecutorError(
+            "--db holds a password, and --executor slurm writes the URL into every task's file in the executor "
+            "folder: drop it from the URL and put it in ~/.pgpass (HOST:PORT:DATABASE:USER:PASSWORD, chmod 600) on "
+            "a home directory the nodes share; psycopg reads it there (docs/cluster.md)"
         )

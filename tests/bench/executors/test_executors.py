@@ -187,6 +187,15 @@ def test_slurm_refuses_sqlite_before_any_work(digits_cnn_checkpoint, tmp_path, m
     assert not db.exists()
 
 
+def test_slurm_refuses_a_password_in_the_url_before_any_work(digits_cnn_checkpoint, tmp_path, monkeypatch):
+    # The URL travels inside every task's pickle in the executor folder; the password belongs in ~/.pgpass.
+    monkeypatch.chdir(tmp_path)
+    url = "postgresql://bench:s3cret@127.0.0.1:1/results"
+    line = one_line_error(_evaluate(digits_cnn_checkpoint, url, "--executor", "slurm"))
+    assert "holds a password" in line and "~/.pgpass" in line and "s3cret" not in line
+    assert not (tmp_path / "apbench-jobs").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
