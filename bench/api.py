@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,8 @@ class EvaluationResult:
     summary: EvaluationSummary
     samples: pd.DataFrame
     spec: RunSpec
-    db: str
+    # Not in the repr a notebook shows: a PostgreSQL URL may hold a password (str() masks it).
+    db: str = field(repr=False)
 
     @property
     def evaluation_id(self) -> int:

@@ -11,7 +11,7 @@ per model *variant*:
 A forward hook on the model counts the samples of every forward pass, and a hook on its output the samples of
 every backward pass through it (FAB's untargeted step runs one backward per class). Per stage the script prints
 forward and backward samples per second and the achieved FLOP/s: a forward pass costs 2 × the model's MACs
-(``bench.checkpoints.count_flops``, Conv2d and Linear layers), a backward pass to the input as much again (the
+(``bench.sparsity.count_flops``, Conv2d and Linear layers), a backward pass to the input as much again (the
 weight gradients a trainable model also builds are not counted: no attack uses them). The ceiling is the fastest
 float32 matrix product measured on the same device and threads (``torch.mm`` and a 1x1 channels_last convolution,
 which reach different libraries: :func:`matmul_ceiling`); "model alone" is the network's own forward +

@@ -57,7 +57,8 @@ FLAG_TEXT = {
         "in float32, exceeds ε by a last-place unit, and neither FMN run found a smaller one); shown, not unreliable"
     ),
     "mixed_execution_settings": (
-        "the evaluation's chunks ran under different execution settings (memory layout, TF32): flags and "
+        "the evaluation's chunks ran under different execution settings (memory layout, TF32, cuDNN "
+        "determinism): flags and "
         "predictions are those of either, distances may differ in the last float bits; shown, not unreliable"
     ),
 }

@@ -238,7 +238,7 @@ class RAPADMM(PruningMethod):
         return self.config(**{**defaults, **overrides})
 
     def pruned_layers(self, model: nn.Module, config: Config | None = None) -> list[str]:
-        """Names (in the bare architecture, as :func:`bench.checkpoints.measure_sparsity` reports them) of the
+        """Names (in the bare architecture, as :func:`bench.sparsity.measure_sparsity` reports them) of the
         layers pruned: every Conv2d, first and shortcuts included, plus every Linear if ``prune_linear``."""
         config = config or self.config()
         return [name for name, _ in prunable_layers(unwrap(model), include_linear=config.prune_linear)]

@@ -576,7 +576,7 @@ class ADMMState:
 
 def sparsity_of_layers(model: nn.Module, layers: Iterable[str]) -> float:
     """Fraction of exactly-zero weights over the named Conv2d/Linear layers (bare names, as in
-    :func:`bench.checkpoints.measure_sparsity`): the sparsity by a local method's own rule."""
+    :func:`bench.sparsity.measure_sparsity`): the sparsity by a local method's own rule."""
     from bench.sparsity import measure_sparsity
 
     per_layer = measure_sparsity(model).per_layer

@@ -289,7 +289,7 @@ def load_checkpoint_model(
     """Build ``arch`` for ``dataset`` and load the checkpoint's weights (weights-only, strict), in eval mode.
 
     ``state_dict`` replaces reading ``path`` (a converted author checkpoint); ``normalization``
-    (:func:`parse_normalization`) replaces the dataset's mean/std in front of the network.
+    (:func:`bench.models.normalize.parse_normalization`) replaces the dataset's mean/std in front of the network.
     """
     model = build_model(arch, dataset, normalization)
     load_weights(model, state_dict if state_dict is not None else load_state_dict(path))

@@ -190,7 +190,7 @@ def _sharded_run(options: dict[str, Any]):
         return None
     import click
 
-    from bench.executors import ShardedRun, executor_options, refuse_sqlite
+    from bench.executors import ShardedRun, check_slurm_db_url, executor_options
     from bench.store import resolve_db_url
 
     workers = options["workers"]
@@ -207,5 +207,5 @@ def _sharded_run(options: dict[str, Any]):
     )
     url = resolve_db_url(options["db"])
     if kind == "slurm":
-        refuse_sqlite(url)
+        check_slurm_db_url(url)
     return ShardedRun(settings, url, data_dir=options["data_dir"], log=click.echo)

@@ -26,9 +26,9 @@ from bench.executors.options import (
     SLURM_INSTALL,
     ExecutorError,
     ExecutorOptions,
+    check_slurm_db_url,
     executor_options,
     load_executor_config,
-    refuse_sqlite,
 )
 from bench.executors.run import DEFAULT_SLURM_TASKS, PlannedEvaluation, ShardedRun, shard_chunks
 from bench.executors.slurm import describe
@@ -65,7 +65,7 @@ __all__ = [
     "executor_options",
     "load_executor_config",
     "local_slots",
-    "refuse_sqlite",
+    "check_slurm_db_url",
     "run_shard",
     "shard_chunks",
     "worker_label",

@@ -169,7 +169,7 @@ def executor_options(kind: str, config: str | Path | None = None, **given: Any) 
     return ExecutorOptions(kind=kind, **settings)
 
 
-def refuse_sqlite(url: str) -> None:
+def check_slurm_db_url(url: str) -> None:
     """SLURM's tasks run on other machines: they need a database server, not a SQLite file, reached by a URL
     without a password (the URL is written into every task's pickle in the executor folder)."""
     if url.startswith("sqlite"):
@@ -178,10 +178,10 @@ def refuse_sqlite(url: str) -> None:
             f"over a network filesystem): give --db postgresql://user@host/db ({POSTGRES_INSTALL}; "
             "create it with bench db upgrade --db ...)"
         )
-    from sqlalchemy.engine import make_url
+    from bench.store.db import url_password
 
     try:
-        password = make_url(url).password
+        password = url_password(url)
     except Exception:  # an unreadable URL is the store's to report
         return
     if password:

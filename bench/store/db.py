@@ -89,10 +89,21 @@ def resolve_db_url(db: str | None = None) -> str:
     return url
 
 
+def url_password(url: str | URL) -> str | None:
+    """The password a URL gives the driver, in its user part or as a ``?password=`` query parameter; None if none."""
+    parsed = make_url(url)
+    return parsed.password or parsed.query.get("password") or None
+
+
 def shown_url(url: str | URL) -> str:
-    """The URL with any password masked, for messages and logs."""
+    """The URL with any password masked (user part and ``?password=``), for messages and logs."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        masked = "password" in parsed.query
+        if masked:
+            parsed = parsed.update_query_dict({"password": "MASKED"})
+        text = parsed.render_as_string(hide_password=True)
+        return text.replace("password=MASKED", "password=***") if masked else text
     except (ArgumentError, ValueError):
         return str(url)
 

@@ -152,8 +152,9 @@ def fetch_checkpoint(
             timeout_s=timeout_s,
             log=log,
         )
-        _check_complete(part, digest, received, expected, size, verified_by, url)
+        # Bytes that are no checkpoint are named as such, not as a hash or size mismatch (whose fix differs).
         _check_is_checkpoint(part, url)
+        _check_complete(part, digest, received, expected, size, verified_by, url)
         os.replace(part, target)
         _finish(key, url, target, digest, verified_by, root)
         return FetchResult(target, digest, received, verified_by, downloaded=True)

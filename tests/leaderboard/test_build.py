@@ -1220,6 +1220,7 @@ def test_best_known_figures_next_to_plain_fmn_and_old_evaluations_show_dashes(st
         "LO = (A max − A FMN ) / (A max − A best )",
         "autoattack_adversarial_not_reproduced",
         "best_known_above_eps",
+        "mixed_execution_settings",
         "replicates of one setting",
         "seeds 0–2: mean m, range a–b",
         "bench evaluate --normalization dataset|none|MEAN/STD",

@@ -591,7 +591,7 @@ def test_workers_die_with_their_parent_on_kill_9(tmp_path, digits_cnn_checkpoint
     workers: list[int] = []
     try:
         # A committed chunk: the pool's workers are past their start (which arms the parent-death signal; a worker
-        # still starting exits when its start ends, see bench.evaluation.workers.die_with_parent) and attacking.
+        # still starting exits when its start ends, see bench.processes.die_with_parent) and attacking.
         _wait_for(lambda: _stored(url, EvaluationChunk.__table__) >= 1, proc, "the workers committed a chunk")
         workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
         assert len(workers) == 2

@@ -535,6 +535,17 @@ def test_channels_last_is_opted_in_by_the_environment_and_recorded(store, digits
         evaluate(store, _model_row(store, "other"), digits_cnn, xte, yte, _spec(n_samples=10), progress=False)
 
 
+def test_only_result_relevant_settings_count_as_mixed():
+    from bench.evaluation.flags import result_settings
+
+    base = {"device": "cuda:0", "channels_last": False, "frozen_parameters": True, "tf32": False,
+            "cudnn_deterministic": True}  # fmt: skip
+    assert result_settings({**base, "device": "cuda:1", "frozen_parameters": False}) == result_settings(base)
+    for key, value in (("channels_last", True), ("tf32", True), ("cudnn_deterministic", False)):
+        assert result_settings({**base, key: value}) != result_settings(base), key
+    assert result_settings(None) is None
+
+
 def test_an_evaluation_resumed_under_another_layout_says_so_and_is_flagged(store, digits, digits_cnn, monkeypatch):
     # Begun with APBENCH_CHANNELS_LAST=1 (one chunk of two), finished without it: the rows of the two chunks come
     # from two orders of float additions, so the evaluation carries mixed_execution_settings (not unreliable) and

@@ -194,6 +194,10 @@ def test_slurm_refuses_a_password_in_the_url_before_any_work(digits_cnn_checkpoi
     line = one_line_error(_evaluate(digits_cnn_checkpoint, url, "--executor", "slurm"))
     assert "holds a password" in line and "~/.pgpass" in line and "s3cret" not in line
     assert not (tmp_path / "apbench-jobs").exists()
+    # psycopg also takes it as a query parameter.
+    line = one_line_error(_evaluate(digits_cnn_checkpoint, "postgresql://bench@127.0.0.1:1/r?password=s3cret",
+                                    "--executor", "slurm"))  # fmt: skip
+    assert "holds a password" in line and "s3cret" not in line
 
 
 @pytest.mark.parametrize(

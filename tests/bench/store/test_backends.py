@@ -150,6 +150,22 @@ def test_a_running_server_s_password_is_never_printed(pg_url, digits_cnn_checkpo
         assert "s3cret" not in output
 
 
+def test_a_password_is_masked_wherever_the_url_carries_it():
+    import pandas as pd
+
+    from bench.api import EvaluationResult
+    from bench.store.db import shown_url, url_password
+
+    for url in ("postgresql://u:s3cret@h/d", "postgresql://u@h/d?password=s3cret&sslmode=require"):
+        assert url_password(url) == "s3cret"
+        assert "s3cret" not in shown_url(url) and "***" in shown_url(url)
+        # A notebook shows a result by its repr: the URL is left out of it.
+        result = EvaluationResult(summary="S", samples=pd.DataFrame(), spec="R", db=url)
+        assert "s3cret" not in repr(result)
+    assert url_password("postgresql://u@h/d") is None
+    assert shown_url("postgresql://u@h/d?sslmode=require") == "postgresql://u@h/d?sslmode=require"
+
+
 def test_a_missing_postgres_driver_names_the_extra(monkeypatch):
     # A None entry in sys.modules makes `import psycopg` fail as if the package were not installed.
     monkeypatch.setitem(sys.modules, "psycopg", None)

@@ -339,8 +339,12 @@ def test_a_wrong_hash_is_refused_and_the_first_download_of_an_unhashed_entry_is_
     first.path.unlink()
     assert fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path).verified_by == "record"
     first.path.unlink()
-    server.files["/ckpt.pt"] = b"replaced upstream"
+    server.files["/ckpt.pt"] = _bytes({"weight": torch.zeros(3)})  # another checkpoint, replaced upstream
     with pytest.raises(ChecksumMismatch, match="hash recorded at its first download"):
+        fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
+    # An error page in its place is named as what it is (whose fix is the link), before any hash comparison.
+    server.files["/ckpt.pt"] = b"replaced upstream"
+    with pytest.raises(NotACheckpoint, match="not a checkpoint"):
         fetch_checkpoint("E7", server.url("/ckpt.pt"), "ckpt.pt", root=tmp_path)
 
 
