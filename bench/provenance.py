@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -68,6 +69,13 @@ _ISA_FLAGS = (
     "sve",
     "sve2",
 )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the platform tells it, else the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def cpu_info() -> dict[str, Any]:

@@ -78,7 +78,7 @@ from bench.attacks.utils import logit_difference
 from bench.data import get_dataset_info, load_split, parse_eps
 from bench.evaluate import attack_chunk, evaluate
 from bench.performance import exact_float_backends, execution_settings, fast_model
-from bench.provenance import cpu_info, git_commit, package_version, utcnow
+from bench.provenance import cpu_info, git_commit, package_version, usable_cpus, utcnow
 from bench.sparsity import count_flops
 from bench.spec import RunSpec
 
@@ -515,7 +515,7 @@ def provenance(device: str) -> dict[str, Any]:
         "device": device,
         "cpu": cpu_info(),
         # The cores this process may use, and the load when it started: worker figures mean little without them.
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if torch.device(device).type == "cuda":

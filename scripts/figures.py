@@ -151,10 +151,9 @@ def _bench() -> list[str]:
 
 def _cpu() -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    from bench.provenance import cpu_info, git_commit
+    from bench.provenance import cpu_info, git_commit, usable_cpus
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu_info(), "git_commit": git_commit(), "cpus_usable": usable}
+    return {"cpu": cpu_info(), "git_commit": git_commit(), "cpus_usable": usable_cpus()}
 
 
 def run_demo(out: Path) -> dict[str, Any]:
@@ -349,9 +348,8 @@ def _scaleout_table(t: dict[str, Any]) -> str:
             f"{run['attack_s']:.1f} | {run['store_s']:.3f} ({run['sql_s']:.3f}) | {run['chunk_overhead_s']:.2f} | "
             f"{rows_text} |"
         )
-    cpus = prov.get("cpus_usable")
     load = prov.get("load_average_at_start")
-    machine = f"{prov['cpu']['model']}, {cpus} usable CPUs" if cpus else prov["cpu"]["model"]
+    machine = f"{prov['cpu']['model']}, {_cores(prov)}"
     if load:
         machine += f", load average {load[0]:.2f} at the start"
     return "\n".join(

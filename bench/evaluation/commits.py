@@ -15,6 +15,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from bench.evaluation.chunk import ChunkResult
+from bench.evaluation.flags import distinct_executions
 from bench.provenance import utcnow
 from bench.spec import RunSpec
 from bench.store import Evaluation, SampleResult, Store
@@ -167,11 +168,7 @@ def stored_executions(store: Store, evaluation_id: int) -> list[dict]:
             .where(EvaluationChunk.evaluation_id == evaluation_id)
             .order_by(EvaluationChunk.chunk_index)
         ).all()
-    out: list[dict] = []
-    for execution in recorded:
-        if execution is not None and execution not in out:
-            out.append(execution)
-    return out
+    return distinct_executions(recorded)
 
 
 def missing_chunks(store: Store, evaluation_id: int, spec: RunSpec) -> list[int]:

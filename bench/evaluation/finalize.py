@@ -24,6 +24,7 @@ from bench.evaluation.flags import (
     FMN_BEAT_AA_FLAG,
     MIXED_EXECUTION_FLAG,
     UNRELIABLE_FLAGS,
+    distinct_executions,
     result_settings,
 )
 from bench.provenance import environment, utcnow
@@ -171,10 +172,7 @@ def _aggregates(store: Store, evaluation_id: int, spec: RunSpec) -> dict[str, An
     warnings = [w for c in chunks for w in c.warnings]
     # The evaluation finished when its last chunk was committed (chunks moved by migration 0005 carry no times).
     finished_at = max((c.finished_at for c in chunks if c.finished_at is not None), default=None) or utcnow()
-    executions = []
-    for c in chunks:
-        if c.execution is not None and c.execution not in executions:
-            executions.append(c.execution)
+    executions = distinct_executions(c.execution for c in chunks)
     if len({result_settings(e) for e in executions}) > 1:
         flags.add(MIXED_EXECUTION_FLAG)
     provenance = {

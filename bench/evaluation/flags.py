@@ -29,4 +29,13 @@ def result_settings(execution: dict | None) -> tuple | None:
     return None if execution is None else tuple(execution.get(key) for key in RESULT_SETTINGS)
 
 
+def distinct_executions(recorded) -> list[dict]:
+    """The distinct execution settings among chunks' recorded ones (None skipped), in first-seen order."""
+    out: list[dict] = []
+    for execution in recorded:
+        if execution is not None and execution not in out:
+            out.append(execution)
+    return out
+
+
 UNRELIABLE_FLAGS = AA_FLAGS | {CLEAN_DISAGREEMENT_FLAG, AA_ADV_NOT_REPRODUCED_FLAG}
